@@ -1,0 +1,1 @@
+"""Protocol recognition from the first bytes of a connection: sans-IO, bytes in, verdict out."""

@@ -1,0 +1,229 @@
+"""`interlock`: the daemon and the verbs that talk to it.
+
+Every verb takes --state-dir to find its daemon; errors are one line that says what to do."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from interceptor import config as config_mod
+from interceptor.cgroups import CgroupError
+from interceptor.control import DaemonUnavailable, request
+from interceptor.layout import InstanceInfo, Layout
+
+
+class CliError(Exception):
+    """A message for the operator, printed without a traceback."""
+
+
+def _layout(args, cfg: config_mod.Config | None = None) -> Layout:
+    if cfg is None:
+        cfg = config_mod.load(args.config) if getattr(args, "config", None) else None
+    run_dir = Layout.build(args.state_dir, "default", "interlock").run_dir
+    info_file = run_dir / "instance.json"
+    if cfg is None and info_file.exists():
+        info = InstanceInfo.load(info_file)
+        from interceptor.cgroups import cgroup2_mount
+
+        return Layout.build(args.state_dir, info.instance,
+                            str(Path(info.cgroup_root).relative_to(cgroup2_mount())))
+    cfg = cfg or config_mod.Config()
+    return Layout.build(args.state_dir, cfg.instance, cfg.cgroup_root)
+
+
+def _ask(args, op: str, **kw) -> dict:
+    lay = _layout(args)
+    try:
+        reply = request(lay.control_socket, op, **kw)
+    except DaemonUnavailable as e:
+        sd = f" --state-dir {args.state_dir}" if args.state_dir else ""
+        raise CliError(f"{e}. Start it first: interlock daemon{sd}") from None
+    if not reply.get("ok"):
+        raise CliError(reply.get("error", "the daemon refused the request"))
+    return reply
+
+
+def _need_root(verb: str) -> None:
+    if os.geteuid() != 0:
+        raise CliError(f"'interlock {verb}' must run as root (it loads BPF programs and nft rules): sudo interlock {verb}")
+
+
+# ---- verbs ---------------------------------------------------------------------------------
+
+def cmd_daemon(args) -> int:
+    _need_root("daemon")
+    from interceptor import doctor
+    from interceptor.daemon import Daemon
+
+    cfg = config_mod.load(args.config)
+    failures = [c for c in doctor.run_checks(quick=True) if not c.ok and c.fatal]
+    if failures:
+        for c in failures:
+            print(f"interlock daemon: cannot start: {c.name}: {c.detail}. Fix: {c.fix}", file=sys.stderr)
+        return 2
+    d = Daemon(cfg, _layout(args, cfg))
+    d.start()
+    print(f"interlock daemon: instance {cfg.instance} ready, proxy on port {cfg.proxy_port}", flush=True)
+    d.run()
+    return 0
+
+
+def cmd_down(args) -> int:
+    _need_root("down")
+    from interceptor.daemon import teardown
+
+    lay = _layout(args)
+    try:
+        request(lay.control_socket, "down", timeout=30)
+        deadline = time.monotonic() + 30
+        while lay.instance_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except DaemonUnavailable:
+        pass
+    done = teardown(lay, lay.instance)
+    print(f"interlock down: instance {lay.instance} removed ({', '.join(k for k, v in done.items() if v) or 'nothing was left'})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    if not args.cmd:
+        raise CliError("nothing to run: interlock run [--agent NAME] -- CMD ARGS…")
+    agent = args.agent or _agent_name(args.cmd[0])
+    _ask(args, "enroll", pid=os.getpid(), agent=agent, tree=False)
+    try:
+        os.execvp(args.cmd[0], args.cmd)
+    except OSError as e:
+        raise CliError(f"cannot run {args.cmd[0]}: {e.strerror}") from None
+    return 127
+
+
+def _agent_name(exe: str) -> str:
+    name = re.sub(r"[^a-z0-9_-]", "-", Path(exe).name.lower()).strip("-")[:31]
+    return name or "agent"
+
+
+def cmd_enroll(args) -> int:
+    reply = _ask(args, "enroll", pid=args.pid, agent=args.agent or "default", tree=True)
+    print(f"enrolled {len(reply['pids'])} process(es) as agent {reply['agent']}: {' '.join(map(str, reply['pids']))}")
+    return 0
+
+
+def cmd_rearm(args) -> int:
+    reply = _ask(args, "rearm")
+    print(f"re-armed (lockdown was: {reply['was'] or 'not set'})")
+    return 0
+
+
+def cmd_sessions(args) -> int:
+    from recorder.store import read_sessions
+
+    rows = read_sessions(_layout(args).db, agent=args.agent, limit=args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no sessions recorded yet")
+        return 0
+    print(f"{'started':19}  {'agent':12} {'pid':>7}  {'exe':24} {'destination':28} {'proto':8} {'up':>8} {'down':>8}  outcome")
+    for r in rows:
+        dst = f"[{r['dst_addr']}]:{r['dst_port']}" if ":" in (r["dst_addr"] or "") else f"{r['dst_addr']}:{r['dst_port']}"
+        started = datetime.fromtimestamp(r["started"]).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{started:19}  {r['agent'][:12]:12} {r['tgid']:>7}  {(r['exe'] or r['comm'])[-24:]:24} {dst:28} "
+              f"{r['protocol'][:8]:8} {r['bytes_up']:>8} {r['bytes_down']:>8}  {r['outcome']}"
+              + (f" ({r['detail']})" if r["detail"] else ""))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from interceptor import bpf_loader
+
+    lay = _layout(args)
+    try:
+        st = request(lay.control_socket, "status")
+        st["daemon"] = "running"
+    except DaemonUnavailable:
+        progs = bpf_loader.attached(lay.cgroup_root)
+        st = {"daemon": "not running", "instance": lay.instance, "programs": progs,
+              "programs_attached": all(progs.values()),
+              "note": "agents stay redirected to a closed port: their connections are refused"}
+    if args.json:
+        print(json.dumps(st, indent=1))
+        return 0 if st["daemon"] == "running" else 3
+    print(f"instance {st['instance']}: daemon {st['daemon']}" + (f" (pid {st.get('daemon_pid')})" if st.get("daemon_pid") else ""))
+    print(f"  programs attached: {'yes' if st['programs_attached'] else 'NO'} ({', '.join(k for k, v in st['programs'].items() if v)})")
+    if st["daemon"] == "running":
+        print(f"  proxy: {'listening on port ' + str(st['proxy_port']) if st['proxy_listening'] else 'DOWN (agent connections are refused)'}")
+        print(f"  nft table inet {st['nft_table']}: {'intact' if st['nft_intact'] else 'MISSING OR ALTERED'}")
+        print(f"  lockdown: {st['lockdown'] or 'no'}")
+        for name, pids in st["enrolled"].items():
+            print(f"  agent {name}: {len(pids)} process(es) {' '.join(map(str, pids[:20]))}")
+    else:
+        print(f"  {st['note']}")
+    return 0 if st["daemon"] == "running" else 3
+
+
+def cmd_doctor(args) -> int:
+    from interceptor import doctor
+
+    checks = doctor.run_checks(quick=False)
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        mark = "ok  " if c.ok else ("FAIL" if c.fatal else "warn")
+        print(f"{mark}  {c.name:{width}}  {c.detail}" + ("" if c.ok else f"\n      fix: {c.fix}"))
+    bad = [c for c in checks if not c.ok and c.fatal]
+    print(f"\n{len(checks) - len(bad)} of {len(checks)} checks passed" + ("" if not bad else "; the daemon will refuse to start"))
+    return 1 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="interlock", description="Transparent guardrails between AI agents and the services they use.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state-dir", type=Path, help="instance state (default /var/lib/interlock and /run/interlock)")
+    common.add_argument("--config", type=Path, help="YAML configuration (default: embedded defaults)")
+    sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    sub.add_parser("daemon", parents=[common], help="load the capture and run the proxy").set_defaults(fn=cmd_daemon)
+    sub.add_parser("down", parents=[common], help="remove everything the daemon installed").set_defaults(fn=cmd_down)
+    p = sub.add_parser("run", parents=[common], help="run a command enrolled as an agent")
+    p.add_argument("--agent", help="agent name (default: the command's name)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("enroll", parents=[common], help="enroll a running process tree")
+    p.add_argument("--pid", type=int, required=True)
+    p.add_argument("--agent")
+    p.set_defaults(fn=cmd_enroll)
+    p = sub.add_parser("sessions", parents=[common], help="list recorded sessions")
+    p.add_argument("--agent")
+    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_sessions)
+    p = sub.add_parser("status", parents=[common], help="what is attached, listening and enrolled")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_status)
+    sub.add_parser("doctor", parents=[common], help="check this host's kernel and tools").set_defaults(fn=cmd_doctor)
+    sub.add_parser("rearm", parents=[common], help="lift a tamper lockdown").set_defaults(fn=cmd_rearm)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "cmd", None) and args.cmd[0] == "--":
+        args.cmd = args.cmd[1:]
+    try:
+        return args.fn(args)
+    except (CliError, config_mod.ConfigError, CgroupError) as e:
+        print(f"interlock {args.verb}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

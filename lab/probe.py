@@ -1,0 +1,88 @@
+"""What an agent does in the tests: connect, send, read the echo, and report as one JSON line.
+
+`python -m lab.probe tcp HOST PORT [--thread] [--fork] [--v4mapped]` or `udp HOST PORT`.
+Exit 0 when the echo came back, 1 when the attempt failed (the JSON says how)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import threading
+
+
+def tcp(host: str, port: int, v4mapped: bool) -> dict:
+    if v4mapped:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        target = (f"::ffff:{host}", port)
+    else:
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        target = (host, port)
+    s.settimeout(5)
+    try:
+        s.connect(target)
+        peer = s.getpeername()
+        s.sendall(b"hello interlock\n")
+        data = s.recv(100)
+        return {"ok": data == b"hello interlock\n", "peer": [peer[0], peer[1]], "echo": data.decode(errors="replace")}
+    except OSError as e:
+        return {"ok": False, "error": e.__class__.__name__, "errno": e.errno, "message": str(e)}
+    finally:
+        s.close()
+
+
+def udp(host: str, port: int) -> dict:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    try:
+        s.sendto(b"datagram", (host, port))
+        data, addr = s.recvfrom(100)
+        return {"ok": True, "from": [addr[0], addr[1]]}
+    except OSError as e:
+        return {"ok": False, "error": e.__class__.__name__, "errno": e.errno, "message": str(e)}
+    finally:
+        s.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kind", choices=["tcp", "udp"])
+    ap.add_argument("host")
+    ap.add_argument("port", type=int)
+    ap.add_argument("--thread", action="store_true", help="connect from a worker thread")
+    ap.add_argument("--fork", action="store_true", help="connect from a forked child")
+    ap.add_argument("--v4mapped", action="store_true", help="IPv6 socket to a v4-mapped address")
+    a = ap.parse_args()
+
+    def attempt() -> dict:
+        return tcp(a.host, a.port, a.v4mapped) if a.kind == "tcp" else udp(a.host, a.port)
+
+    if a.thread:
+        box: dict = {}
+        t = threading.Thread(target=lambda: box.update(attempt()))
+        t.start()
+        t.join()
+        result = box
+    elif a.fork:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, json.dumps(attempt()).encode())
+            os._exit(0)
+        os.close(w)
+        result = json.loads(os.read(r, 65536) or b"{}")
+        os.waitpid(pid, 0)
+    else:
+        result = attempt()
+    result["pid"] = os.getpid()
+    print(json.dumps(result))
+    return 0 if result.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The proxy process: listeners on loopback for redirected TCP and DNS, one uvloop loop.
+
+Started and supervised by the daemon; it dies with the daemon (PR_SET_PDEATHSIG), so a killed
+daemon leaves agents pointed at a closed port rather than at an unsupervised proxy."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import uvloop
+
+from interceptor.config import Config, load
+from interceptor.layout import Layout
+from proxy.origins import Origins
+from proxy.relay import AgentSide
+from proxy.resolver import Resolver, system_nameserver
+from recorder.store import Recorder, SessionRecord, new_session_id
+
+PR_SET_PDEATHSIG = 1
+LOOPBACKS = ("127.0.0.1", "::1")
+
+
+class Proxy:
+    def __init__(self, config: Config, layout: Layout, loop: asyncio.AbstractEventLoop):
+        self.config = config
+        self.layout = layout
+        self.loop = loop
+        self.origins = Origins(layout.pin_dir)
+        self.recorder = Recorder(layout.db)
+        self._agent_names: dict[int, str] = {}
+        self._own = {self.config.proxy_port, self.config.dns_port}
+
+    def agent_name(self, agent_id: int) -> str:
+        name = self._agent_names.get(agent_id)
+        if name is None:
+            row = self.recorder.db.execute("SELECT name FROM agents WHERE id = ?", [agent_id]).fetchone() \
+                if "agents" in self.recorder.db.table_names() else None
+            name = row[0] if row else f"agent-{agent_id}"
+            self._agent_names[agent_id] = name
+        return name
+
+    def admit(self, side: AgentSide, transport: asyncio.BaseTransport) -> SessionRecord | None:
+        """The session row for an accepted connection, or None when it must be refused."""
+        peer = transport.get_extra_info("peername")
+        found = self.origins.take(peer[0], peer[1])
+        if found is None:
+            # Not redirected by our hooks: someone dialled the proxy port directly.
+            self.recorder.event("refused", {"reason": "no-origin", "peer": f"{peer[0]}:{peer[1]}"})
+            return None
+        dest, ident = found
+        rec = SessionRecord(
+            id=new_session_id(), agent=self.agent_name(ident.agent_id), pid=ident.pid,
+            tgid=ident.tgid, uid=ident.uid, gid=ident.gid, comm=ident.comm, exe=ident.exe,
+            cmdline=ident.cmdline, cgroup_id=ident.cgroup_id, dst_addr=dest.host,
+            dst_port=dest.port, family=dest.family)
+        if dest.port in self._own and _is_loopback(dest.host):
+            rec.outcome, rec.detail, rec.ended = "refused", "loop: destination is the proxy itself", rec.started
+            self.recorder.session_open(rec)
+            return None
+        self.recorder.session_open(rec)
+        return rec
+
+    async def serve(self, ready_fd: int | None) -> None:
+        servers = []
+        for host in LOOPBACKS:
+            try:
+                servers.append(await self.loop.create_server(
+                    lambda: AgentSide(self), host, self.config.proxy_port, reuse_address=True,
+                    backlog=4096))
+                await self.loop.create_datagram_endpoint(
+                    lambda: Resolver(self.loop, self.config.dns_upstream or system_nameserver(),
+                                     self.recorder),
+                    local_addr=(host, self.config.dns_port))
+            except OSError as e:
+                if host == "127.0.0.1":
+                    raise
+                print(f"interlock proxy: no IPv6 listener: {e}", file=sys.stderr)
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+        stop = self.loop.create_future()
+        self.loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
+        await stop
+        for s in servers:
+            s.close()
+
+
+def _is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host == "::1"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="interlock-proxy")
+    ap.add_argument("--config", type=Path)
+    ap.add_argument("--state-dir", type=Path)
+    ap.add_argument("--ready-fd", type=int)
+    args = ap.parse_args(argv)
+    libc = ctypes.CDLL(None)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:
+        return 1  # the daemon is already gone: do not serve unsupervised
+    config = load(args.config)
+    layout = Layout.build(args.state_dir, config.instance, config.cgroup_root)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    proxy = Proxy(config, layout, loop)
+    loop.run_until_complete(proxy.serve(args.ready_fd))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Idempotent install for a Debian 12 host, as root: Debian packages, the kernel headers link bcc
+# needs, and a venv on Debian's python3 (where bcc lives) with the project installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PKGS=(bpfcc-tools python3-bpfcc nftables python3-nftables iproute2 util-linux bpftool
+      linux-headers-amd64 python3-venv python3-dev gcc curl
+      postgresql postgresql-contrib haproxy iperf3 sqlite3)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install: Debian packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# bcc compiles against /lib/modules/$(uname -r)/build. When this kernel's own headers are not
+# packaged, point at Debian's newest headers: the programs use uapi types only.
+kdir=/lib/modules/$(uname -r)
+if [ ! -e "$kdir/build/Makefile" ] && [ ! -e "$kdir/build/include" ]; then
+  hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1)
+  common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -1)
+  if [ -n "$hdr" ]; then
+    mkdir -p "$kdir"
+    ln -sfn "$hdr" "$kdir/build"
+    ln -sfn "${common:-$hdr}" "$kdir/source"
+    echo "install: linked $kdir/build -> $hdr (no exact headers for $(uname -r))"
+  fi
+fi
+
+# PostgreSQL's packaged cluster is not used: tests and demo start their own servers.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; then
+  rm -rf .venv
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+ln -sfn "$PWD/.venv/bin/interlock" /usr/local/bin/interlock
+echo "install: ready ($(.venv/bin/interlock --help >/dev/null && echo 'interlock on PATH'))"
