@@ -51,7 +51,7 @@ static __always_inline int is_dns_port(u32 user_port) {
     return user_port == bpf_htons(53);
 }
 
-int connect4(struct bpf_sock_addr *ctx) {
+int il_connect4(struct bpf_sock_addr *ctx) {
     u32 agent;
     if (!enrolled(&agent))
         return 1;
@@ -77,7 +77,7 @@ int connect4(struct bpf_sock_addr *ctx) {
     return 1;
 }
 
-int connect6(struct bpf_sock_addr *ctx) {
+int il_connect6(struct bpf_sock_addr *ctx) {
     u32 agent;
     if (!enrolled(&agent))
         return 1;
@@ -112,7 +112,7 @@ int connect6(struct bpf_sock_addr *ctx) {
 }
 
 /* Unconnected UDP: DNS goes to the resolver, everything else is refused. */
-int sendmsg4(struct bpf_sock_addr *ctx) {
+int il_sendmsg4(struct bpf_sock_addr *ctx) {
     u32 agent;
     if (!enrolled(&agent))
         return 1;
@@ -131,7 +131,7 @@ int sendmsg4(struct bpf_sock_addr *ctx) {
     return 1;
 }
 
-int sendmsg6(struct bpf_sock_addr *ctx) {
+int il_sendmsg6(struct bpf_sock_addr *ctx) {
     u32 agent;
     if (!enrolled(&agent))
         return 1;
@@ -187,14 +187,14 @@ static __always_inline void restore6(struct bpf_sock_addr *ctx) {
     ctx->user_port = bpf_htons(o->dst.port);
 }
 
-int recvmsg4(struct bpf_sock_addr *ctx) { restore4(ctx); return 1; }
-int recvmsg6(struct bpf_sock_addr *ctx) { restore6(ctx); return 1; }
-int getpeername4(struct bpf_sock_addr *ctx) { restore4(ctx); return 1; }
-int getpeername6(struct bpf_sock_addr *ctx) { restore6(ctx); return 1; }
+int il_recvmsg4(struct bpf_sock_addr *ctx) { restore4(ctx); return 1; }
+int il_recvmsg6(struct bpf_sock_addr *ctx) { restore6(ctx); return 1; }
+int il_getpeername4(struct bpf_sock_addr *ctx) { restore4(ctx); return 1; }
+int il_getpeername6(struct bpf_sock_addr *ctx) { restore6(ctx); return 1; }
 
 /* TCP_CONNECT runs in the connecting task after the local port is chosen and before the SYN:
  * the proxy's accept() can never come first. */
-int sockops(struct bpf_sock_ops *skops) {
+int il_sockops(struct bpf_sock_ops *skops) {
     if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
         return 1;
     u64 cookie = bpf_get_socket_cookie(skops);
@@ -220,7 +220,7 @@ int sockops(struct bpf_sock_ops *skops) {
 /* Every inet socket an agent opens carries the instance mark, so the nftables backstop sees it
  * even before the daemon has moved a selector-enrolled process into its cgroup. Raw sockets are
  * refused outright: they would bypass connect(). */
-int sock_create(struct bpf_sock *sk) {
+int il_sock_create(struct bpf_sock *sk) {
     u32 agent;
     if (!enrolled(&agent))
         return 1;
@@ -231,7 +231,7 @@ int sock_create(struct bpf_sock *sk) {
     return 1;
 }
 
-int sock_release(struct bpf_sock *sk) {
+int il_sock_release(struct bpf_sock *sk) {
     u64 cookie = bpf_get_socket_cookie(sk);
     by_cookie.delete(&cookie);
     return 1;

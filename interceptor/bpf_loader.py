@@ -1,8 +1,9 @@
 """Compile the programs with bcc, pin their maps, attach them to the instance cgroup.
 
-Attachments use the legacy (non-link) call without BPF_F_ALLOW_MULTI: they outlive the daemon,
-so a killed daemon leaves agents redirected to a proxy port (refused if the proxy is gone too),
-and a restarted daemon's attach replaces the old program atomically, with no gap."""
+Attachments use the legacy (non-link) call: they outlive the daemon, so a killed daemon leaves
+agents redirected to a proxy port (refused if the proxy is gone too). They are multi-attach, so
+other tools (systemd, a service mesh) keep theirs on the same cgroups, and a restarted daemon
+swaps its old program for the new one with BPF_F_REPLACE: atomically, with no gap."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from bpf import SOURCE_DIR
 from interceptor import bpf_syscall as sc
 from interceptor.bpf_types import Settings
 
+MULTI = sc.F_ALLOW_MULTI
 PROG_CGROUP_SOCK = 9
 PROG_SOCK_OPS = 13
 PROG_CGROUP_SOCK_ADDR = 18
@@ -41,17 +43,17 @@ class HookLoadError(RuntimeError):
 
 # One row a hook: what attaches to the capture cgroup.
 HOOKS = (
-    Hook("connect4", PROG_CGROUP_SOCK_ADDR, 10, "4.17"),
-    Hook("connect6", PROG_CGROUP_SOCK_ADDR, 11, "4.17"),
-    Hook("sendmsg4", PROG_CGROUP_SOCK_ADDR, 14, "4.18"),
-    Hook("sendmsg6", PROG_CGROUP_SOCK_ADDR, 15, "4.18"),
-    Hook("recvmsg4", PROG_CGROUP_SOCK_ADDR, 19, "5.2"),
-    Hook("recvmsg6", PROG_CGROUP_SOCK_ADDR, 20, "5.2"),
-    Hook("getpeername4", PROG_CGROUP_SOCK_ADDR, 29, "5.8"),
-    Hook("getpeername6", PROG_CGROUP_SOCK_ADDR, 30, "5.8"),
-    Hook("sockops", PROG_SOCK_OPS, 3, "5.7"),
-    Hook("sock_create", PROG_CGROUP_SOCK, 2, "4.10"),
-    Hook("sock_release", PROG_CGROUP_SOCK, 34, "5.9"),
+    Hook("il_connect4", PROG_CGROUP_SOCK_ADDR, 10, "4.17"),
+    Hook("il_connect6", PROG_CGROUP_SOCK_ADDR, 11, "4.17"),
+    Hook("il_sendmsg4", PROG_CGROUP_SOCK_ADDR, 14, "4.18"),
+    Hook("il_sendmsg6", PROG_CGROUP_SOCK_ADDR, 15, "4.18"),
+    Hook("il_recvmsg4", PROG_CGROUP_SOCK_ADDR, 19, "5.2"),
+    Hook("il_recvmsg6", PROG_CGROUP_SOCK_ADDR, 20, "5.2"),
+    Hook("il_getpeername4", PROG_CGROUP_SOCK_ADDR, 29, "5.8"),
+    Hook("il_getpeername6", PROG_CGROUP_SOCK_ADDR, 30, "5.8"),
+    Hook("il_sockops", PROG_SOCK_OPS, 3, "5.7"),
+    Hook("il_sock_create", PROG_CGROUP_SOCK, 2, "4.10"),
+    Hook("il_sock_release", PROG_CGROUP_SOCK, 34, "5.9"),
 )
 
 PROGRAM_FILES = ("redirect.bpf.c", "lineage.bpf.c")
@@ -131,10 +133,22 @@ class Datapath:
                 raise HookLoadError(hook, str(e).splitlines()[0][:200]) from None
 
     def attach(self) -> None:
+        """Attach every hook, replacing this project's previous program in place if there is one."""
         fd = os.open(self.cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for hook in HOOKS:
-                sc.prog_attach(self.funcs[hook.func].fd, fd, hook.attach_type)
+                ours = _our_programs(fd, hook)
+                new_fd = self.funcs[hook.func].fd
+                if ours:
+                    try:
+                        sc.prog_attach(new_fd, fd, hook.attach_type, MULTI | sc.F_REPLACE, ours[0])
+                    finally:
+                        for old in ours[1:]:
+                            sc.prog_detach(fd, hook.attach_type, old)
+                        for old in ours:
+                            os.close(old)
+                else:
+                    sc.prog_attach(new_fd, fd, hook.attach_type, MULTI)
         finally:
             os.close(fd)
 
@@ -148,26 +162,52 @@ class Datapath:
         self.bpf.perf_buffer_poll(timeout=timeout_ms)
 
 
-def attached(cgroup_dir: Path) -> dict[str, list[int]]:
-    """Program ids attached to the cgroup per hook; empty lists where a hook is missing."""
+def _our_programs(cgroup_fd: int, hook: Hook) -> list[int]:
+    """fds of the programs of ours attached for this hook (others' programs share the cgroup)."""
+    fds = []
+    for prog_id in sc.prog_query(cgroup_fd, hook.attach_type):
+        try:
+            pfd = sc.prog_fd_by_id(prog_id)
+        except OSError:
+            continue  # detached meanwhile
+        if sc.prog_name(pfd) == hook.func[:15]:
+            fds.append(pfd)
+        else:
+            os.close(pfd)
+    return fds
+
+
+def attached(cgroup_dir: Path) -> dict[str, int]:
+    """How many of our programs are attached to the cgroup per hook (0 where one is missing)."""
     try:
         fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
-        return {h.func: [] for h in HOOKS}
+        return {h.func: 0 for h in HOOKS}
     try:
-        return {h.func: sc.prog_query(fd, h.attach_type) for h in HOOKS}
+        out = {}
+        for h in HOOKS:
+            ours = _our_programs(fd, h)
+            out[h.func] = len(ours)
+            for pfd in ours:
+                os.close(pfd)
+        return out
     finally:
         os.close(fd)
 
 
 def detach_all(cgroup_dir: Path) -> int:
-    """Detach every hook from the cgroup; returns how many were attached."""
+    """Detach every program of ours from the cgroup; returns how many were attached."""
     try:
         fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return 0
+    count = 0
     try:
-        return sum(sc.prog_detach(fd, h.attach_type) for h in HOOKS)
+        for h in HOOKS:
+            for pfd in _our_programs(fd, h):
+                count += sc.prog_detach(fd, h.attach_type, pfd)
+                os.close(pfd)
+        return count
     finally:
         os.close(fd)
 

@@ -127,15 +127,48 @@ def map_delete(fd: int, key) -> bool:
     return True
 
 
-def prog_attach(prog_fd: int, cgroup_fd: int, attach_type: int, flags: int = 0) -> None:
+F_ALLOW_MULTI = 2
+F_REPLACE = 4
+
+
+def prog_attach(prog_fd: int, cgroup_fd: int, attach_type: int, flags: int = 0,
+                replace_fd: int = 0) -> None:
     _call_attr(PROG_ATTACH, _AttachAttr(target_fd=cgroup_fd, attach_bpf_fd=prog_fd,
-                                        attach_type=attach_type, attach_flags=flags))
+                                        attach_type=attach_type, attach_flags=flags,
+                                        replace_bpf_fd=replace_fd))
 
 
-def prog_detach(cgroup_fd: int, attach_type: int) -> bool:
-    """Detach the single (non-multi) program of this type; False when none was attached."""
+class _IdAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
+                ("open_flags", ctypes.c_uint32), ("rest", ctypes.c_uint8 * 116)]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64), ("rest", ctypes.c_uint8 * 112)]
+
+
+OBJ_GET_INFO_BY_FD = 15
+_PROG_INFO_NAME_OFFSET = 64  # struct bpf_prog_info.name
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return _call_attr(PROG_GET_FD_BY_ID, _IdAttr(id=prog_id))
+
+
+def prog_name(prog_fd: int) -> str:
+    """The program's name as loaded (bcc uses the C function's name, cut to 15 bytes)."""
+    info = (ctypes.c_uint8 * 256)()
+    _call_attr(OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=prog_fd, info_len=256, info=ctypes.addressof(info)))
+    raw = bytes(info[_PROG_INFO_NAME_OFFSET:_PROG_INFO_NAME_OFFSET + 16])
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def prog_detach(cgroup_fd: int, attach_type: int, prog_fd: int = 0) -> bool:
+    """Detach a program (by fd, as multi-attach requires); False when it was not attached."""
     try:
-        _call_attr(PROG_DETACH, _AttachAttr(target_fd=cgroup_fd, attach_type=attach_type))
+        _call_attr(PROG_DETACH, _AttachAttr(target_fd=cgroup_fd, attach_type=attach_type,
+                                            attach_bpf_fd=prog_fd))
     except OSError as e:
         if e.errno in (2, 22):
             return False

@@ -32,10 +32,11 @@ def _layout(args, cfg: config_mod.Config | None = None) -> Layout:
         info = InstanceInfo.load(info_file)
         from interceptor.cgroups import cgroup2_mount
 
-        return Layout.build(args.state_dir, info.instance,
-                            str(Path(info.cgroup_root).relative_to(cgroup2_mount())))
-    cfg = cfg or config_mod.Config()
-    return Layout.build(args.state_dir, cfg.instance, cfg.cgroup_root)
+        mount = cgroup2_mount()
+        return Layout.build(args.state_dir, info.instance, str(Path(info.cgroup_root).relative_to(mount)),
+                            str(Path(info.capture_cgroup).relative_to(mount)))
+    cfg = cfg or config_mod.finish(config_mod.Config())
+    return Layout.build(args.state_dir, cfg.instance, cfg.cgroup_root, cfg.capture_cgroup)
 
 
 def _ask(args, op: str, **kw) -> dict:
@@ -149,7 +150,7 @@ def cmd_status(args) -> int:
         st = request(lay.control_socket, "status")
         st["daemon"] = "running"
     except DaemonUnavailable:
-        progs = bpf_loader.attached(lay.cgroup_root)
+        progs = bpf_loader.attached(lay.capture_cgroup)
         st = {"daemon": "not running", "instance": lay.instance, "programs": progs,
               "programs_attached": all(progs.values()),
               "note": "agents stay redirected to a closed port: their connections are refused"}

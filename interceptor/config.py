@@ -5,6 +5,7 @@ with a message an operator can act on."""
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +32,14 @@ class AgentSelector:
 class Config:
     instance: str = "default"
     cgroup_root: str = "interlock"
+    # Where the hooks attach: the instance's own tree by default; a wider cgroup ("/" for the
+    # whole host) lets exe/uid selectors enroll processes that start anywhere below it.
+    capture_cgroup: str | None = None
     proxy_port: int = 15001
     dns_port: int = 15053
-    mark: int = 0x494C0001
+    # The socket mark the nft backstop matches agents by; derived from the instance name when
+    # unset, so instances sharing a network namespace do not judge each other's agents.
+    mark: int | None = None
     dns_upstream: str | None = None
     proxy_restart_delay: float = 1.0
     connect_timeout: float = 10.0
@@ -42,14 +48,14 @@ class Config:
     source: str | None = None
 
 
-_SCALARS = {"instance": str, "cgroup_root": str, "proxy_port": int, "dns_port": int, "mark": int,
+_SCALARS = {"instance": str, "cgroup_root": str, "capture_cgroup": str, "proxy_port": int, "dns_port": int, "mark": int,
             "dns_upstream": str, "proxy_restart_delay": float, "connect_timeout": float,
             "watch_interval": float}
 
 
 def load(path: Path | None) -> Config:
     if path is None:
-        return Config()
+        return finish(Config())
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as e:
@@ -72,6 +78,12 @@ def load(path: Path | None) -> Config:
         else:
             raise ConfigError(f"{path}: unknown key '{key}' (known: {', '.join([*_SCALARS, 'agents'])})")
     _check(path, cfg)
+    return finish(cfg)
+
+
+def finish(cfg: Config) -> Config:
+    if cfg.mark is None:
+        cfg.mark = 0x494C0000 | (zlib.crc32(cfg.instance.encode()) & 0xFFFF)
     return cfg
 
 
@@ -104,5 +116,11 @@ def _check(path: Path, cfg: Config) -> None:
             raise ConfigError(f"{path}: '{key}' must be a port number 1..65535")
     if cfg.proxy_port == cfg.dns_port:
         raise ConfigError(f"{path}: 'proxy_port' and 'dns_port' must differ")
-    if cfg.cgroup_root.strip("/") in ("", ".") or ".." in cfg.cgroup_root:
+    root = cfg.cgroup_root.strip("/")
+    if root in ("", ".") or ".." in cfg.cgroup_root:
         raise ConfigError(f"{path}: 'cgroup_root' must name a cgroup below the cgroup2 mount")
+    if cfg.capture_cgroup is not None:
+        scope = cfg.capture_cgroup.strip("/")
+        if ".." in scope or (scope and root != scope and not root.startswith(scope + "/")):
+            raise ConfigError(f"{path}: 'capture_cgroup' ({cfg.capture_cgroup}) must contain 'cgroup_root' "
+                              f"({cfg.cgroup_root}), or the agents would be outside the hooks")

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from interceptor import bpf_loader, cgroups, firewall
-from interceptor.bpf_types import ExecEvent, Path as BpfPath, Settings
+from interceptor.bpf_types import ExecEvent, Settings
+from interceptor.bpf_types import Path as BpfPath
 from interceptor.config import Config
 from interceptor.control import peer_credentials
 from interceptor.layout import InstanceInfo, Layout, valid_name
@@ -89,7 +90,7 @@ class Daemon:
         self.agent_ids = {r["name"]: r["id"] for r in self.recorder.db["agents"].rows}
         self.lockdown_reason = self._saved_lockdown()
 
-        self.datapath = bpf_loader.Datapath(lay.pin_dir, lay.cgroup_root)
+        self.datapath = bpf_loader.Datapath(lay.pin_dir, lay.capture_cgroup)
         self.datapath.compile()
         self._write_settings()
         for name in {p.name for p in lay.agents_cgroup.iterdir() if p.is_dir()} | {a.name for a in cfg.agents}:
@@ -188,6 +189,7 @@ class Daemon:
             instance=self.config.instance, daemon_pid=os.getpid(),
             proxy_pid=self.proxy.pid if self.proxy else 0, proxy_port=self.config.proxy_port,
             dns_port=self.config.dns_port, cgroup_root=str(self.layout.cgroup_root),
+            capture_cgroup=str(self.layout.capture_cgroup),
             netns=netns_id(), state_dir=str(self.layout.state_dir),
         ).save(self.layout.instance_file)
 
@@ -217,7 +219,7 @@ class Daemon:
                 self.lockdown("nftables table removed or altered")
                 firewall.install(self.backstop)
                 self.recorder.event("tamper", {"what": "nft", "action": "reinstalled"})
-            missing = [h for h, ids in bpf_loader.attached(self.layout.cgroup_root).items() if not ids]
+            missing = [h for h, n in bpf_loader.attached(self.layout.capture_cgroup).items() if not n]
             if missing:
                 self.lockdown(f"BPF programs detached: {', '.join(missing)}")
                 self.datapath.attach()
@@ -310,7 +312,7 @@ class Daemon:
 
     def status(self) -> dict:
         lay = self.layout
-        progs = bpf_loader.attached(lay.cgroup_root)
+        progs = bpf_loader.attached(lay.capture_cgroup)
         agents = {}
         for name in sorted(self.agent_ids):
             agents[name] = cgroups.procs(lay.agent_cgroup(name))
@@ -327,6 +329,7 @@ class Daemon:
             "nft_intact": firewall.intact(self.backstop),
             "lockdown": self.lockdown_reason,
             "cgroup_root": str(lay.cgroup_root),
+            "capture_cgroup": str(lay.capture_cgroup),
             "enrolled": agents,
             "selectors": [vars(a) for a in self.config.agents],
         }
@@ -399,7 +402,7 @@ def teardown(layout: Layout, instance: str, proxy: subprocess.Popen | None = Non
             proxy.kill()
     elif info and info.proxy_pid and _alive(info.proxy_pid) and _is_our_proxy(info.proxy_pid):
         _kill(info.proxy_pid)
-    done["programs_detached"] = bpf_loader.detach_all(layout.cgroup_root)
+    done["programs_detached"] = bpf_loader.detach_all(layout.capture_cgroup)
     done["nft_table_removed"] = firewall.remove(layout.nft_table)
     if layout.cgroup_root.exists():
         cgroups.remove_tree(layout.cgroup_root, layout.cgroup_root.parent)

@@ -28,15 +28,19 @@ class Layout:
     run_dir: Path
     instance: str
     cgroup_root: Path
+    capture_cgroup: Path  # where the hooks attach: cgroup_root or an ancestor
 
     @classmethod
-    def build(cls, state_dir: Path | None, instance: str, cgroup_root: str) -> Layout:
+    def build(cls, state_dir: Path | None, instance: str, cgroup_root: str,
+              capture_cgroup: str | None = None) -> Layout:
         if state_dir is None:
             state, run = DEFAULT_STATE_DIR, DEFAULT_RUN_DIR
         else:
             state, run = Path(state_dir), Path(state_dir) / "run"
         mount = cgroup2_mount()
-        return cls(state, run, instance, mount / cgroup_root.strip("/"))
+        root = mount / cgroup_root.strip("/")
+        scope = root if capture_cgroup is None else mount / capture_cgroup.strip("/")
+        return cls(state, run, instance, root, scope)
 
     @property
     def db(self) -> Path:
@@ -80,6 +84,7 @@ class InstanceInfo:
     proxy_port: int
     dns_port: int
     cgroup_root: str
+    capture_cgroup: str
     netns: str
     state_dir: str
 

@@ -46,7 +46,10 @@ async def main(path: str, port: int) -> None:
     await loop.create_server(lambda: Echo(log), "0.0.0.0", port, reuse_address=True)
     await loop.create_server(lambda: Echo(log), "::", port, reuse_address=True, family=socket.AF_INET6)
     await loop.create_datagram_endpoint(lambda: Sink(log), local_addr=("0.0.0.0", port))
-    await loop.create_datagram_endpoint(lambda: Sink(log), local_addr=("::", port), family=socket.AF_INET6)
+    s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s6.bind(("::", port))
+    await loop.create_datagram_endpoint(lambda: Sink(log), sock=s6)
     print("ready", flush=True)
     await asyncio.Event().wait()
 

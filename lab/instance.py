@@ -36,6 +36,7 @@ class Instance:
 
     def start(self, timeout: float = 120) -> Instance:
         self.config_file.write_text(yaml.safe_dump(self.config))
+        offset = self.log.stat().st_size if self.log.exists() else 0
         log = open(self.log, "ab")
         self.daemon = self.host.popen([*INTERLOCK, "daemon", "--state-dir", str(self.state_dir),
                                        "--config", str(self.config_file)],
@@ -44,7 +45,7 @@ class Instance:
         while time.monotonic() < deadline:
             if self.daemon.poll() is not None:
                 raise RuntimeError(f"daemon exited {self.daemon.returncode}: {self.log.read_text()[-3000:]}")
-            if b"ready, proxy on port" in self.log.read_bytes():
+            if b"ready, proxy on port" in self.log.read_bytes()[offset:]:
                 return self
             time.sleep(0.1)
         raise RuntimeError(f"daemon not ready after {timeout}s: {self.log.read_text()[-3000:]}")

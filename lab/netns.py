@@ -9,8 +9,11 @@ import itertools
 import os
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pyroute2 import IPRoute, NetNS, netns
+
+from interceptor.cgroups import cgroup2_mount, remove_tree
 
 IFA_F_NODAD = 0x02
 _counter = itertools.count()
@@ -18,9 +21,13 @@ _counter = itertools.count()
 
 @dataclass
 class Host:
+    """A namespace whose processes also start in a cgroup of the lab's own (`cgroup`), as a
+    real host's processes live below its root cgroup: a wide capture scope sees them."""
+
     name: str
     addr4: str
     addr6: str
+    cgroup: Path | None = None
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     @property
@@ -28,7 +35,10 @@ class Host:
         return f"/run/netns/{self.name}"
 
     def argv(self, cmd: list[str]) -> list[str]:
-        return ["nsenter", f"--net={self.path}", "--", *cmd]
+        enter = ["nsenter", f"--net={self.path}", "--", *cmd]
+        if self.cgroup is None:
+            return enter
+        return ["sh", "-c", f'echo $$ > {self.cgroup}/cgroup.procs && exec "$@"', "sh", *enter]
 
     def run(self, cmd: list[str], **kw) -> subprocess.CompletedProcess:
         kw.setdefault("capture_output", True)
@@ -49,7 +59,8 @@ class Lab:
         n = next(_counter)
         base = f"{tag}{os.getpid() % 100000}x{n}"
         sub = 1 + (os.getpid() + n) % 250
-        self.a = Host(f"{base}a", f"10.231.{sub}.1", f"fd00:231:{sub:x}::1")
+        self.cgroup = cgroup2_mount() / f"interlock-lab-{base}"
+        self.a = Host(f"{base}a", f"10.231.{sub}.1", f"fd00:231:{sub:x}::1", self.cgroup)
         self.b = Host(f"{base}b", f"10.231.{sub}.2", f"fd00:231:{sub:x}::2")
 
     def __enter__(self) -> Lab:
@@ -61,6 +72,7 @@ class Lab:
         return self
 
     def _build(self) -> None:
+        self.cgroup.mkdir()
         for h in (self.a, self.b):
             netns.create(h.name)
         veth_a, veth_b = f"v{self.a.name}"[:15], f"v{self.b.name}"[:15]
@@ -88,6 +100,7 @@ class Lab:
                         pass
             if h.name in netns.listnetns():
                 netns.remove(h.name)
+        remove_tree(self.cgroup, cgroup2_mount())
 
     def __exit__(self, *exc) -> None:
         self.close()

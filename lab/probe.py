@@ -1,6 +1,7 @@
 """What an agent does in the tests: connect, send, read the echo, and report as one JSON line.
 
-`python -m lab.probe tcp HOST PORT [--thread] [--fork] [--v4mapped]` or `udp HOST PORT`.
+`python -m lab.probe tcp HOST PORT [--thread] [--fork] [--v4mapped]`, `udp HOST PORT [--dns NAME]`
+or `raw` (open a raw socket).
 Exit 0 when the echo came back, 1 when the attempt failed (the JSON says how)."""
 
 from __future__ import annotations
@@ -35,12 +36,19 @@ def tcp(host: str, port: int, v4mapped: bool) -> dict:
         s.close()
 
 
-def udp(host: str, port: int) -> dict:
+def dns_query(name: str) -> bytes:
+    import dpkt
+
+    q = dpkt.dns.DNS(id=0x1234, qd=[dpkt.dns.DNS.Q(name=name, type=dpkt.dns.DNS_A)])
+    return bytes(q)
+
+
+def udp(host: str, port: int, payload: bytes = b"datagram") -> dict:
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_DGRAM)
-    s.settimeout(2)
+    s.settimeout(3)
     try:
-        s.sendto(b"datagram", (host, port))
+        s.sendto(payload, (host, port))
         data, addr = s.recvfrom(100)
         return {"ok": True, "from": [addr[0], addr[1]]}
     except OSError as e:
@@ -49,18 +57,32 @@ def udp(host: str, port: int) -> dict:
         s.close()
 
 
+def raw() -> dict:
+    try:
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    except OSError as e:
+        return {"ok": False, "error": e.__class__.__name__, "errno": e.errno, "message": str(e)}
+    s.close()
+    return {"ok": True}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("kind", choices=["tcp", "udp"])
-    ap.add_argument("host")
-    ap.add_argument("port", type=int)
+    ap.add_argument("kind", choices=["tcp", "udp", "raw"])
+    ap.add_argument("host", nargs="?", default="")
+    ap.add_argument("port", type=int, nargs="?", default=0)
+    ap.add_argument("--dns", metavar="NAME", help="udp: send a DNS query for NAME")
     ap.add_argument("--thread", action="store_true", help="connect from a worker thread")
     ap.add_argument("--fork", action="store_true", help="connect from a forked child")
     ap.add_argument("--v4mapped", action="store_true", help="IPv6 socket to a v4-mapped address")
     a = ap.parse_args()
 
     def attempt() -> dict:
-        return tcp(a.host, a.port, a.v4mapped) if a.kind == "tcp" else udp(a.host, a.port)
+        if a.kind == "raw":
+            return raw()
+        if a.kind == "udp":
+            return udp(a.host, a.port, dns_query(a.dns) if a.dns else b"datagram")
+        return tcp(a.host, a.port, a.v4mapped)
 
     if a.thread:
         box: dict = {}

@@ -6,10 +6,10 @@ recorder stores both. Nothing here knows a wire format."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     ALLOW = "allow"
     DENY = "deny"
     APPROVE = "approve"  # hold until a human decides

@@ -48,7 +48,7 @@ class AgentSide(asyncio.Protocol):
             _, up = await asyncio.wait_for(
                 self.proxy.loop.create_connection(lambda: UpstreamSide(self), rec.dst_addr, rec.dst_port),
                 self.proxy.config.connect_timeout)
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             rec.outcome = "upstream-error"
             rec.detail = str(e) or type(e).__name__
             self.transport.abort()

@@ -74,7 +74,7 @@ class Resolver(asyncio.DatagramProtocol):
             transport.sendto(data)
             reply = await asyncio.wait_for(answer, self.timeout)
             self.transport.sendto(reply, addr)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             transport.close()

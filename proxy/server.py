@@ -10,7 +10,6 @@ import asyncio
 import ctypes
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 

@@ -1,0 +1,110 @@
+"""Fixtures that start real parts: lab namespaces, servers, and Interlock daemons.
+
+Datapath tests never skip: on a host without the kernel hooks they fail, with the doctor's
+verdict as the reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lab.instance import Instance
+from lab.netns import Host, Lab
+
+ECHO_PORT = 7000
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "datapath: needs root, cgroup BPF hooks and nftables (never skipped)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _host_ready(request):
+    if not any(item.get_closest_marker("datapath") for item in request.session.items):
+        return
+    from interceptor import doctor
+
+    bad = [c for c in doctor.run_checks(quick=True) if not c.ok and c.fatal]
+    if bad:
+        pytest.fail("host cannot run the datapath: " + "; ".join(f"{c.name}: {c.detail} (fix: {c.fix})" for c in bad))
+
+
+class EchoServer:
+    """lab.echo_server on a host; `seen()` lists what reached it."""
+
+    def __init__(self, host: Host, port: int, log: Path):
+        self.host, self.port, self.log = host, port, log
+        self.proc = host.popen([sys.executable, "-m", "lab.echo_server", str(log), str(port)],
+                               stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if "ready" not in line:
+            raise RuntimeError("echo server did not start")
+
+    def seen(self, proto: str | None = None) -> list[dict]:
+        if not self.log.exists():
+            return []
+        rows = [json.loads(x) for x in self.log.read_text().splitlines() if x.strip()]
+        return [r for r in rows if proto is None or r["proto"] == proto]
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with Lab() as lab_:
+        yield lab_
+
+
+@pytest.fixture(scope="module")
+def echo(lab, tmp_path_factory):
+    srv = EchoServer(lab.b, ECHO_PORT, tmp_path_factory.mktemp("echo") / "seen.jsonl")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def dns_echo(lab, tmp_path_factory):
+    """A UDP responder on port 53 of the server host: it answers a query with the query."""
+    srv = EchoServer(lab.b, 53, tmp_path_factory.mktemp("dns") / "seen.jsonl")
+    yield srv
+    srv.stop()
+
+
+_instances = iter(range(10**6))
+
+
+def instance_name(tag: str) -> str:
+    return f"t{os.getpid() % 100000}{tag}{next(_instances)}"
+
+
+@pytest.fixture
+def make_instance(lab):
+    """Start instances on the agent host; all are torn down after the test, also on failure."""
+    started: list[Instance] = []
+
+    def make(tag: str = "x", **config) -> Instance:
+        inst = Instance(lab.a, instance_name(tag), **config)
+        started.append(inst)
+        return inst.start()
+
+    yield make
+    for inst in started:
+        inst.close()
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,218 @@
+"""The capture path end to end on the real kernel: BPF hooks, nft backstop, daemon, proxy.
+
+An agent on the agent host talks to the echo server on the server host, over veth, with no
+endpoint change; the session rows and the server's own log say what happened."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from interceptor import bpf_loader
+from lab.instance import Instance, leftovers
+from tests.conftest import ECHO_PORT, instance_name, wait_until
+
+pytestmark = pytest.mark.datapath
+
+
+@pytest.fixture(scope="module")
+def inst(lab, dns_echo):
+    # Capture scope = the lab host's whole cgroup, as "/" would be on a real host: the exe
+    # selector then reaches processes that start anywhere on it.
+    name = instance_name("dp")
+    scope = str(lab.cgroup.relative_to(lab.cgroup.parent))
+    i = Instance(lab.a, name, proxy_port=15101, dns_port=15153, dns_upstream=lab.b.addr4,
+                 cgroup_root=f"{scope}/interlock-{name}", capture_cgroup=scope,
+                 agents=[{"name": "sel", "exe": ["/usr/bin/curl"]}])
+    i.start()
+    yield i
+    i.close()
+
+
+def session_of(inst: Instance, tgid: int) -> dict | None:
+    return next((s for s in inst.sessions() if s["tgid"] == tgid), None)
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6", "v4mapped"])
+def test_agent_connection_is_captured_with_destination_and_identity(inst, lab, echo, family):
+    host = lab.b.addr6 if family == "ipv6" else lab.b.addr4
+    extra = ["--v4mapped"] if family == "v4mapped" else []
+    before = len(echo.seen("tcp"))
+    r = inst.probe("tcp", host, str(ECHO_PORT), *extra)
+    assert r["ok"], r
+    # getpeername() shows the address the agent asked for, not the proxy's
+    assert r["peer"][1] == ECHO_PORT
+    assert r["peer"][0].removeprefix("::ffff:") == host
+    s = wait_until(lambda: (x := session_of(inst, r["pid"])) and x["outcome"] == "closed" and x)
+    assert s, inst.sessions()
+    assert (s["dst_addr"], s["dst_port"]) == (host, ECHO_PORT)
+    assert s["family"] == ("ipv4" if family == "ipv4" else "ipv6")
+    assert s["agent"] == "bot" and s["uid"] == 0 and s["pid"] == r["pid"]
+    assert s["exe"].startswith("/usr/bin/python3") and "lab.probe" in s["cmdline"]
+    assert s["bytes_up"] == s["bytes_down"] == len("hello interlock\n")
+    # the server saw the proxy's connection, from the agent host
+    seen = echo.seen("tcp")[before:]
+    assert len(seen) == 1 and seen[0]["peer"].removeprefix("::ffff:") in (lab.a.addr4, lab.a.addr6)
+
+
+def test_worker_thread_connection_is_captured(inst, lab, echo):
+    r = inst.probe("tcp", lab.b.addr4, str(ECHO_PORT), "--thread")
+    assert r["ok"], r
+    s = wait_until(lambda: session_of(inst, r["pid"]))
+    assert s and s["pid"] != s["tgid"], "the row names the thread and its process"
+
+
+def test_children_stay_enrolled(inst, lab, echo):
+    r = inst.probe("tcp", lab.b.addr4, str(ECHO_PORT), "--fork")
+    assert r["ok"], r
+    rows = wait_until(lambda: [s for s in inst.sessions() if s["agent"] == "bot" and s["tgid"] != r["pid"]
+                               and "lab.probe" in s["cmdline"] and "--fork" in s["cmdline"]])
+    assert rows, "the forked child's connection was not captured"
+
+
+def test_unenrolled_process_is_untouched(inst, lab, echo):
+    before = len(echo.seen("tcp"))
+    r = inst.probe("tcp", lab.b.addr4, str(ECHO_PORT), agent=None)
+    assert r["ok"], r
+    time.sleep(0.3)
+    assert session_of(inst, r["pid"]) is None
+    assert len(echo.seen("tcp")) == before + 1
+
+
+def test_udp_other_than_dns_is_refused(inst, lab, echo):
+    before = len(echo.seen("udp"))
+    r = inst.probe("udp", lab.b.addr4, str(ECHO_PORT))
+    assert not r["ok"] and r["errno"] == errno.EPERM, r
+    r6 = inst.probe("udp", lab.b.addr6, str(ECHO_PORT))
+    assert not r6["ok"] and r6["errno"] == errno.EPERM, r6
+    time.sleep(0.3)
+    assert len(echo.seen("udp")) == before
+
+
+def test_dns_goes_to_the_resolver_and_the_reply_looks_direct(inst, lab, dns_echo):
+    r = inst.probe("udp", lab.b.addr4, "53", "--dns", "example.test")
+    assert r["ok"], r
+    assert r["from"] == [lab.b.addr4, 53], "recvmsg hook restores the server the agent asked"
+    assert dns_echo.seen("udp"), "the resolver forwarded upstream"
+    names = [q["name"] for e in inst.events("dns") for q in e["data"].get("questions", [])]
+    assert "example.test" in names
+
+
+def test_raw_sockets_are_refused_to_agents(inst):
+    r = inst.probe("raw")
+    assert not r["ok"] and r["errno"] == errno.EPERM, r
+    assert inst.probe("raw", agent=None)["ok"]
+
+
+def test_proxy_never_loops(inst):
+    r = inst.probe("tcp", "127.0.0.1", str(inst.config["proxy_port"]))
+    assert not r["ok"], r
+    s = wait_until(lambda: session_of(inst, r["pid"]))
+    assert s and s["outcome"] == "refused" and "loop" in s["detail"]
+
+
+def test_exec_selector_captures_the_first_connect(inst, lab, echo):
+    before = len(echo.seen("tcp"))
+    r = lab.a.run(["curl", "-s", "--max-time", "5", "-o", "/dev/null", f"http://{lab.b.addr4}:{ECHO_PORT}/"])
+    rows = wait_until(lambda: [s for s in inst.sessions("sel") if s["comm"] == "curl"])
+    assert rows, f"curl (exe selector) was not captured: {r.stderr}"
+    assert rows[-1]["dst_addr"] == lab.b.addr4
+    assert len(echo.seen("tcp")) == before + 1
+    assert any(e["data"]["via"] == "exec-selector" for e in inst.events("enrolled"))
+
+
+def test_enroll_running_process_tree(inst, lab, echo):
+    script = ("import subprocess,sys,time; time.sleep(1.5); "
+              f"sys.exit(subprocess.run([sys.executable,'-m','lab.probe','tcp','{lab.b.addr4}','{ECHO_PORT}']).returncode)")
+    p = lab.a.popen([sys.executable, "-c", script])
+    r = inst.cli("enroll", "--pid", str(p.pid), "--agent", "late")
+    assert r.returncode == 0, r.stderr
+    assert p.wait(timeout=20) == 0
+    assert wait_until(lambda: inst.sessions("late")), "the enrolled tree's later connection was not captured"
+
+
+def test_status_reports_everything_attached(inst):
+    st = inst.status()
+    assert st["daemon"] == "running" and st["programs_attached"] and st["nft_intact"]
+    assert st["proxy_listening"] and st["lockdown"] is None
+
+
+# ---- fail closed ------------------------------------------------------------------------
+
+def _refused(inst: Instance, lab, echo) -> dict:
+    before = len(echo.seen("tcp"))
+    r = inst.probe("tcp", lab.b.addr4, str(ECHO_PORT))
+    time.sleep(0.3)
+    assert not r["ok"], f"agent traffic got through: {r}"
+    assert len(echo.seen("tcp")) == before, "the server saw a connection"
+    return r
+
+
+def test_fail_closed_when_the_daemon_is_killed(make_instance, lab, echo):
+    inst = make_instance("k", proxy_port=15201, dns_port=15253)
+    assert inst.probe("tcp", lab.b.addr4, str(ECHO_PORT))["ok"]
+    proxy_pid = inst.status()["proxy_pid"]
+    inst.daemon.send_signal(signal.SIGKILL)
+    inst.daemon.wait(timeout=10)
+    assert wait_until(lambda: not os.path.exists(f"/proc/{proxy_pid}")), "proxy outlived its daemon"
+    # an agent that joins its cgroup after the kill (the CLI has no daemon to ask now)
+    agent_cg = inst.cgroup_root / "agents" / "bot"
+    assert agent_cg.exists()
+    script = (f"import os,sys; open('{agent_cg}/cgroup.procs','w').write(str(os.getpid())); "
+              f"os.execv(sys.executable,[sys.executable,'-m','lab.probe','tcp','{lab.b.addr4}','{ECHO_PORT}'])")
+    before = len(echo.seen("tcp"))
+    r = lab.a.run([sys.executable, "-c", script])
+    assert r.returncode != 0 and '"ok": false' in r.stdout, r.stdout + r.stderr
+    time.sleep(0.3)
+    assert len(echo.seen("tcp")) == before
+    # a new daemon adopts the pinned state and serves again
+    inst.start()
+    assert inst.probe("tcp", lab.b.addr4, str(ECHO_PORT))["ok"]
+
+
+def test_fail_closed_when_the_nft_table_is_deleted(make_instance, lab, echo):
+    inst = make_instance("n", proxy_port=15301, dns_port=15353)
+    table = "interlock-" + inst.name
+    assert lab.a.run(["nft", "delete", "table", "inet", table]).returncode == 0
+    assert wait_until(lambda: inst.status()["lockdown"]), "the daemon did not notice the deleted table"
+    r = _refused(inst, lab, echo)
+    assert r["errno"] == errno.EPERM
+    assert inst.status()["nft_intact"], "the table was put back"
+    assert any(e["data"]["what"] == "nft" for e in inst.events("tamper"))
+    assert inst.cli("rearm").returncode == 0
+    assert inst.probe("tcp", lab.b.addr4, str(ECHO_PORT))["ok"]
+
+
+def test_fail_closed_when_the_proxy_dies(make_instance, lab, echo):
+    inst = make_instance("p", proxy_port=15401, dns_port=15453, proxy_restart_delay=3.0)
+    os.kill(inst.status()["proxy_pid"], signal.SIGKILL)
+    time.sleep(0.3)
+    r = _refused(inst, lab, echo)
+    assert r["errno"] == errno.ECONNREFUSED
+    assert wait_until(lambda: inst.status()["proxy_listening"], timeout=15)
+    assert wait_until(lambda: inst.probe("tcp", lab.b.addr4, str(ECHO_PORT))["ok"], timeout=10)
+
+
+def test_fail_closed_when_programs_are_detached(make_instance, lab, echo):
+    inst = make_instance("d", proxy_port=15501, dns_port=15553)
+    assert bpf_loader.detach_all(inst.cgroup_root) == len(bpf_loader.HOOKS)
+    _refused(inst, lab, echo)
+    assert wait_until(lambda: inst.status()["programs_attached"] and inst.status()["lockdown"])
+
+
+def test_down_leaves_nothing_behind(make_instance, lab, echo):
+    inst = make_instance("z", proxy_port=15601, dns_port=15653)
+    assert inst.probe("tcp", lab.b.addr4, str(ECHO_PORT))["ok"]
+    assert leftovers(inst), "sanity: the instance had installed something"
+    r = inst.down()
+    assert r.returncode == 0, r.stderr
+    assert leftovers(inst) == []
+    assert not any(bpf_loader.attached(inst.cgroup_root).values())
+    assert not inst.cgroup_root.exists()
+    # the recordings stay: they are the audit trail
+    assert (inst.state_dir / "recorder.db").exists()
