@@ -63,7 +63,17 @@ def cmd_daemon(args) -> int:
     from interceptor import doctor
     from interceptor.daemon import Daemon
 
+    from policy.engine import PolicyError, load
+
     cfg = config_mod.load(args.config)
+    if cfg.policy:
+        try:
+            load(cfg.policy)
+        except PolicyError as e:
+            print("\n".join(e.problems), file=sys.stderr)
+            print(f"interlock daemon: cannot start: the policy {cfg.policy} is invalid (check it with: "
+                  f"interlock policy check {cfg.policy})", file=sys.stderr)
+            return 2
     failures = [c for c in doctor.run_checks(quick=True) if not c.ok and c.fatal]
     if failures:
         for c in failures:
@@ -183,6 +193,108 @@ def cmd_doctor(args) -> int:
     return 1 if bad else 0
 
 
+def _who() -> str:
+    import pwd
+
+    user = os.environ.get("SUDO_USER") or pwd.getpwuid(os.getuid()).pw_name
+    return f"{user} (uid {os.getuid()})"
+
+
+def cmd_policy(args) -> int:
+    from policy.engine import Destination, PolicyError, load, load_default
+    from policy.model import Operation
+
+    if args.policy_verb == "check":
+        try:
+            pol = load(args.file)
+        except PolicyError as e:
+            print("\n".join(e.problems), file=sys.stderr)
+            print(f"{args.file}: {len(e.problems)} problem(s); the policy in force stays unchanged until this file is valid",
+                  file=sys.stderr)
+            return 1
+        print(f"{args.file}: valid: {len(pol.agents)} agent(s), {len(pol.targets)} target(s), {len(pol.rules)} rule(s), "
+              f"default {pol.default.value}")
+        return 0
+    try:
+        pol = load(args.file) if args.file else load_default()
+    except PolicyError as e:
+        raise CliError("\n".join(e.problems)) from None
+    if args.target in pol.targets:
+        t = pol.targets[args.target]
+        net = t.networks[0] if t.networks else None
+        dest = Destination(str(net.network_address) if net else "0.0.0.0", t.ports[0] if t.ports else 0,
+                           tuple(h for h in t.hostnames if "*" not in h), args.protocol or t.protocol or "tcp")
+    else:
+        host, _, port = args.target.rpartition(":")
+        if not host or not port.isdigit():
+            raise CliError(f"--target must be a target name from the policy or ADDRESS:PORT, got '{args.target}'")
+        dest = Destination(host.strip("[]"), int(port), (), args.protocol or "tcp")
+    op = Operation(args.protocol or dest.protocol, args.op, tuple(args.object or ()), tuple(args.risk or ()))
+    d = pol.decide(args.agent, dest, op)
+    print(f"{d.verdict.value.upper()}  rule: {d.rule}  ({d.reason})" + (f"  mask: {', '.join(d.mask)}" if d.mask else "")
+          + (f"  approval timeout: {d.approval_timeout:g}s" if d.verdict.value == "approve" else ""))
+    return 0
+
+
+def cmd_approvals(args) -> int:
+    from recorder.approvals import listing
+
+    rows = listing(_layout(args).db, pending_only=not args.all)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no approvals pending" if not args.all else "no approvals recorded")
+        return 0
+    for r in rows:
+        left = r["timeout_at"] - time.time()
+        state = f"{r['status']}" + (f", {int(left)}s left" if r["status"] == "pending" else f" by {r['decided_by']}")
+        print(f"{r['id']}  {r['agent']:12} {r['destination']:24} {r['protocol']}:{r['action']}  {r['summary'][:60]!r}  "
+              f"rule {r['rule']}  [{state}]")
+    return 0
+
+
+def cmd_approve(args) -> int:
+    from policy.engine import parse_duration
+    from recorder.approvals import ApprovalError, decide
+
+    try:
+        seconds = parse_duration(args.for_) if args.for_ else None
+    except ValueError as e:
+        raise CliError(f"--for: {e}") from None
+    try:
+        r = decide(_layout(args).db, args.id, True, _who(), seconds)
+    except ApprovalError as e:
+        raise CliError(str(e)) from None
+    extra = f"; identical operations are granted until {datetime.fromtimestamp(r['grant_until']):%H:%M:%S}" if r["grant_until"] else ""
+    print(f"approved {args.id} as {r['by']}{extra}")
+    return 0
+
+
+def cmd_deny(args) -> int:
+    from recorder.approvals import ApprovalError, decide
+
+    try:
+        decide(_layout(args).db, args.id, False, _who(), note=args.reason)
+    except ApprovalError as e:
+        raise CliError(str(e)) from None
+    print(f"denied {args.id}: {args.reason}")
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from recorder.replay import render, timeline
+
+    tl = timeline(_layout(args).db, args.session)
+    if tl is None:
+        raise CliError(f"no session '{args.session}'; list them with: interlock sessions")
+    if args.json:
+        print(json.dumps(tl, indent=1))
+    else:
+        print(render(tl))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="interlock", description="Transparent guardrails between AI agents and the services they use.")
     common = argparse.ArgumentParser(add_help=False)
@@ -210,6 +322,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_status)
     sub.add_parser("doctor", parents=[common], help="check this host's kernel and tools").set_defaults(fn=cmd_doctor)
     sub.add_parser("rearm", parents=[common], help="lift a tamper lockdown").set_defaults(fn=cmd_rearm)
+    p = sub.add_parser("policy", parents=[common], help="check a policy file or explain a decision")
+    psub = p.add_subparsers(dest="policy_verb", required=True)
+    pc = psub.add_parser("check", help="validate a policy file (line-numbered errors)")
+    pc.add_argument("file", type=Path)
+    pe = psub.add_parser("explain", help="the decision for one agent, target and operation, and the rule that made it")
+    pe.add_argument("--file", type=Path, help="policy file (default: the embedded default policy)")
+    pe.add_argument("--agent", required=True)
+    pe.add_argument("--target", required=True, help="a target name from the policy, or ADDRESS:PORT")
+    pe.add_argument("--op", required=True, help="operation, e.g. connect, read, delete, s3:DeleteBucket, GET")
+    pe.add_argument("--protocol", help="tcp, postgres, http, aws … (default: the target's)")
+    pe.add_argument("--object", action="append", help="a table, bucket or path the operation touches")
+    pe.add_argument("--risk", action="append", help="a risk flag the parser would raise (e.g. drop)")
+    p.set_defaults(fn=cmd_policy)
+    p = sub.add_parser("approvals", parents=[common], help="operations waiting for a human")
+    p.add_argument("--all", action="store_true", help="include decided and expired ones")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_approvals)
+    p = sub.add_parser("approve", parents=[common], help="let a held operation run")
+    p.add_argument("id")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--once", action="store_true", help="this operation only (the default)")
+    g.add_argument("--for", dest="for_", metavar="DURATION", help="also grant identical operations for DURATION (e.g. 15m)")
+    p.set_defaults(fn=cmd_approve)
+    p = sub.add_parser("deny", parents=[common], help="refuse a held operation")
+    p.add_argument("id")
+    p.add_argument("--reason", required=True)
+    p.set_defaults(fn=cmd_deny)
+    p = sub.add_parser("replay", parents=[common], help="a session as a timeline")
+    p.add_argument("session")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_replay)
     return ap
 
 

@@ -44,13 +44,16 @@ class Config:
     proxy_restart_delay: float = 1.0
     connect_timeout: float = 10.0
     watch_interval: float = 0.2
+    # How long a silent client may wait before its connection is judged as plain tcp.
+    first_byte_timeout: float = 0.25
+    policy: str | None = None  # policy file; the embedded default when unset
     agents: list[AgentSelector] = field(default_factory=list)
     source: str | None = None
 
 
 _SCALARS = {"instance": str, "cgroup_root": str, "capture_cgroup": str, "proxy_port": int, "dns_port": int, "mark": int,
             "dns_upstream": str, "proxy_restart_delay": float, "connect_timeout": float,
-            "watch_interval": float}
+            "watch_interval": float, "first_byte_timeout": float, "policy": str}
 
 
 def load(path: Path | None) -> Config:
@@ -77,6 +80,8 @@ def load(path: Path | None) -> Config:
             setattr(cfg, key, value)
         else:
             raise ConfigError(f"{path}: unknown key '{key}' (known: {', '.join([*_SCALARS, 'agents'])})")
+    if cfg.policy and not Path(cfg.policy).is_absolute():
+        cfg.policy = str((Path(path).parent / cfg.policy).resolve())
     _check(path, cfg)
     return finish(cfg)
 

@@ -252,6 +252,7 @@ class Daemon:
         threading.Thread(target=self.server.serve_forever, daemon=True, name="control").start()
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.proxy and self.proxy.send_signal(signal.SIGHUP))
         interval_ms = int(self.config.watch_interval * 1000)
         while not self.stopping.is_set():
             self.datapath.poll(interval_ms)

@@ -1,8 +1,9 @@
-"""The TCP relay: two asyncio Protocols joined back to back.
+"""The TCP relay: two asyncio Protocols joined back to back, behind a connection-level gate.
 
-One write per read in each direction (the kernel batches the rest), backpressure by pausing the
-other side's reads, half-close passed through. The first bytes of each side feed the protocol
-guess; nothing else is looked at on this path."""
+Before anything goes upstream the connection is classified (from the client's first bytes, or
+"tcp" when the client stays silent) and judged by the policy: allow connects, deny closes,
+approve holds the agent until a human answers. Once relaying, each read is one write on the
+other side, backpressure pauses the other side's reads, and half-closes pass through."""
 
 from __future__ import annotations
 
@@ -11,17 +12,20 @@ import time
 from typing import TYPE_CHECKING
 
 from classifier import sniff
+from policy.model import Verdict
 from recorder.store import SessionRecord
 
 if TYPE_CHECKING:
     from proxy.server import Proxy
+
+MAX_PENDING_CHUNKS = 64
 
 
 class AgentSide(asyncio.Protocol):
     """The redirected agent connection, accepted on the proxy listener."""
 
     __slots__ = ("proxy", "transport", "upstream", "pending", "eof_pending", "rec", "closed_sides",
-                 "sniffed", "eof_in")
+                 "judged", "eof_in", "timer")
 
     def __init__(self, proxy: Proxy):
         self.proxy = proxy
@@ -31,16 +35,48 @@ class AgentSide(asyncio.Protocol):
         self.eof_pending = False
         self.rec: SessionRecord | None = None
         self.closed_sides = 0
-        self.sniffed = False
+        self.judged = False
         self.eof_in = False
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.rec = self.proxy.admit(self, transport)
+        self.rec = self.proxy.admit(transport)
         if self.rec is None:
             transport.abort()
             return
-        self.proxy.loop.create_task(self._connect())
+        # Server-first protocols: a client that stays silent is judged as plain tcp.
+        self.timer = self.proxy.loop.call_later(self.proxy.config.first_byte_timeout, self._judge, b"")
+
+    def _judge(self, first: bytes) -> None:
+        if self.judged or self.transport.is_closing():
+            return
+        self.judged = True
+        if self.timer is not None:
+            self.timer.cancel()
+        rec = self.rec
+        guess = sniff.from_client(first) if first else "tcp"
+        rec.protocol = "tcp" if guess == "unknown" else guess
+        decision = self.proxy.judge(rec)
+        if decision.verdict is Verdict.DENY:
+            self.refuse("denied", f"{decision.rule}: {decision.reason}")
+        elif decision.verdict is Verdict.APPROVE:
+            self.proxy.loop.create_task(self._held(decision))
+        else:
+            self.proxy.loop.create_task(self._connect())
+
+    async def _held(self, decision) -> None:
+        outcome = await self.proxy.hold(self.rec, decision)
+        if self.transport.is_closing():
+            return
+        if outcome == "approved":
+            await self._connect()
+        else:
+            self.refuse(outcome, f"{decision.rule}: approval {outcome}")
+
+    def refuse(self, outcome: str, detail: str) -> None:
+        self.rec.outcome, self.rec.detail = outcome, detail
+        self.transport.abort()
 
     async def _connect(self) -> None:
         rec = self.rec
@@ -49,9 +85,7 @@ class AgentSide(asyncio.Protocol):
                 self.proxy.loop.create_connection(lambda: UpstreamSide(self), rec.dst_addr, rec.dst_port),
                 self.proxy.config.connect_timeout)
         except (TimeoutError, OSError) as e:
-            rec.outcome = "upstream-error"
-            rec.detail = str(e) or type(e).__name__
-            self.transport.abort()
+            self.refuse("upstream-error", str(e) or type(e).__name__)
             return
         if self.transport.is_closing():
             up.transport.close()
@@ -65,17 +99,15 @@ class AgentSide(asyncio.Protocol):
             up.transport.write_eof()
 
     def data_received(self, data: bytes) -> None:
-        rec = self.rec
-        rec.bytes_up += len(data)
-        if not self.sniffed:
-            self.sniffed = True
-            rec.protocol = sniff.from_client(data)
+        self.rec.bytes_up += len(data)
         if self.upstream is not None:
             self.upstream.transport.write(data)
-        else:
-            self.pending.append(data)
-            if len(self.pending) > 64:
-                self.transport.pause_reading()
+            return
+        self.pending.append(data)
+        if not self.judged:
+            self._judge(data)
+        if len(self.pending) > MAX_PENDING_CHUNKS:
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         """Pass the half-close on; once both directions have ended, close."""
@@ -85,6 +117,8 @@ class AgentSide(asyncio.Protocol):
                 self.upstream.transport.write_eof()
             return not self.upstream.eof_in
         self.eof_pending = True
+        if not self.judged:
+            self._judge(b"".join(self.pending))
         return True
 
     def pause_writing(self) -> None:
@@ -98,6 +132,8 @@ class AgentSide(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.rec is None:
             return
+        if self.timer is not None:
+            self.timer.cancel()
         if self.upstream is not None:
             self.upstream.transport.close()
         self.side_done(exc)
@@ -138,8 +174,10 @@ class UpstreamSide(asyncio.Protocol):
         agent.rec.bytes_down += len(data)
         if not self.sniffed:
             self.sniffed = True
-            if agent.rec.protocol == "unknown" and not agent.sniffed:
+            if agent.rec.protocol == "tcp":
                 agent.rec.protocol = sniff.from_server(data)
+                if agent.rec.protocol == "unknown":
+                    agent.rec.protocol = "tcp"
         agent.transport.write(data)
 
     def eof_received(self) -> bool:

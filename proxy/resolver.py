@@ -8,10 +8,14 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dpkt
 
 from recorder.store import Recorder
+
+if TYPE_CHECKING:
+    from proxy.gate import NameCache
 
 
 def system_nameserver(resolv_conf: Path = Path("/etc/resolv.conf")) -> str | None:
@@ -34,6 +38,22 @@ def describe(query: bytes) -> dict:
         return {"malformed": True, "length": len(query)}
 
 
+def answers(reply: bytes) -> list[tuple[str, str]]:
+    """(name asked, address) for each A/AAAA answer: which names an address is known by."""
+    try:
+        msg = dpkt.dns.DNS(reply)
+    except (dpkt.UnpackError, IndexError, ValueError):
+        return []
+    asked = msg.qd[0].name if msg.qd else ""
+    out = []
+    for rr in msg.an:
+        if rr.type == dpkt.dns.DNS_A and len(rr.rdata) == 4:
+            out.append((asked, socket.inet_ntop(socket.AF_INET, rr.rdata)))
+        elif rr.type == dpkt.dns.DNS_AAAA and len(rr.rdata) == 16:
+            out.append((asked, socket.inet_ntop(socket.AF_INET6, rr.rdata)))
+    return out
+
+
 class _Upstream(asyncio.DatagramProtocol):
     def __init__(self, answer: asyncio.Future):
         self.answer = answer
@@ -45,7 +65,8 @@ class _Upstream(asyncio.DatagramProtocol):
 
 class Resolver(asyncio.DatagramProtocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, upstream: str | None, recorder: Recorder,
-                 timeout: float = 5.0):
+                 names: NameCache | None = None, timeout: float = 5.0):
+        self.names = names
         self.loop = loop
         self.upstream = upstream
         self.recorder = recorder
@@ -74,6 +95,9 @@ class Resolver(asyncio.DatagramProtocol):
             transport.sendto(data)
             reply = await asyncio.wait_for(answer, self.timeout)
             self.transport.sendto(reply, addr)
+            if self.names is not None:
+                for name, address in answers(reply):
+                    self.names.add(address, name)
         except TimeoutError:
             pass
         finally:

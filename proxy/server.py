@@ -17,9 +17,13 @@ import uvloop
 
 from interceptor.config import Config, load
 from interceptor.layout import Layout
+from policy.engine import Destination
+from policy.model import Decision, Operation
+from proxy.gate import Holds, NameCache, PolicyHolder
 from proxy.origins import Origins
 from proxy.relay import AgentSide
 from proxy.resolver import Resolver, system_nameserver
+from recorder import approvals
 from recorder.store import Recorder, SessionRecord, new_session_id
 
 PR_SET_PDEATHSIG = 1
@@ -33,8 +37,30 @@ class Proxy:
         self.loop = loop
         self.origins = Origins(layout.pin_dir)
         self.recorder = Recorder(layout.db)
+        approvals.ensure_schema(self.recorder.db)
+        self.policy = PolicyHolder(config.policy, self.recorder)
+        self.names = NameCache()
+        self.holds = Holds(self, loop)
         self._agent_names: dict[int, str] = {}
         self._own = {self.config.proxy_port, self.config.dns_port}
+
+    def destination(self, rec: SessionRecord) -> Destination:
+        return Destination(rec.dst_addr, rec.dst_port, self.names.names(rec.dst_addr), rec.protocol)
+
+    def judge(self, rec: SessionRecord, op: Operation | None = None) -> Decision:
+        """Ask the policy about an operation (the connection itself when none is given) and record
+        the decision; a refusal or hold is durable before it takes effect."""
+        if op is None:
+            op = Operation(rec.protocol, "connect", (f"{rec.dst_addr}:{rec.dst_port}",),
+                           summary=f"connect {rec.protocol} {rec.dst_addr}:{rec.dst_port}")
+        decision = self.policy.current.decide(rec.agent, self.destination(rec), op)
+        self.recorder.decision(rec.id, op, decision)
+        return decision
+
+    async def hold(self, rec: SessionRecord, decision: Decision, op: Operation | None = None) -> str:
+        return await self.holds.wait(rec, decision, op or Operation(
+            rec.protocol, "connect", (f"{rec.dst_addr}:{rec.dst_port}",),
+            summary=f"connect {rec.protocol} {rec.dst_addr}:{rec.dst_port}"))
 
     def agent_name(self, agent_id: int) -> str:
         name = self._agent_names.get(agent_id)
@@ -45,7 +71,7 @@ class Proxy:
             self._agent_names[agent_id] = name
         return name
 
-    def admit(self, side: AgentSide, transport: asyncio.BaseTransport) -> SessionRecord | None:
+    def admit(self, transport: asyncio.BaseTransport) -> SessionRecord | None:
         """The session row for an accepted connection, or None when it must be refused."""
         peer = transport.get_extra_info("peername")
         found = self.origins.take(peer[0], peer[1])
@@ -75,7 +101,7 @@ class Proxy:
                     backlog=4096))
                 await self.loop.create_datagram_endpoint(
                     lambda: Resolver(self.loop, self.config.dns_upstream or system_nameserver(),
-                                     self.recorder),
+                                     self.recorder, self.names),
                     local_addr=(host, self.config.dns_port))
             except OSError as e:
                 if host == "127.0.0.1":
@@ -86,7 +112,10 @@ class Proxy:
             os.close(ready_fd)
         stop = self.loop.create_future()
         self.loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
+        self.loop.add_signal_handler(signal.SIGHUP, self.policy.reload)
+        watcher = self.loop.create_task(self.policy.watch())
         await stop
+        watcher.cancel()
         for s in servers:
             s.close()
 

@@ -63,32 +63,47 @@ class Recorder:
         conn.execute("PRAGMA synchronous=NORMAL")
         os.chmod(path, 0o600)
         self.db = sqlite_utils.Database(conn)
-        self._conn = conn
+        self.conn = conn
         if "sessions" not in self.db.table_names():
             self.db["sessions"].create(SESSION_COLUMNS, pk="id", if_not_exists=True)
             self.db["sessions"].create_index(["agent"], if_not_exists=True)
         if "events" not in self.db.table_names():
             self.db["events"].create(EVENT_COLUMNS, pk="id", if_not_exists=True)
             self.db["events"].create_index(["session"], if_not_exists=True)
-        self._open_sql = "INSERT INTO sessions ({}) VALUES ({})".format(
+        self.open_sql = "INSERT INTO sessions ({}) VALUES ({})".format(
             ",".join(SESSION_COLUMNS), ",".join("?" * len(SESSION_COLUMNS)))
 
     def session_open(self, rec: SessionRecord) -> None:
-        self._conn.execute(self._open_sql, tuple(asdict(rec).values()))
+        self.conn.execute(self.open_sql, tuple(asdict(rec).values()))
 
     def session_close(self, rec: SessionRecord) -> None:
-        self._conn.execute(
+        self.conn.execute(
             "UPDATE sessions SET ended=?, bytes_up=?, bytes_down=?, outcome=?, detail=?, protocol=?"
             " WHERE id=?",
             (rec.ended or time.time(), rec.bytes_up, rec.bytes_down, rec.outcome, rec.detail,
              rec.protocol, rec.id))
 
     def event(self, kind: str, data: dict, session: str | None = None) -> None:
-        self._conn.execute("INSERT INTO events (at, kind, session, data) VALUES (?,?,?,?)",
+        self.conn.execute("INSERT INTO events (at, kind, session, data) VALUES (?,?,?,?)",
                            (time.time(), kind, session, json.dumps(data, sort_keys=True)))
 
+    def decision(self, session: str, op, decision) -> None:
+        """A decision and its reason. Refusals and holds are flushed to disk (synchronous=FULL)
+        before they take effect, so no refusal is ever unrecorded."""
+        data = {"protocol": op.protocol, "action": op.action, "objects": list(op.objects),
+                "risks": list(op.risks), "summary": op.summary, "verdict": decision.verdict.value,
+                "rule": decision.rule, "reason": decision.reason}
+        durable = decision.verdict.value in ("deny", "approve")
+        if durable:
+            self.conn.execute("PRAGMA synchronous=FULL")
+        try:
+            self.event("decision", data, session)
+        finally:
+            if durable:
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+
     def close(self) -> None:
-        self._conn.close()
+        self.conn.close()
 
 
 def read_sessions(path: Path, agent: str | None = None, limit: int = 1000) -> list[dict]:
