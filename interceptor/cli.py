@@ -62,7 +62,6 @@ def cmd_daemon(args) -> int:
     _need_root("daemon")
     from interceptor import doctor
     from interceptor.daemon import Daemon
-
     from policy.engine import PolicyError, load
 
     cfg = config_mod.load(args.config)
@@ -96,10 +95,15 @@ def cmd_down(args) -> int:
         deadline = time.monotonic() + 30
         while lay.instance_file.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
+        print(f"interlock down: the daemon of instance {lay.instance} stopped its proxy and removed its BPF programs, "
+              f"nft table, cgroups and pinned maps")
     except DaemonUnavailable:
-        pass
+        print(f"interlock down: no daemon running for instance {lay.instance}; removing what it left")
     done = teardown(lay, lay.instance)
-    print(f"interlock down: instance {lay.instance} removed ({', '.join(k for k, v in done.items() if v) or 'nothing was left'})")
+    left = [k.replace("_", " ") for k, v in done.items() if v]
+    if left:
+        print(f"interlock down: also removed: {', '.join(left)}")
+    print(f"interlock down: recordings kept in {lay.db}")
     return 0
 
 

@@ -101,8 +101,8 @@ class Holds:
         self.waiting[approval_id] = (fut, time.monotonic() + timeout)
         if self._poller is None or self._poller.done():
             self._poller = self.loop.create_task(self._poll())
-        outcome = await fut
-        self.proxy.recorder.event("approval-" + outcome, {"approval": approval_id}, rec.id)
+        outcome, by = await fut
+        self.proxy.recorder.event("approval-" + outcome, {"approval": approval_id, "by": by}, rec.id)
         return outcome
 
     async def _poll(self) -> None:
@@ -110,11 +110,11 @@ class Holds:
         while self.waiting:
             await asyncio.sleep(APPROVAL_POLL)
             now = time.monotonic()
-            for approval_id, status in approvals.statuses(conn, list(self.waiting)).items():
+            for approval_id, (status, by) in approvals.statuses(conn, list(self.waiting)).items():
                 fut, deadline = self.waiting[approval_id]
                 if status == approvals.PENDING and now >= deadline and approvals.expire(conn, approval_id):
-                    status = approvals.EXPIRED
+                    status, by = approvals.EXPIRED, "timeout"
                 if status != approvals.PENDING:
                     del self.waiting[approval_id]
                     if not fut.done():
-                        fut.set_result(status)
+                        fut.set_result((status, by))

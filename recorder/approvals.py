@@ -65,11 +65,12 @@ def request(conn: sqlite3.Connection, held: HeldOperation) -> str:
     return approval_id
 
 
-def statuses(conn: sqlite3.Connection, ids: list[str]) -> dict[str, str]:
+def statuses(conn: sqlite3.Connection, ids: list[str]) -> dict[str, tuple[str, str | None]]:
+    """id → (status, who decided)."""
     if not ids:
         return {}
-    rows = conn.execute(f"SELECT id, status FROM approvals WHERE id IN ({','.join('?' * len(ids))})", ids)
-    return dict(rows.fetchall())
+    rows = conn.execute(f"SELECT id, status, decided_by FROM approvals WHERE id IN ({','.join('?' * len(ids))})", ids)
+    return {r[0]: (r[1], r[2]) for r in rows.fetchall()}
 
 
 def expire(conn: sqlite3.Connection, approval_id: str) -> bool:

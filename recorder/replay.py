@@ -45,6 +45,8 @@ def render(tl: dict) -> str:
             what += f"   [rule {d['rule']}: {d['reason']}]"
         elif e["kind"].startswith("approval-"):
             what = f"{e['kind']:18} {d.get('approval', '')} {d.get('summary', '')}".rstrip()
+            if d.get("by"):
+                what += f"  by {d['by']}"
         else:
             what = f"{e['kind']:18} " + ", ".join(f"{k}={v}" for k, v in d.items())
         lines.append(f"  +{e['offset']:9.3f}s  {what}")
