@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import re
+import sqlite3
 import sys
 import time
 from datetime import datetime
@@ -371,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except (OSError, sqlite3.Error) as e:
+        print(f"interlock {args.verb}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

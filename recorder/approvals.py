@@ -91,6 +91,8 @@ def granted(conn: sqlite3.Connection, agent: str, destination: str, protocol: st
 def decide(db_path: Path, approval_id: str, approve: bool, by: str, for_seconds: float | None = None,
            note: str = "") -> dict:
     """Record a human's answer. A grant (`for_seconds`) also covers later identical operations."""
+    if not db_path.exists():
+        raise ApprovalError(f"no approval {approval_id}: there are no recordings at {db_path} (is --state-dir right?)")
     conn = sqlite3.connect(str(db_path), timeout=10, isolation_level=None)
     try:
         conn.execute("PRAGMA synchronous=FULL")

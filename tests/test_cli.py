@@ -1,0 +1,85 @@
+"""Bad input at the command line: one clear line that says what to do, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "interceptor.cli"]
+
+
+def run(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, **kw)
+
+
+@pytest.fixture
+def sd(tmp_path):
+    return str(tmp_path / "state")
+
+
+def no_traceback(r: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+
+
+def test_run_without_a_daemon_says_how_to_start_one(sd):
+    r = run("run", "--state-dir", sd, "--", "true")
+    no_traceback(r)
+    assert r.returncode == 2 and "Start it first: interlock daemon --state-dir" in r.stderr
+
+
+def test_run_without_a_command(sd):
+    r = run("run", "--state-dir", sd)
+    no_traceback(r)
+    assert r.returncode == 2 and "nothing to run" in r.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("proxy_port: 99999\n", "'proxy_port' must be a port number"),
+    ("bogus: 1\n", "unknown key 'bogus'"),
+    ("agents: [{name: Bad Name}]\n", "needs a 'name'"),
+    ("agents: [{name: a, exe: [relative/path]}]\n", "must be an absolute path"),
+    ("cgroup_root: a/b\ncapture_cgroup: c\n", "must contain 'cgroup_root'"),
+    ("proxy_port: [1\n", "not valid YAML"),
+])
+def test_bad_config_is_refused_with_the_key_named(tmp_path, sd, text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    r = run("daemon", "--state-dir", sd, "--config", str(cfg))
+    no_traceback(r)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_missing_config_file(sd):
+    r = run("daemon", "--state-dir", sd, "--config", "/nonexistent/c.yaml")
+    no_traceback(r)
+    assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+def test_approval_verbs_with_unknown_ids_and_bad_durations(sd):
+    r = run("approve", "--state-dir", sd, "deadbeef")
+    no_traceback(r)
+    assert r.returncode == 2 and "no approval deadbeef" in r.stderr
+    r = run("approve", "--state-dir", sd, "deadbeef", "--for", "a while")
+    no_traceback(r)
+    assert r.returncode == 2 and "not a duration" in r.stderr
+    r = run("deny", "--state-dir", sd, "deadbeef", "--reason", "no")
+    assert r.returncode == 2 and "no approval" in r.stderr
+
+
+def test_reading_verbs_on_an_empty_state_dir(sd):
+    assert "no sessions recorded yet" in run("sessions", "--state-dir", sd).stdout
+    assert "no approvals pending" in run("approvals", "--state-dir", sd).stdout
+    r = run("replay", "--state-dir", sd, "nope")
+    no_traceback(r)
+    assert r.returncode == 2 and "no session 'nope'" in r.stderr
+    r = run("status", "--state-dir", sd)
+    no_traceback(r)
+    assert r.returncode == 3 and "daemon not running" in r.stdout
+
+
+def test_explain_with_a_malformed_target(sd):
+    r = run("policy", "explain", "--agent", "a", "--target", "nonsense", "--op", "connect")
+    no_traceback(r)
+    assert r.returncode == 2 and "ADDRESS:PORT" in r.stderr
