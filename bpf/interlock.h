@@ -35,6 +35,7 @@ struct il_origin {
     __u32 uid;
     __u32 gid;
     __u64 cgroup_id;
+    __u64 created_ns;        /* CLOCK_MONOTONIC at connect(), to sweep records never taken */
     char comm[IL_COMM_LEN];
 };
 

@@ -37,6 +37,7 @@ static __always_inline void fill_identity(struct il_origin *o, u32 agent) {
     o->uid = (u32)ug;
     o->gid = ug >> 32;
     o->cgroup_id = bpf_get_current_cgroup_id();
+    o->created_ns = bpf_ktime_get_ns();
     bpf_get_current_comm(&o->comm, sizeof(o->comm));
 }
 

@@ -227,6 +227,15 @@ class PinnedMap:
     def delete(self, key) -> bool:
         return sc.map_delete(self.fd, key)
 
+    def keys(self, key_type) -> list:
+        out, key = [], None
+        while True:
+            nxt = key_type()
+            if not sc.map_next_key(self.fd, key, nxt):
+                return out
+            out.append(nxt)
+            key = nxt
+
     def close(self) -> None:
         os.close(self.fd)
 

@@ -116,6 +116,22 @@ def map_update(fd: int, key, value, flags: int = 0) -> None:
     _call_attr(MAP_UPDATE_ELEM, attr)
 
 
+MAP_GET_NEXT_KEY = 4
+
+
+def map_next_key(fd: int, key, next_key) -> bool:
+    """Fill `next_key` with the key after `key` (the first key when `key` is None)."""
+    attr = _ElemAttr(map_fd=fd, key=ctypes.addressof(key) if key is not None else 0,
+                     value=ctypes.addressof(next_key))
+    try:
+        _call_attr(MAP_GET_NEXT_KEY, attr)
+    except OSError as e:
+        if e.errno == 2:
+            return False
+        raise
+    return True
+
+
 def map_delete(fd: int, key) -> bool:
     attr = _ElemAttr(map_fd=fd, key=ctypes.addressof(key))
     try:

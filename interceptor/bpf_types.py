@@ -47,6 +47,7 @@ class Origin(ctypes.Structure):
         ("uid", ctypes.c_uint32),
         ("gid", ctypes.c_uint32),
         ("cgroup_id", ctypes.c_uint64),
+        ("created_ns", ctypes.c_uint64),
         ("comm", ctypes.c_char * COMM_LEN),
     ]
 

@@ -6,6 +6,7 @@ peer address; the entry is taken (read and deleted) once."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,26 @@ class Destination:
     family: str  # "ipv4" or "ipv6", as the agent asked
 
 
+_PROC_CACHE: dict[int, tuple[float, str, str]] = {}
+_PROC_TTL = 60.0
+
+
 def _proc(tgid: int) -> tuple[str, str]:
+    """exe and cmdline of a process; remembered a minute, so a record swept after the process
+    exited still names it."""
+    now = time.monotonic()
+    hit = _PROC_CACHE.get(tgid)
+    if hit and now - hit[0] < _PROC_TTL:
+        return hit[1], hit[2]
+    exe, cmdline = _read_proc(tgid)
+    if exe:
+        if len(_PROC_CACHE) > 4096:
+            _PROC_CACHE.clear()
+        _PROC_CACHE[tgid] = (now, exe, cmdline)
+    return exe, cmdline
+
+
+def _read_proc(tgid: int) -> tuple[str, str]:
     try:
         exe = os.readlink(f"/proc/{tgid}/exe")
     except OSError:
@@ -51,13 +71,31 @@ class Origins:
         self.map = PinnedMap(pin_dir / "by_peer")
 
     def take(self, peer_host: str, peer_port: int) -> tuple[Destination, Identity] | None:
-        key = Endpoint.of(peer_host, peer_port)
+        return self._take(Endpoint.of(peer_host, peer_port))
+
+    def _take(self, key: Endpoint) -> tuple[Destination, Identity] | None:
         o = Origin()
         if not self.map.lookup(key, o):
             return None
         self.map.delete(key)
-        exe, cmdline = _proc(o.tgid)
-        ident = Identity(o.agent_id, o.tgid, o.pid, o.uid, o.gid,
-                         o.comm.decode(errors="replace"), o.cgroup_id, exe, cmdline)
-        dest = Destination(o.dst.address(), o.dst.port, "ipv6" if o.family == AF_INET6 else "ipv4")
-        return dest, ident
+        return _decode(o)
+
+    def stale(self, max_age: float) -> list[tuple[Destination, Identity]]:
+        """Records no accept ever took: the agent reset the connection before the proxy got to it.
+        They are still sessions, and are recorded as such."""
+        now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        out = []
+        for key in self.map.keys(Endpoint):
+            o = Origin()
+            if self.map.lookup(key, o) and now_ns - o.created_ns > max_age * 1e9:
+                if self.map.delete(key):
+                    out.append(_decode(o))
+        return out
+
+
+def _decode(o: Origin) -> tuple[Destination, Identity]:
+    exe, cmdline = _proc(o.tgid)
+    ident = Identity(o.agent_id, o.tgid, o.pid, o.uid, o.gid,
+                     o.comm.decode(errors="replace"), o.cgroup_id, exe, cmdline)
+    dest = Destination(o.dst.address(), o.dst.port, "ipv6" if o.family == AF_INET6 else "ipv4")
+    return dest, ident

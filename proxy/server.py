@@ -74,23 +74,36 @@ class Proxy:
     def admit(self, transport: asyncio.BaseTransport) -> SessionRecord | None:
         """The session row for an accepted connection, or None when it must be refused."""
         peer = transport.get_extra_info("peername")
+        if peer is None:
+            return None  # reset before we got here; the sweep records it from the kernel's record
         found = self.origins.take(peer[0], peer[1])
         if found is None:
             # Not redirected by our hooks: someone dialled the proxy port directly.
             self.recorder.event("refused", {"reason": "no-origin", "peer": f"{peer[0]}:{peer[1]}"})
             return None
-        dest, ident = found
-        rec = SessionRecord(
-            id=new_session_id(), agent=self.agent_name(ident.agent_id), pid=ident.pid,
-            tgid=ident.tgid, uid=ident.uid, gid=ident.gid, comm=ident.comm, exe=ident.exe,
-            cmdline=ident.cmdline, cgroup_id=ident.cgroup_id, dst_addr=dest.host,
-            dst_port=dest.port, family=dest.family)
-        if dest.port in self._own and _is_loopback(dest.host):
+        rec = self._record(*found)
+        if rec.dst_port in self._own and _is_loopback(rec.dst_addr):
             rec.outcome, rec.detail, rec.ended = "refused", "loop: destination is the proxy itself", rec.started
             self.recorder.session_open(rec)
             return None
         self.recorder.session_open(rec)
         return rec
+
+    def _record(self, dest, ident) -> SessionRecord:
+        return SessionRecord(
+            id=new_session_id(), agent=self.agent_name(ident.agent_id), pid=ident.pid,
+            tgid=ident.tgid, uid=ident.uid, gid=ident.gid, comm=ident.comm, exe=ident.exe,
+            cmdline=ident.cmdline, cgroup_id=ident.cgroup_id, dst_addr=dest.host,
+            dst_port=dest.port, family=dest.family)
+
+    async def sweep(self, interval: float = 2.0, max_age: float = 5.0) -> None:
+        """Record connections the agent abandoned before accept: no connection goes unrecorded."""
+        while True:
+            await asyncio.sleep(interval)
+            for dest, ident in self.origins.stale(max_age):
+                rec = self._record(dest, ident)
+                rec.outcome, rec.detail, rec.ended = "aborted", "the agent reset the connection before the proxy accepted it", rec.started
+                self.recorder.session_open(rec)
 
     async def serve(self, ready_fd: int | None) -> None:
         servers = []
@@ -113,9 +126,10 @@ class Proxy:
         stop = self.loop.create_future()
         self.loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
         self.loop.add_signal_handler(signal.SIGHUP, self.policy.reload)
-        watcher = self.loop.create_task(self.policy.watch())
+        tasks = [self.loop.create_task(self.policy.watch()), self.loop.create_task(self.sweep())]
         await stop
-        watcher.cancel()
+        for task in tasks:
+            task.cancel()
         for s in servers:
             s.close()
 
