@@ -2,8 +2,10 @@
 
 Every detector takes (data, final) and answers a Verdict, NEED_MORE (still possible, show me more)
 or None (this is not my protocol). With final=True the stream will not grow, so a detector answers a
-best guess or None, never NEED_MORE. Each parse is bounded by len(data) and never raises on its own
-input; the Classifier also guards against a bug turning into an exception in the relay."""
+best guess or None, never NEED_MORE. A None without final is final for that detector: no longer
+stream starting with the same bytes may match, which lets the Classifier stop asking it. Each parse
+is bounded by len(data) and never raises on its own input; the Classifier also guards against a bug
+turning into an exception in the relay."""
 
 from __future__ import annotations
 
@@ -22,9 +24,12 @@ def _text(raw: bytes, limit: int = 256) -> str:
     return raw[:limit].decode("utf-8", "backslashreplace")
 
 
+_CONTROL = bytes([*range(0, 9), 10, 11, 12, *range(14, 32), 127])
+
+
 def _printable_line(raw: bytes) -> bool:
     """Text protocols send no control bytes other than TAB and CR in a command line."""
-    return all(b >= 0x20 or b in (9, 13) for b in raw) and 0x7F not in raw
+    return len(raw.translate(None, _CONTROL)) == len(raw)  # ten times faster than a regex search
 
 
 # --- HTTP/2 with prior knowledge (RFC 9113 §3.4) -------------------------------------------------
@@ -51,22 +56,23 @@ HTTP_METHODS = frozenset({
     b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"REPORT",
     b"MKCALENDAR", b"SEARCH", b"PURGE", b"LINK", b"UNLINK",
 })
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}")
-_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+_METHOD = re.compile(rb"[A-Z][A-Z_-]{0,31}")  # extension methods are tokens, uppercase by convention
+_VERSION = re.compile(rb"HTTP/1\.[0-9]")
 _MAX_REQUEST_LINE = 8192
 _MAX_HEADERS = 16384
+_HEADER_DETAILS = {b"host": "host", b"upgrade": "upgrade", b"user-agent": "user_agent"}
 
 
 def detect_http1(data: bytes, final: bool) -> Verdict | NeedMore | None:
     """A request line `METHOD SP target SP HTTP/x.y`; waits for the header block to read Host."""
     sp = data.find(b" ", 0, 34)
     if sp <= 0:
-        if sp == -1 and len(data) < 34 and not final and any(m.startswith(data) for m in HTTP_METHODS):
+        if sp == -1 and len(data) < 33 and not final and _METHOD.fullmatch(data):
             return NEED_MORE
         return None
     method = data[:sp]
     known = method in HTTP_METHODS
-    if not _TOKEN.fullmatch(method):
+    if not _METHOD.fullmatch(method) or method == b"PRI":  # PRI opens the HTTP/2 preface
         return None
     eol = data.find(b"\n", sp, _MAX_REQUEST_LINE)
     if eol == -1:
@@ -81,24 +87,21 @@ def detect_http1(data: bytes, final: bool) -> Verdict | NeedMore | None:
     if len(parts) != 3 or not parts[1] or not _VERSION.fullmatch(parts[2]) or not _printable_line(line):
         return None
     details: dict[str, Any] = {"method": _text(method), "target": _text(parts[1]), "version": _text(parts[2][5:])}
-    end = data.find(b"\r\n\r\n", eol)
+    end = data.find(b"\r\n\r\n", eol - 1)
     if end == -1:
         end = data.find(b"\n\n", eol)
     complete = end != -1
-    head = data[eol + 1:end if complete else _MAX_HEADERS]
-    for raw in head.split(b"\n")[: 100 if complete else -1]:
+    if not (complete or final or len(data) >= _MAX_HEADERS):
+        return NEED_MORE  # headers are read once, when whole: re-reading them per segment costs O(n²)
+    lines = data[eol + 1:max(end, eol + 1) if complete else _MAX_HEADERS].split(b"\n", 100)[:100]
+    for raw in lines if complete else lines[:-1]:  # an unfinished last line may be cut anywhere
         name, sep, value = raw.partition(b":")
-        if not sep:
-            continue
-        key = name.strip().lower()
-        if key in (b"host", b"upgrade", b"user-agent") and key.decode() not in details:
-            details[key.decode().replace("-", "_")] = _text(value.strip())
-    confidence = 0.99 if known else 0.9
-    if complete or final or len(data) >= _MAX_HEADERS:
-        if not complete:
-            details["truncated"] = True
-        return Verdict("http", confidence, details)
-    return NEED_MORE
+        field = _HEADER_DETAILS.get(name.strip().lower()) if sep else None
+        if field and field not in details:
+            details[field] = _text(value.strip())
+    if not complete:
+        details["truncated"] = True
+    return Verdict("http", 0.99 if known else 0.9, details)
 
 
 # --- Redis: RESP arrays and inline commands (Redis protocol spec) -------------------------------
@@ -187,6 +190,8 @@ def _resp(data: bytes, final: bool) -> Verdict | NeedMore | None:
 
 def _inline(data: bytes, final: bool) -> Verdict | NeedMore | None:
     eol = data.find(b"\n", 0, _MAX_INLINE)
+    if eol == 0:
+        return None
     line = data[:eol if eol != -1 else _MAX_INLINE]
     word = line.split(None, 1)[0] if line.strip() else b""
     if not word or not _printable_line(line) or line[:1].isspace():

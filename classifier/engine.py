@@ -16,23 +16,28 @@ DEFAULT_MAX_BYTES = 16384
 """Enough for a post-quantum TLS ClientHello or an HTTP header block; beyond it, guess and stop."""
 
 
-def _combine(data: bytes, final: bool, detectors: Iterable[Detector], side: str) -> Result:
+def _combine(data: bytes, final: bool, detectors: Iterable[Detector], side: str) -> tuple[Result, list[Detector]]:
+    """Best verdict over `detectors`, and the detectors that did not rule themselves out."""
     best: Verdict | None = None
     pending = False
+    alive: list[Detector] = []
     for detect in detectors:
         try:
             r = detect(data, final)
         except Exception:  # noqa: BLE001 - a detector bug must cost a label, never the relay
             r = None
+        if r is None:
+            continue
+        alive.append(detect)
         if isinstance(r, NeedMore):
             pending = not final or pending
-        elif isinstance(r, Verdict) and (best is None or r.confidence > best.confidence):
+        elif best is None or r.confidence > best.confidence:
             best = r
     if best is not None and (best.confidence >= DECISIVE or not pending):
-        return best
+        return best, alive
     if pending:
-        return NEED_MORE
-    return tcp_verdict(side)
+        return NEED_MORE, alive
+    return tcp_verdict(side), alive
 
 
 def classify_client(data: bytes, final: bool = False) -> Result:
@@ -43,7 +48,7 @@ def classify_client(data: bytes, final: bool = False) -> Result:
     data = bytes(data)
     if not data:
         return tcp_verdict("client") if final else NEED_MORE
-    return _combine(data, final, CLIENT_DETECTORS, "client")
+    return _combine(data, final, CLIENT_DETECTORS, "client")[0]
 
 
 def classify_server(data: bytes, final: bool = False) -> Result:
@@ -51,7 +56,7 @@ def classify_server(data: bytes, final: bool = False) -> Result:
     data = bytes(data)
     if not data:
         return tcp_verdict("server") if final else NEED_MORE
-    v = _combine(data, final, SERVER_DETECTORS, "server")
+    v = _combine(data, final, SERVER_DETECTORS, "server")[0]
     if isinstance(v, Verdict) and v.side != "server":
         return Verdict(v.protocol, v.confidence, v.details, "server")
     return v
@@ -65,7 +70,8 @@ class Classifier:
     seconds call timeout() again. Each call returns NEED_MORE or the final Verdict, which then
     sticks. An empty feed means that side closed. At most `max_bytes` per side are examined."""
 
-    __slots__ = ("max_bytes", "client_silence", "server_wait", "_client", "_server", "_phase", "_verdict")
+    __slots__ = ("max_bytes", "client_silence", "server_wait", "_client", "_server", "_phase", "_verdict",
+                 "_alive")
 
     def __init__(self, *, max_bytes: int = DEFAULT_MAX_BYTES, client_silence: float = 0.25,
                  server_wait: float = 2.0) -> None:
@@ -76,6 +82,9 @@ class Classifier:
         self._server = bytearray()
         self._phase = "client"  # "client": waiting for the client; "server": waiting for a greeting
         self._verdict: Verdict | None = None
+        # Client detectors not yet ruled out: a hostile client dribbling one byte per read then
+        # costs one or two detector runs per byte, not all of them.
+        self._alive: list[Detector] = list(CLIENT_DETECTORS)
 
     @property
     def verdict(self) -> Verdict | None:
@@ -114,7 +123,10 @@ class Classifier:
         room = self.max_bytes - len(self._client)
         self._client += data[:room]
         full = len(self._client) >= self.max_bytes
-        return self._decide(classify_client(self._client, final=full))
+        if full:
+            return self._decide(classify_client(self._client, final=True))
+        r, self._alive = _combine(bytes(self._client), False, self._alive, "client")
+        return self._decide(r)
 
     def feed_server(self, data: bytes) -> Result:
         """Server bytes (b"" = server closed). Bytes a client already sent take precedence."""

@@ -14,6 +14,7 @@ _HANDSHAKE = 22
 _CLIENT_HELLO = 1
 _MAX_RECORD = 2**14 + 2048  # TLSCiphertext bound; a plaintext hello record is at most 2**14
 _MAX_HELLO = 2**16  # real hellos are a few KiB; larger is treated as "TLS, details unknown"
+_MAX_RECORDS = 64  # OpenSSL's smallest fragment (512) splits even a 16 KiB hello into 32; more is hostile
 
 _EXT_SNI = 0
 _EXT_ALPN = 16
@@ -84,6 +85,10 @@ def _from_records(data: bytes, final: bool) -> Verdict | NeedMore | None:
         hs += data[off + 5:off + 5 + length]
         records += 1
         off += 5 + length
+        if records >= _MAX_RECORDS and not _complete(hs):
+            # Re-assembling thousands of tiny records on every read would cost O(n²): it is TLS
+            # (a handshake record opening a ClientHello), say so without the details.
+            return Verdict("tls", 0.8, {"fragmented": True, "records": records}) if hs[:1] == b"\x01" else None
     if hs and hs[0] != _CLIENT_HELLO:
         return None
     if len(hs) >= 4:

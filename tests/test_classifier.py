@@ -7,6 +7,7 @@ client, the client was silent, so timeout() comes first and the greeting goes to
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
 from dataclasses import dataclass, field
@@ -200,7 +201,7 @@ def records(handshake: bytes, size: int) -> bytes:
                     for i in range(0, len(handshake), size))
 
 
-@pytest.mark.parametrize("size", [1, 5, 64, 200, 16384])
+@pytest.mark.parametrize("size", [60, 200, 512, 16384])
 def test_split_client_hello_over_records_and_reads(size: int) -> None:
     wire = records(client_hello("split.example.test", pad=3000), size)
     c = Classifier(max_bytes=1 << 20)
@@ -211,6 +212,14 @@ def test_split_client_hello_over_records_and_reads(size: int) -> None:
     assert v.details["sni"] == "split.example.test" and v.details["alpn"] == ["h2", "http/1.1"]
     assert v.details["versions"] == ["TLS1.3", "TLS1.2"]
     assert v.details["records"] == -(-len(client_hello("split.example.test", pad=3000)) // size)
+
+
+def test_absurdly_fragmented_hello_is_tls_without_details() -> None:
+    """One-byte records are legal but only an attacker sends thousands: bounded work, still TLS."""
+    wire = records(client_hello(pad=3000), 1)
+    c = Classifier()
+    v = next(r for i in range(len(wire)) if isinstance(r := c.feed(wire[i:i + 1]), Verdict))
+    assert v.protocol == "tls" and v.details["fragmented"] and "sni" not in v.details
 
 
 def test_truncated_hello_still_tls_when_final() -> None:
@@ -274,6 +283,55 @@ def test_mongodb_op_msg() -> None:
     assert v.details == {"opcode": "OP_MSG", "command": "hello", "db": "admin"}
 
 
+def test_mongodb_legacy_op_query() -> None:
+    """pymongo now opens with OP_MSG, but older drivers and the shell send OP_QUERY isMaster."""
+    doc = b"\x10isMaster\x00\x01\x00\x00\x00\x00"
+    doc = struct.pack("<i", len(doc) + 4) + doc
+    body = struct.pack("<i", 0) + b"admin.$cmd\x00" + struct.pack("<ii", 0, -1) + doc
+    wire = struct.pack("<iiii", 16 + len(body), 1, 0, 2004) + body
+    for cut in range(1, len(wire)):
+        assert classify_client(wire[:cut]) is NEED_MORE
+    v = classify_client(wire)
+    assert isinstance(v, Verdict) and v.protocol == "mongodb"
+    assert v.details == {"opcode": "OP_QUERY", "collection": "admin.$cmd", "command": "isMaster"}
+
+
+def test_dns_waits_for_the_whole_query() -> None:
+    question = b"\x03www\x07example\x04test\x00\x00\x01\x00\x01"
+    msg = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + question
+    wire = struct.pack("!H", len(msg)) + msg
+    for cut in range(1, len(wire)):
+        assert classify_client(wire[:cut]) is NEED_MORE
+    v = classify_client(wire)
+    assert isinstance(v, Verdict) and (v.protocol, v.details["qname"], v.details["qtype"]) == (
+        "dns", "www.example.test.", "A")
+    answer = wire[:4] + b"\x81\x80" + wire[6:]  # a response (QR=1) is not what a client sends
+    assert classify_client(answer).protocol == "tcp"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("greeting", "label"), [
+    (b"220 mx.example.test ESMTP Postfix (Debian/GNU)\r\n", "smtp"),
+    (b"220-mx.example.test ESMTP Exim 4.96\r\n220 hi\r\n", "smtp"),
+    (b"220 (vsFTPd 3.0.3)\r\n", "ftp"),
+    (b"220 service ready\r\n", "smtp"),  # a bare 220 greeting defaults to SMTP, less sure
+    (b"220 ProFTPD Server (Debian) [::ffff:127.0.0.1]\r\n", "ftp"),
+    (b"+OK Dovecot ready.\r\n", "pop3"),
+    (b"* OK [CAPABILITY IMAP4rev1 SASL-IR] Dovecot ready.\r\n", "imap"),
+    (b"RFB 003.008\n", "vnc"),
+    (b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n", "ssh"),
+    (b"a banner line first\r\nSSH-2.0-dropbear_2022.83\r\n", "ssh"),
+    (b"\x17\x00\x00\x00\xffj\x04Host '10.0.0.9' is not allowed", "mysql"),
+    (b"\x00\x01\x02garbage", "tcp"),
+])
+def test_server_greetings(greeting: bytes, label: str) -> None:
+    c = Classifier()
+    assert c.timeout() is NEED_MORE
+    v = c.feed_server(greeting)
+    if not isinstance(v, Verdict):
+        v = c.timeout()
+    assert isinstance(v, Verdict) and v.protocol == label and v.side == "server"
+
+
 def test_server_first_flow() -> None:
     c = Classifier(client_silence=0.1)
     assert c.wait == 0.1
@@ -317,6 +375,11 @@ SEEDS = [client_hello(), records(client_hello(), 50), b"PRI * HTTP/2.0\r\n\r\nSM
                                                                         for _, _, flow, _, _ in CORPUS[:40]]
 
 
+# CLASSIFIER_FUZZ_EXAMPLES=50000 for a longer campaign than CI's.
+FUZZ = settings(max_examples=int(os.environ.get("CLASSIFIER_FUZZ_EXAMPLES", "600")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
 @st.composite
 def streams(draw: st.DrawFn) -> tuple[bytes, list[int]]:
     """Arbitrary bytes, often a mutated real or synthetic opening, with arbitrary read boundaries."""
@@ -332,7 +395,7 @@ def streams(draw: st.DrawFn) -> tuple[bytes, list[int]]:
     return data, cuts
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@FUZZ
 @given(streams(), st.integers(16, 20000))
 def test_fuzz_never_raises_and_terminates(stream: tuple[bytes, list[int]], max_bytes: int) -> None:
     data, cuts = stream
@@ -354,6 +417,17 @@ def test_fuzz_never_raises_and_terminates(stream: tuple[bytes, list[int]], max_b
         v = feed(b"")  # EOF always ends it
         assert isinstance(v, Verdict) and c.done and c.wait is None
         assert feed(b"more") is v
+
+
+@FUZZ
+@given(streams(), st.data())
+def test_fuzz_rejection_is_final(stream: tuple[bytes, list[int]], draw: st.DataObject) -> None:
+    """A detector that said None to a prefix says None to the whole: the Classifier relies on it."""
+    data, _ = stream
+    cut = draw.draw(st.integers(0, len(data)))
+    for detect in CLIENT_DETECTORS:
+        if cut and detect(data[:cut], False) is None:
+            assert detect(data, False) is None, detect.__name__
 
 
 def test_fuzz_random_splits_match_whole() -> None:

@@ -7,7 +7,8 @@ send. This script makes that traffic on this machine and keeps it small enough t
 Run as root from the repo root (Debian 12):
 
     apt-get install -y tshark redis-server redis-tools mariadb-server mariadb-client dnsutils \
-        openssh-server openssh-client openssl curl socat iperf3 postgresql
+        openssh-server openssh-client openssl curl socat iperf3 postgresql \
+        krb5-kdc krb5-admin-server krb5-user
     .venv/bin/pip install pymongo pymysql psycopg[binary] dnspython dpkt
     .venv/bin/python tests/data/classifier/record.py            # all cases
     .venv/bin/python tests/data/classifier/record.py redis_cli   # only cases whose name contains it
@@ -57,6 +58,7 @@ class Case:
     expect: list[dict[str, Any]] = field(default_factory=list)  # per-flow details to check, in SYN order
     needs: tuple[str, ...] = ()
     mtu: int | None = None  # shrink the namespace's loopback MTU so one hello spans TCP segments
+    realm: bool = False  # needs the Kerberos realm (port 88 in `missing` when it could not start)
 
 
 def sh(*argv: str, timeout: float = 20, check: bool = False, **kw: Any) -> subprocess.CompletedProcess[bytes]:
@@ -308,6 +310,10 @@ def cases() -> list[Case]:
              [{"message": "startup", "user": "postgres"}], needs=("psql",)),
         Case("pg_psql_ssl", "postgres", "postgres 15 (ssl=on)", 5432, "psql sslmode=require",
              lambda _: sh(*psql, f"{pg} sslmode=require"), [{"message": "ssl_request"}], needs=("psql",)),
+        Case("pg_psql_gssenc", "postgres", "postgres 15, client holding a Kerberos ticket", 5432,
+             "psql gssencmode=prefer (GSSENCRequest, then falls back)",
+             lambda _: sh(*psql, f"{pg} gssencmode=prefer sslmode=disable", env=KRB_ENV),
+             [{"message": "gssenc_request"}], needs=("psql",), realm=True),
         Case("pg_psycopg_prefer", "postgres", "postgres 15 (ssl=on)", 5432, "psycopg 3 sslmode=prefer",
              lambda _: _psycopg_prefer(), [{"message": "ssl_request"}]),
         Case("pg_psycopg_cancel", "postgres", "postgres 15", 5432, "psycopg 3 conn.cancel() during pg_sleep",
@@ -359,6 +365,33 @@ def cases() -> list[Case]:
 
 
 # --- servers -------------------------------------------------------------------------------------
+
+KRB_ENV: dict[str, str] = {}
+
+
+def start_kdc(work: Path, procs: Procs) -> str | None:
+    """A throwaway MIT Kerberos realm, so that libpq holds a ticket and opens with a GSSENCRequest.
+
+    Returns why it could not start, or None. The client environment lands in KRB_ENV."""
+    if not all(shutil.which(t) for t in ("krb5kdc", "kdb5_util", "kadmin.local", "kinit")):
+        return "krb5-kdc / krb5-admin-server / krb5-user not installed"
+    krb = work / "krb"
+    krb.mkdir()
+    realm = "INTERLOCK.TEST"
+    (krb / "krb5.conf").write_text(f"[libdefaults]\n default_realm = {realm}\n dns_lookup_kdc = false\n"
+                                   f"[realms]\n {realm} = {{\n  kdc = 127.0.0.1:8888\n }}\n")
+    (krb / "kdc.conf").write_text(f"[realms]\n {realm} = {{\n  database_name = {krb}/principal\n"
+                                  f"  key_stash_file = {krb}/stash\n  kdc_ports = 8888\n  kdc_tcp_ports = 8888\n }}\n")
+    env = dict(os.environ, KRB5_CONFIG=str(krb / "krb5.conf"), KRB5_KDC_PROFILE=str(krb / "kdc.conf"),
+               KRB5CCNAME=f"FILE:{krb}/ccache")
+    sh("kdb5_util", "create", "-s", "-r", realm, "-P", "corpus-master", env=env, check=True)
+    sh("kadmin.local", "-q", "addprinc -pw corpus-pw agent", env=env, check=True)
+    procs.start("krb5kdc", "-n", env=env)
+    wait_port(8888)
+    sh("kinit", "agent", input=b"corpus-pw\n", env=env, check=True)
+    KRB_ENV.update(env)
+    return None
+
 
 def start_servers(work: Path, procs: Procs) -> dict[int, str]:
     """Start every server we can; returns port → reason for each that could not start."""
@@ -417,6 +450,9 @@ def start_servers(work: Path, procs: Procs) -> dict[int, str]:
     else:
         missing[2222] = "openssh-server not installed"
 
+    why = start_kdc(work, procs)
+    if why:
+        missing[88] = why
     procs.start(PY, "-W", "ignore", "-m", "smtpd", "-n", "-c", "DebuggingServer", "127.0.0.1:2525")
     if shutil.which("iperf3"):
         procs.start("iperf3", "-s", "-p", "5201", "-B", "127.0.0.1")
@@ -524,8 +560,8 @@ def main(argv: list[str]) -> int:
         time.sleep(1)
         for case in selected:
             tools = [t for t in case.needs if not shutil.which(t)]
-            if tools or case.port in missing:
-                skipped.append(f"{case.name}: {', '.join(tools) or missing[case.port]}")
+            if tools or case.port in missing or (case.realm and 88 in missing):
+                skipped.append(f"{case.name}: {', '.join(tools) or missing.get(case.port) or missing[88]}")
                 continue
             out = HERE / f"{case.name}.pcap"
             flows = capture(case, work, out)
