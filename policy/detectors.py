@@ -237,6 +237,20 @@ def find(text: str, detectors: Iterable[Detector] | None = None) -> list[Finding
     return out
 
 
+def span_registry() -> dict[str, Callable[[str], list[tuple[int, int]]]]:
+    """Every detector and group name → a function returning the sensitive (start, end) spans of
+    a text: the plain-callable shape protocol handlers can take without importing this module."""
+
+    def make(dets: tuple[Detector, ...]) -> Callable[[str], list[tuple[int, int]]]:
+        def spans(text: str) -> list[tuple[int, int]]:
+            return [(f.start, f.end) for f in find(text, dets)]
+
+        return spans
+
+    names = [*DETECTORS, *GROUPS]
+    return {n: make(resolve([n])) for n in names}
+
+
 def placeholder(name: str) -> str:
     """What a masked span becomes. ASCII without quotes, commas, braces or backslashes, so it
     stays valid inside JSON strings, XML text and PostgreSQL array literals."""

@@ -202,3 +202,11 @@ def test_adversarial_inputs_stay_linear(text):
     start = time.perf_counter()
     find(text)
     assert time.perf_counter() - start < 2.0
+
+
+def test_span_registry_for_other_handlers():
+    reg = det.span_registry()
+    assert set(det.DETECTORS) <= set(reg) and "pii" in reg
+    assert reg["email"]("to a@b.io") == [(3, 9)]
+    assert reg["pii"]("a@b.io 078-05-1120") == [(0, 6), (7, 18)]
+    assert reg["jwt"]("a@b.io") == []

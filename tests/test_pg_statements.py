@@ -349,6 +349,15 @@ def test_only_plannable_statements_can_be_prepared():
     assert _shape(analyze("PREPARE q AS TRUNCATE t")) == [("unparseable", NONE, ("unparseable",))]
 
 
+def test_create_table_as_execute_runs_the_prepared_statement():
+    a = SqlAnalyzer()
+    a.analyze("PREPARE p AS WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d")
+    ops = a.analyze("CREATE TABLE x AS EXECUTE p")
+    assert _shape(ops) == [("create", ("x",), NONE), ("read", NONE, NONE), ("delete", ("t",), DWW)]
+    assert _shape(analyze("CREATE TABLE x AS EXECUTE unknown")) == [
+        ("create", ("x",), NONE), ("other", NONE, ("opaque-code",))]
+
+
 def test_unknown_prepared_statement_is_opaque():
     (op,) = SqlAnalyzer().analyze("EXECUTE nothere")
     assert (op.action, op.risks, op.attributes["prepared"]) == ("other", ("opaque-code",), "nothere")

@@ -540,3 +540,18 @@ def test_property_any_chunking_yields_the_same_frames(msgs, cuts):
         prev = c
     assert b"".join(out) == data
     assert len(out) == len(msgs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=40), tls=st.booleans())
+def test_fuzz_after_encryption_request(data, tls):
+    r = FrameReader("backend")
+    r.expect_encryption_response()
+    try:
+        r.feed(data)
+        for frame in r:
+            msg = parse_backend(frame)
+            if tls and isinstance(msg, wire.EncryptionResponse) and msg.accepted:
+                r.start_tls()
+    except ProtocolError:
+        pass

@@ -399,6 +399,9 @@ class SqlAnalyzer:
             if isinstance(node, WRITE_NODES) and not is_root:
                 scan.nested.extend(self._statement(node, ctx.nested("cte", scope=scope), depth))
                 continue
+            if isinstance(node, ast.ExecuteStmt) and not is_root:  # CREATE TABLE AS EXECUTE p
+                scan.nested.extend(self._statement(node, ctx, depth))
+                continue
             if isinstance(node, ast.FuncCall):
                 self._function(node, scan, ctx, depth)
             wc = getattr(node, "withClause", None)
@@ -611,7 +614,7 @@ class SqlAnalyzer:
         return self._finish("alter", [], risks, {"setting": setting}, node, ctx, _Scan())
 
     def _s_CreateTableAsStmt(self, node: ast.CreateTableAsStmt, ctx: _Ctx, depth: int) -> list[Operation]:
-        scan = self._scan(node.query, ctx, depth)
+        scan = self._scan(node, ctx, depth, skip=(node.into,))  # the query may be EXECUTE p
         return self._finish("create", [_relname(node.into.rel)], [], {"object_type": _object_type(node.objtype)},
                             node, ctx, scan)
 
