@@ -1,10 +1,25 @@
 """Protocol recognition from the first bytes of a connection: sans-IO, bytes in, verdict out.
 
-The proxy calls `Classifier` per connection (or the pure `classify_client`/`classify_server`);
+Per connection the proxy keeps one `Classifier` and owns the sockets and the clock::
+
+    c = Classifier()
+    r = NEED_MORE
+    while not r:                       # NEED_MORE is falsy, a Verdict truthy
+        data = read_client(timeout=c.wait)            # None on timeout, b"" on EOF
+        if data is None:
+            r = c.timeout()            # client silent: NEED_MORE and c.waiting_for_server
+            while not r and c.waiting_for_server:
+                greeting = read_server(timeout=c.wait)  # after connecting upstream
+                r = c.timeout() if greeting is None else c.feed_server(greeting)
+        else:
+            r = c.feed(data)
+    # r.protocol in LABELS; r.details e.g. {"sni", "alpn"} for tls, {"message", "params"} for postgres
+
+`classify_client` / `classify_server` are the same decisions as pure functions of a byte prefix;
 `classifier.sniff` keeps the older string-returning helpers the relay uses."""
 
 from .engine import DEFAULT_MAX_BYTES, Classifier, classify_client, classify_server
-from .verdict import NEED_MORE, TCP, NeedMore, Result, Verdict
+from .verdict import LABELS, NEED_MORE, TCP, NeedMore, Result, Verdict
 
 __all__ = ["Classifier", "classify_client", "classify_server", "Verdict", "NeedMore", "NEED_MORE", "Result",
-           "TCP", "DEFAULT_MAX_BYTES"]
+           "TCP", "LABELS", "DEFAULT_MAX_BYTES"]

@@ -64,7 +64,7 @@ _HEADER_DETAILS = {b"host": "host", b"upgrade": "upgrade", b"user-agent": "user_
 
 
 def detect_http1(data: bytes, final: bool) -> Verdict | NeedMore | None:
-    """A request line `METHOD SP target SP HTTP/x.y`; waits for the header block to read Host."""
+    """A request line `METHOD SP target SP HTTP/1.x`; waits for the header block to read Host."""
     sp = data.find(b" ", 0, 34)
     if sp <= 0:
         if sp == -1 and len(data) < 33 and not final and _METHOD.fullmatch(data):

@@ -1,14 +1,15 @@
 """Detectors for server-first protocols, run on the server's greeting when the client stayed silent.
 
 MySQL/MariaDB, SMTP, FTP, POP3, IMAP, VNC and SSH servers speak first; their clients wait. Same
-contract as classifier.client: (data, final) → Verdict, NEED_MORE or None."""
+contract as classifier.client: (data, final) → Verdict, NEED_MORE or None (here None is not
+necessarily final: servers are re-judged on every read)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from .client import Detector, _printable_line, _text, ssh_banner
-from .verdict import NEED_MORE, NeedMore, Verdict
+from .verdict import NEED_MORE, TCP, NeedMore, Verdict
 
 _MAX_GREETING_LINE = 1024
 
@@ -44,7 +45,10 @@ def detect_ssh_server(data: bytes, final: bool) -> Verdict | NeedMore | None:
 
 
 def detect_smtp_family(data: bytes, final: bool) -> Verdict | NeedMore | None:
-    """Text greetings: `220` for SMTP and FTP, `+OK` for POP3, `* OK` for IMAP, `RFB` for VNC."""
+    """Text greetings: `220` for SMTP (and FTP), `+OK` for POP3, `* OK` for IMAP, `RFB` for VNC.
+
+    Only SMTP has a label of its own (it is in LABELS, which the proxy's policy knows); the others
+    are "tcp" with the recognised service in details, so no label appears that policy never saw."""
     for prefix in (b"220", b"+OK", b"* OK", b"* PREAUTH", b"* BYE", b"RFB "):
         if data.startswith(prefix):
             break
@@ -61,14 +65,14 @@ def detect_smtp_family(data: bytes, final: bool) -> Verdict | NeedMore | None:
         if line[3:4] not in (b" ", b"-", b""):
             return None
         if b"FTP" in upper and b"SMTP" not in upper:
-            return Verdict("ftp", 0.9, details, "server")
+            return Verdict(TCP, 0.9, {**details, "service": "ftp"}, "server")
         return Verdict("smtp", 0.95 if b"SMTP" in upper else 0.7, details, "server")
     if line.startswith(b"+OK"):
-        return Verdict("pop3", 0.9, details, "server")
+        return Verdict(TCP, 0.9, {**details, "service": "pop3"}, "server")
     if line.startswith(b"RFB "):
         ok = len(line) == 11 and line[4:7].isdigit() and line[7:8] == b"." and line[8:11].isdigit()
-        return Verdict("vnc", 1.0, details, "server") if ok else None
-    return Verdict("imap", 0.95 if b"IMAP" in upper else 0.85, details, "server")
+        return Verdict(TCP, 1.0, {**details, "service": "vnc"}, "server") if ok else None
+    return Verdict(TCP, 0.95 if b"IMAP" in upper else 0.85, {**details, "service": "imap"}, "server")
 
 
 def detect_mysql(data: bytes, final: bool) -> Verdict | NeedMore | None:

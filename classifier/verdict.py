@@ -8,6 +8,9 @@ from typing import Any, Final
 TCP: Final = "tcp"
 """Label for a stream no detector recognised: the proxy relays it as opaque TCP."""
 
+LABELS: Final = ("tcp", "http", "http2", "tls", "postgres", "redis", "mongodb", "dns", "ssh", "mysql", "smtp")
+"""Every Verdict.protocol the classifier can give: policy that decides per protocol must cover them all."""
+
 DECISIVE: Final = 0.9
 """A verdict at least this sure ends classification even while other detectors still wait."""
 
