@@ -217,6 +217,7 @@ class PinnedMap:
 
     def __init__(self, path: Path):
         self.fd = sc.obj_get(str(path))
+        self._atomic_take = True
 
     def lookup(self, key, value) -> bool:
         return sc.map_lookup(self.fd, key, value)
@@ -226,6 +227,18 @@ class PinnedMap:
 
     def delete(self, key) -> bool:
         return sc.map_delete(self.fd, key)
+
+    def take(self, key, value) -> bool:
+        """Read and remove an entry, atomically where the kernel can."""
+        if self._atomic_take:
+            got = sc.map_take(self.fd, key, value)
+            if got is not None:
+                return got
+            self._atomic_take = False
+        if not sc.map_lookup(self.fd, key, value):
+            return False
+        sc.map_delete(self.fd, key)
+        return True
 
     def keys(self, key_type) -> list:
         out, key = [], None

@@ -117,6 +117,21 @@ def map_update(fd: int, key, value, flags: int = 0) -> None:
 
 
 MAP_GET_NEXT_KEY = 4
+MAP_LOOKUP_AND_DELETE_ELEM = 21
+
+
+def map_take(fd: int, key, value) -> bool | None:
+    """Lookup and delete in one syscall (hash maps, kernel ≥ 5.14); None where unsupported."""
+    attr = _ElemAttr(map_fd=fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
+    try:
+        _call_attr(MAP_LOOKUP_AND_DELETE_ELEM, attr)
+    except OSError as e:
+        if e.errno == 2:
+            return False
+        if e.errno in (22, 95, 524):  # EINVAL, EOPNOTSUPP, ENOTSUPP: older kernel
+            return None
+        raise
+    return True
 
 
 def map_next_key(fd: int, key, next_key) -> bool:

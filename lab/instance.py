@@ -88,7 +88,7 @@ class Instance:
         return predicate()
 
     def down(self) -> subprocess.CompletedProcess:
-        r = self.cli("down")
+        r = self.cli("down", "--config", str(self.config_file))
         if self.daemon is not None:
             try:
                 self.daemon.wait(timeout=30)

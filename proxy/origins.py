@@ -34,22 +34,22 @@ class Destination:
     family: str  # "ipv4" or "ipv6", as the agent asked
 
 
-_PROC_CACHE: dict[int, tuple[float, str, str]] = {}
+_PROC_CACHE: dict[tuple[int, bytes], tuple[float, str, str]] = {}
 _PROC_TTL = 60.0
 
 
-def _proc(tgid: int) -> tuple[str, str]:
-    """exe and cmdline of a process; remembered a minute, so a record swept after the process
-    exited still names it."""
+def _proc(tgid: int, comm: bytes) -> tuple[str, str]:
+    """exe and cmdline of a process, remembered a minute by (tgid, comm): comm changes at exec,
+    so a process that execs is read again, and a record swept after exit still names it."""
     now = time.monotonic()
-    hit = _PROC_CACHE.get(tgid)
+    hit = _PROC_CACHE.get((tgid, comm))
     if hit and now - hit[0] < _PROC_TTL:
         return hit[1], hit[2]
     exe, cmdline = _read_proc(tgid)
     if exe:
         if len(_PROC_CACHE) > 4096:
             _PROC_CACHE.clear()
-        _PROC_CACHE[tgid] = (now, exe, cmdline)
+        _PROC_CACHE[(tgid, comm)] = (now, exe, cmdline)
     return exe, cmdline
 
 
@@ -75,9 +75,8 @@ class Origins:
 
     def _take(self, key: Endpoint) -> tuple[Destination, Identity] | None:
         o = Origin()
-        if not self.map.lookup(key, o):
+        if not self.map.take(key, o):
             return None
-        self.map.delete(key)
         return _decode(o)
 
     def stale(self, max_age: float) -> list[tuple[Destination, Identity]]:
@@ -94,7 +93,7 @@ class Origins:
 
 
 def _decode(o: Origin) -> tuple[Destination, Identity]:
-    exe, cmdline = _proc(o.tgid)
+    exe, cmdline = _proc(o.tgid, o.comm)
     ident = Identity(o.agent_id, o.tgid, o.pid, o.uid, o.gid,
                      o.comm.decode(errors="replace"), o.cgroup_id, exe, cmdline)
     dest = Destination(o.dst.address(), o.dst.port, "ipv6" if o.family == AF_INET6 else "ipv4")

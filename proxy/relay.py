@@ -45,8 +45,19 @@ class AgentSide(asyncio.Protocol):
         if self.rec is None:
             transport.abort()
             return
+        early = self.proxy.early_decision(self.rec)
+        if early is not None:
+            # The answer cannot depend on the protocol: connect upstream now, in parallel with
+            # the client's first write, and classify the first bytes for the record only.
+            self.judged = True
+            self.proxy.loop.create_task(self._act(early, self.proxy.record_decision(self.rec, early)))
+            return
         # Server-first protocols: a client that stays silent is judged as plain tcp.
         self.timer = self.proxy.loop.call_later(self.proxy.config.first_byte_timeout, self._judge, b"")
+
+    def _classify(self, first: bytes) -> None:
+        guess = sniff.from_client(first) if first else "tcp"
+        self.rec.protocol = "tcp" if guess == "unknown" else guess
 
     def _judge(self, first: bytes) -> None:
         if self.judged or self.transport.is_closing():
@@ -54,25 +65,30 @@ class AgentSide(asyncio.Protocol):
         self.judged = True
         if self.timer is not None:
             self.timer.cancel()
-        rec = self.rec
-        guess = sniff.from_client(first) if first else "tcp"
-        rec.protocol = "tcp" if guess == "unknown" else guess
-        decision = self.proxy.judge(rec)
-        if decision.verdict is Verdict.DENY:
-            self.refuse("denied", f"{decision.rule}: {decision.reason}")
-        elif decision.verdict is Verdict.APPROVE:
-            self.proxy.loop.create_task(self._held(decision))
-        else:
-            self.proxy.loop.create_task(self._connect())
+        self._classify(first)
+        decision, written = self.proxy.judge(self.rec)
+        self.proxy.loop.create_task(self._act(decision, written))
 
-    async def _held(self, decision) -> None:
-        outcome = await self.proxy.hold(self.rec, decision)
+    async def _act(self, decision, written) -> None:
+        """Act on a decision once it is on record; a recorder failure refuses the connection."""
+        try:
+            await written
+        except Exception as e:  # no record, no connection
+            self.refuse("recorder-error", str(e))
+            return
         if self.transport.is_closing():
             return
-        if outcome == "approved":
-            await self._connect()
-        else:
-            self.refuse(outcome, f"{decision.rule}: approval {outcome}")
+        if decision.verdict is Verdict.DENY:
+            self.refuse("denied", f"{decision.rule}: {decision.reason}")
+            return
+        if decision.verdict is Verdict.APPROVE:
+            outcome = await self.proxy.hold(self.rec, decision)
+            if self.transport.is_closing():
+                return
+            if outcome != "approved":
+                self.refuse(outcome, f"{decision.rule}: approval {outcome}")
+                return
+        await self._connect()
 
     def refuse(self, outcome: str, detail: str) -> None:
         self.rec.outcome, self.rec.detail = outcome, detail
@@ -99,7 +115,10 @@ class AgentSide(asyncio.Protocol):
             up.transport.write_eof()
 
     def data_received(self, data: bytes) -> None:
-        self.rec.bytes_up += len(data)
+        rec = self.rec
+        if rec.bytes_up == 0 and self.judged:
+            self._classify(data)
+        rec.bytes_up += len(data)
         if self.upstream is not None:
             self.upstream.transport.write(data)
             return

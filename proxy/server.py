@@ -18,7 +18,7 @@ import uvloop
 from interceptor.config import Config, load
 from interceptor.layout import Layout
 from policy.engine import Destination
-from policy.model import Decision, Operation
+from policy.model import Decision, Operation, Verdict
 from proxy.gate import Holds, NameCache, PolicyHolder
 from proxy.origins import Origins
 from proxy.relay import AgentSide
@@ -36,31 +36,51 @@ class Proxy:
         self.layout = layout
         self.loop = loop
         self.origins = Origins(layout.pin_dir)
-        self.recorder = Recorder(layout.db)
+        self.recorder = Recorder(layout.db, loop)
         approvals.ensure_schema(self.recorder.db)
         self.policy = PolicyHolder(config.policy, self.recorder)
         self.names = NameCache()
         self.holds = Holds(self, loop)
         self._agent_names: dict[int, str] = {}
+        self._early: dict[tuple, Decision | None] = {}
         self._own = {self.config.proxy_port, self.config.dns_port}
 
     def destination(self, rec: SessionRecord) -> Destination:
         return Destination(rec.dst_addr, rec.dst_port, self.names.names(rec.dst_addr), rec.protocol)
 
-    def judge(self, rec: SessionRecord, op: Operation | None = None) -> Decision:
-        """Ask the policy about an operation (the connection itself when none is given) and record
-        the decision; a refusal or hold is durable before it takes effect."""
-        if op is None:
-            op = Operation(rec.protocol, "connect", (f"{rec.dst_addr}:{rec.dst_port}",),
-                           summary=f"connect {rec.protocol} {rec.dst_addr}:{rec.dst_port}")
+    def judge(self, rec: SessionRecord, op: Operation | None = None) -> tuple[Decision, asyncio.Future]:
+        """Ask the policy about an operation (the connection itself when none is given). The
+        future resolves once the decision is on record: act only after it."""
+        op = op or _connect_op(rec)
         decision = self.policy.current.decide(rec.agent, self.destination(rec), op)
-        self.recorder.decision(rec.id, op, decision)
-        return decision
+        return decision, self.recorder.decision(rec.id, op, decision)
+
+    def record_decision(self, rec: SessionRecord, decision: Decision) -> asyncio.Future:
+        return self.recorder.decision(rec.id, _connect_op(rec), decision)
+
+    def early_decision(self, rec: SessionRecord) -> Decision | None:
+        """The connect decision when it is the same whatever the protocol turns out to be, and lets
+        the connection through; None when the proxy must see the first bytes first."""
+        policy = self.policy.current
+        names = self.names.names(rec.dst_addr)
+        key = (id(policy), rec.agent, rec.dst_addr, rec.dst_port, names)
+        hit = self._early.get(key, _MISS)
+        if hit is not _MISS:
+            return hit
+        decisions = {policy.decide(rec.agent, Destination(rec.dst_addr, rec.dst_port, names, p),
+                                   Operation(p, "connect", (f"{rec.dst_addr}:{rec.dst_port}",)))
+                     for p in PROTOCOLS}
+        early = None
+        if len(decisions) == 1:
+            d = decisions.pop()
+            early = d if d.verdict in (Verdict.ALLOW, Verdict.MASK) else None
+        if len(self._early) > 4096:
+            self._early.clear()
+        self._early[key] = early
+        return early
 
     async def hold(self, rec: SessionRecord, decision: Decision, op: Operation | None = None) -> str:
-        return await self.holds.wait(rec, decision, op or Operation(
-            rec.protocol, "connect", (f"{rec.dst_addr}:{rec.dst_port}",),
-            summary=f"connect {rec.protocol} {rec.dst_addr}:{rec.dst_port}"))
+        return await self.holds.wait(rec, decision, op or _connect_op(rec))
 
     def agent_name(self, agent_id: int) -> str:
         name = self._agent_names.get(agent_id)
@@ -130,8 +150,20 @@ class Proxy:
         await stop
         for task in tasks:
             task.cancel()
+        self.recorder.close()
         for s in servers:
             s.close()
+
+
+_MISS = object()
+# Every protocol name the classifier can give a connection: a connect decision that is the same
+# for all of them does not need the first bytes.
+PROTOCOLS = ("tcp", "http", "http2", "tls", "postgres", "redis", "ssh", "mysql", "smtp", "mongodb", "dns")
+
+
+def _connect_op(rec: SessionRecord) -> Operation:
+    return Operation(rec.protocol, "connect", (f"{rec.dst_addr}:{rec.dst_port}",),
+                     summary=f"connect {rec.protocol} {rec.dst_addr}:{rec.dst_port}")
 
 
 def _is_loopback(host: str) -> bool:

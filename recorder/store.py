@@ -1,16 +1,22 @@
 """The local recorder: SQLite through sqlite-utils, one row per connection plus an event log.
 
-Rows are written synchronously on the proxy's loop (WAL, no fsync per commit): a session row
-exists before the first byte goes upstream, so a crash loses no session."""
+The proxy writes through a group-commit thread: writes queue up, the thread commits whatever
+has queued in one transaction, and hands back a future per write that needs it. The proxy
+awaits that future before it acts on a connection, so a session row and its decision are on
+disk before the first byte goes upstream, and refusals and holds are fsynced (synchronous=FULL)
+before they take effect; many connections share one commit under load."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import queue
 import sqlite3
+import sys
+import threading
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import sqlite_utils
@@ -26,7 +32,7 @@ EVENT_COLUMNS = {"id": int, "at": float, "kind": str, "session": str, "data": st
 
 def new_session_id() -> str:
     """Time-ordered ids sort sessions by start without a second column."""
-    return f"{time.time_ns() // 1000:x}{uuid.uuid4().hex[:8]}"
+    return f"{time.time_ns() // 1000:x}{os.urandom(4).hex()}"
 
 
 @dataclass
@@ -53,14 +59,101 @@ class SessionRecord:
     detail: str = ""
 
 
-class Recorder:
-    """One writer per process; readers (the CLI) open their own."""
+class GroupWriter(threading.Thread):
+    """One thread, one connection, one transaction per batch of queued writes."""
 
-    def __init__(self, path: Path):
+    MAX_BATCH = 1024
+
+    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop):
+        super().__init__(name="recorder", daemon=True)
+        self.path, self.loop = path, loop
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.start()
+
+    def submit(self, sql: str, params: tuple, durable: bool = False, wait: bool = False) -> asyncio.Future | None:
+        fut = self.loop.create_future() if (wait or durable) else None
+        self.queue.put((sql, params, durable, fut))
+        return fut
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.join(timeout=10)
+
+    def run(self) -> None:
+        conn = _connect(self.path)
+        while True:
+            item = self.queue.get()
+            batch = [item]
+            while item is not None and len(batch) < self.MAX_BATCH:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                batch.append(item)
+            stop = batch[-1] is None
+            batch = [b for b in batch if b is not None]
+            self._commit(conn, batch)
+            if stop:
+                conn.close()
+                return
+
+    def _commit(self, conn: sqlite3.Connection, batch: list) -> None:
+        if not batch:
+            return
+        durable = any(b[2] for b in batch)
+        error: Exception | None = None
+        try:
+            if durable:
+                conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN")
+            for sql, params, _, _ in batch:
+                conn.execute(sql, params)
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            error = e
+            print(f"interlock recorder: write failed: {e}", file=sys.stderr)
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        finally:
+            if durable:
+                conn.execute("PRAGMA synchronous=NORMAL")
+        futs = [b[3] for b in batch if b[3] is not None]
+        if futs:
+            self.loop.call_soon_threadsafe(_settle, futs, error)
+
+
+def _settle(futs: list[asyncio.Future], error: Exception | None) -> None:
+    for f in futs:
+        if not f.done():
+            if error is None:
+                f.set_result(None)
+            else:
+                f.set_exception(error)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), timeout=10, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+_OPEN_SQL = "INSERT INTO sessions ({}) VALUES ({})".format(",".join(SESSION_COLUMNS), ",".join("?" * len(SESSION_COLUMNS)))
+_CLOSE_SQL = ("UPDATE sessions SET ended=?, bytes_up=?, bytes_down=?, outcome=?, detail=?, protocol=? WHERE id=?")
+_EVENT_SQL = "INSERT INTO events (at, kind, session, data) VALUES (?,?,?,?)"
+
+
+class Recorder:
+    """The one interface the proxy and the daemon report through.
+
+    With a loop (the proxy) writes go through the group-commit thread and durable ones return a
+    future; without (daemon, CLI) they are written before the call returns."""
+
+    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(path), timeout=10, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
+        conn = _connect(path)
         os.chmod(path, 0o600)
         self.db = sqlite_utils.Database(conn)
         self.conn = conn
@@ -70,39 +163,42 @@ class Recorder:
         if "events" not in self.db.table_names():
             self.db["events"].create(EVENT_COLUMNS, pk="id", if_not_exists=True)
             self.db["events"].create_index(["session"], if_not_exists=True)
-        self.open_sql = "INSERT INTO sessions ({}) VALUES ({})".format(
-            ",".join(SESSION_COLUMNS), ",".join("?" * len(SESSION_COLUMNS)))
+        self.writer = GroupWriter(path, loop) if loop is not None else None
 
-    def session_open(self, rec: SessionRecord) -> None:
-        self.conn.execute(self.open_sql, tuple(asdict(rec).values()))
-
-    def session_close(self, rec: SessionRecord) -> None:
-        self.conn.execute(
-            "UPDATE sessions SET ended=?, bytes_up=?, bytes_down=?, outcome=?, detail=?, protocol=?"
-            " WHERE id=?",
-            (rec.ended or time.time(), rec.bytes_up, rec.bytes_down, rec.outcome, rec.detail,
-             rec.protocol, rec.id))
-
-    def event(self, kind: str, data: dict, session: str | None = None) -> None:
-        self.conn.execute("INSERT INTO events (at, kind, session, data) VALUES (?,?,?,?)",
-                           (time.time(), kind, session, json.dumps(data, sort_keys=True)))
-
-    def decision(self, session: str, op, decision) -> None:
-        """A decision and its reason. Refusals and holds are flushed to disk (synchronous=FULL)
-        before they take effect, so no refusal is ever unrecorded."""
-        data = {"protocol": op.protocol, "action": op.action, "objects": list(op.objects),
-                "risks": list(op.risks), "summary": op.summary, "verdict": decision.verdict.value,
-                "rule": decision.rule, "reason": decision.reason}
-        durable = decision.verdict.value in ("deny", "approve")
+    def _write(self, sql: str, params: tuple, durable: bool = False, wait: bool = False) -> asyncio.Future | None:
+        if self.writer is not None:
+            return self.writer.submit(sql, params, durable, wait)
         if durable:
             self.conn.execute("PRAGMA synchronous=FULL")
         try:
-            self.event("decision", data, session)
+            self.conn.execute(sql, params)
         finally:
             if durable:
                 self.conn.execute("PRAGMA synchronous=NORMAL")
+        return None
+
+    def session_open(self, rec: SessionRecord) -> None:
+        self._write(_OPEN_SQL, astuple(rec))
+
+    def session_close(self, rec: SessionRecord) -> None:
+        self._write(_CLOSE_SQL, (rec.ended or time.time(), rec.bytes_up, rec.bytes_down, rec.outcome, rec.detail,
+                                 rec.protocol, rec.id))
+
+    def event(self, kind: str, data: dict, session: str | None = None, durable: bool = False,
+              wait: bool = False) -> asyncio.Future | None:
+        return self._write(_EVENT_SQL, (time.time(), kind, session, json.dumps(data, sort_keys=True)), durable, wait)
+
+    def decision(self, session: str, op, decision) -> asyncio.Future | None:
+        """A decision and its reason. Refusals and holds are flushed to disk (synchronous=FULL)
+        before they take effect, so no refusal is ever unrecorded; the future says when."""
+        data = {"protocol": op.protocol, "action": op.action, "objects": list(op.objects),
+                "risks": list(op.risks), "summary": op.summary, "verdict": decision.verdict.value,
+                "rule": decision.rule, "reason": decision.reason}
+        return self.event("decision", data, session, durable=decision.verdict.value in ("deny", "approve"), wait=True)
 
     def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
         self.conn.close()
 
 
