@@ -39,7 +39,7 @@ class Detector:
     pattern: re.Pattern[str]
     group: int = 0
     validate: Callable[[str], bool] | None = None
-    quick: Callable[[str], bool] | None = None
+    quick: Callable[[str], object] | None = None  # truthy when the regex may match
 
 
 def luhn_ok(digits: str) -> bool:
@@ -89,31 +89,16 @@ def _phone_ok(text: str) -> bool:
     return 8 <= n <= 15
 
 
-_has_digit = re.compile(r"\d").search
+def _digits(min_run: int) -> Callable[[str], object]:
+    return re.compile(rf"\d{{{min_run}}}").search
 
 
-def _digits(min_run: int) -> Callable[[str], bool]:
-    run = re.compile(r"\d" * min_run).search
-
-    def quick(text: str) -> bool:
-        return run(text) is not None
-
-    return quick
+def _contains(*needles: str) -> Callable[[str], object]:
+    return re.compile("|".join(map(re.escape, needles))).search
 
 
-def _contains(*needles: str) -> Callable[[str], bool]:
-    def quick(text: str) -> bool:
-        return any(n in text for n in needles)
-
-    return quick
-
-
-def _contains_ci(*needles: str) -> Callable[[str], bool]:
-    def quick(text: str) -> bool:
-        low = text.lower()
-        return any(n in low for n in needles)
-
-    return quick
+def _contains_ci(*needles: str) -> Callable[[str], object]:
+    return re.compile("|".join(map(re.escape, needles)), re.IGNORECASE).search
 
 
 _SECRET_KEY = re.compile(r"(?i)password|passwd|pwd|secret|token|api[_-]?key|apikey|private[_-]?key|access[_-]?key")

@@ -379,14 +379,20 @@ class _Cursor:
         return self.take(n)
 
     def cstr(self) -> str:
-        # memoryview has no find(); scanning the remainder as bytes copies only this message tail,
-        # which holds the string we are about to decode anyway.
-        tail = self.mv[self.pos : self.end].tobytes()
-        i = tail.find(b"\0")
-        if i < 0:
-            raise ProtocolError(f"{self.what}: unterminated string")
-        self.pos += i + 1
-        return tail[:i].decode("utf-8", "surrogateescape")
+        # memoryview has no find(): scan in growing chunks, so a short string costs a short copy
+        # and a long one stays linear (copying the whole tail per string would be quadratic).
+        start = i = self.pos
+        step = 64
+        while i < self.end:
+            j = min(i + step, self.end)
+            k = self.mv[i:j].tobytes().find(b"\0")
+            if k >= 0:
+                nul = i + k
+                self.pos = nul + 1
+                return self.mv[start:nul].tobytes().decode("utf-8", "surrogateescape")
+            i = j
+            step *= 2
+        raise ProtocolError(f"{self.what}: unterminated string")
 
     def cstrs(self) -> list[str]:
         """NUL-terminated strings up to an empty one (the list terminator)."""
