@@ -225,3 +225,12 @@ def _is_json(data: bytes) -> bool:
     except ValueError:
         return False
     return True
+
+
+def test_json_too_deep_to_inspect_is_hidden():
+    deep = "[" * 5000 + "]" * 5000
+    out = values_of(RowMasker(desc(F("doc", JSONB))).mask(row(deep)))[0]
+    assert json.loads(out) == "[masked:json_too_deep]"
+    shallow = '{"a": ' * 50 + '"x@y.org"' + "}" * 50
+    out = values_of(RowMasker(desc(F("doc", JSON))).mask(row(shallow)))[0]
+    assert b"[masked:email]" in out

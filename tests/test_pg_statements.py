@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -392,6 +395,29 @@ def test_deep_nesting_is_refused_not_crashed():
     sql = "SELECT " + "(" * 5000 + "1" + ")" * 5000
     ops = analyze(sql)
     assert len(ops) == 1 and ops[0].action in ("unparseable", "read")
+
+
+def test_left_deep_expressions_do_not_crash_the_process():
+    """pglast recurses in C per tree level; 50k levels overflow an 8 MiB stack (SIGSEGV). Run in
+    a child so a regression shows up as a failed test, not a dead test run."""
+    code = ("from proxy.postgres.statements import analyze\n"
+            "ops = analyze('SELECT 1' + ' + 1' * 50000)\n"
+            "assert [o.action for o in ops] == ['read'], ops\n"
+            "ops = analyze(' UNION '.join(['SELECT * FROM t'] * 25000))\n"
+            "assert [(o.action, o.objects) for o in ops] == [('read', ('t',))], ops\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_text_over_the_limit_is_refused():
+    (op,) = analyze("SELECT 1 " + " " * 100, max_length=50)
+    assert op.action == "unparseable" and "longer than 50" in op.attributes["error"]
+
+
+def test_long_text_is_analyzed_on_the_big_stack_thread():
+    sql = "INSERT INTO t VALUES " + ",".join(f"({i}, 'row {i}')" for i in range(3000)) + "; DELETE FROM t"
+    assert len(sql) > 16 * 1024
+    assert _shape(analyze(sql)) == [("insert", ("t",), NONE), ("delete", ("t",), DWW)]
 
 
 def test_dynamic_sql_recursion_is_bounded():

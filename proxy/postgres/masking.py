@@ -211,12 +211,19 @@ class RowMasker:
         out.append(text[pos:])
         return "".join(out)
 
+    def _too_deep(self) -> str:
+        # Nesting beyond Python's recursion limit cannot be inspected: hide it rather than pass it.
+        self.counts["json_too_deep"] += 1
+        return json.dumps(det.placeholder("json_too_deep"))
+
     def _mask_json(self, text: str) -> str | None:
         """Mask inside a JSON document; None when unchanged. Invalid JSON is masked as text."""
         try:
             doc = json.loads(text)
         except ValueError:
             return self._mask_str(text)
+        except RecursionError:
+            return self._too_deep()
         changed = False
 
         def walk(v: object, key: str | None) -> object:
@@ -251,7 +258,10 @@ class RowMasker:
                 return {k: walk(x, k) for k, x in v.items()}
             return v
 
-        result = walk(doc, None)
+        try:
+            result = walk(doc, None)
+        except RecursionError:
+            return self._too_deep()
         if not changed:
             return None
         return json.dumps(result, ensure_ascii=False)

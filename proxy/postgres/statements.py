@@ -30,7 +30,8 @@ attribute names every call so a policy can allow-list them.
 from __future__ import annotations
 
 import decimal
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import pglast
@@ -41,6 +42,13 @@ from policy.model import Operation
 
 PROTOCOL = "postgres"
 SUMMARY_LIMIT = 1000
+# pglast builds its Python tree recursively in C: a left-deep expression ("1+1+1+...", 2 chars a
+# level) overflows an 8 MiB stack at about 25k levels and kills the process. Text up to
+# INLINE_PARSE_LIMIT cannot get near that; longer text is analyzed on a thread with BIG_STACK,
+# and text over DEFAULT_MAX_SQL_LENGTH is refused as unparseable (worst case there: ~6 s of CPU).
+INLINE_PARSE_LIMIT = 16 * 1024
+BIG_STACK = 512 * 1024 * 1024
+DEFAULT_MAX_SQL_LENGTH = 1024 * 1024
 
 # --------------------------------------------------------------------------------------------
 # Function knowledge
@@ -272,15 +280,24 @@ class SqlAnalyzer:
     Parse share one namespace: call `register_prepared` for named Parse messages.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_length: int = DEFAULT_MAX_SQL_LENGTH) -> None:
         self.prepared: dict[str, list[tuple[Operation, ...]]] = {}
+        self.max_length = max_length
 
     # -- public ------------------------------------------------------------------------------
 
     def analyze(self, sql: str) -> list[Operation]:
         """Operations for a Query message's text (possibly several statements). Never raises:
-        text that does not parse yields one "unparseable" Operation."""
-        return self._analyze(sql, via="", depth=0)
+        text that does not parse yields one "unparseable" Operation. CPU-bound (about 0.4 s for
+        1 MiB of INSERT): the relay should run large texts off its event loop."""
+        if len(sql) > self.max_length:
+            return [self._unparseable(sql[:SUMMARY_LIMIT], f"statement text longer than {self.max_length}", "")]
+        if len(sql) <= INLINE_PARSE_LIMIT:
+            return self._analyze(sql, via="", depth=0)
+        try:
+            return _on_big_stack(self._analyze, sql, "", 0)
+        except RuntimeError as e:  # no thread could be started: fail closed
+            return [self._unparseable(sql[:SUMMARY_LIMIT], f"cannot analyze: {e}", "")]
 
     def register_prepared(self, name: str, sql: str) -> list[Operation]:
         """For a Parse message: the Operations its statement will perform when executed; a
@@ -801,6 +818,34 @@ class SqlAnalyzer:
         self.prepared.setdefault(name, []).append(tuple(ops))
 
 
+_STACK_LOCK = threading.Lock()
+
+
+def _on_big_stack(fn: Callable[..., list[Operation]], *args: object) -> list[Operation]:
+    """Run fn on a fresh thread with a BIG_STACK stack (reserved, touched only as used); the
+    parse tree is built and dropped there, only Operations come back."""
+    result: list[list[Operation]] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn(*args))
+        except BaseException as e:  # re-raised in the caller
+            error.append(e)
+
+    with _STACK_LOCK:  # stack_size() is process-wide: set it only around our own start()
+        old = threading.stack_size(BIG_STACK)
+        try:
+            t = threading.Thread(target=target, name="interlock-sql-parse", daemon=True)
+            t.start()
+        finally:
+            threading.stack_size(old)
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
 def _role(r: ast.Node | None) -> str:
     if isinstance(r, ast.RoleSpec):
         return r.rolename or _enum_name(r.roletype).removeprefix("ROLESPEC_").lower()
@@ -830,9 +875,9 @@ def _summary(text: str) -> str:
     return text if len(text) <= SUMMARY_LIMIT else text[: SUMMARY_LIMIT - 1] + "…"
 
 
-def analyze(sql: str) -> list[Operation]:
+def analyze(sql: str, max_length: int = DEFAULT_MAX_SQL_LENGTH) -> list[Operation]:
     """Stateless analysis (EXECUTE of a prepared statement is then always "opaque-code")."""
-    return SqlAnalyzer().analyze(sql)
+    return SqlAnalyzer(max_length).analyze(sql)
 
 
 def is_write(op: Operation) -> bool:
