@@ -7,6 +7,15 @@ The agent holds placeholder credentials only. For each AWS request the proxy:
      the protocol family of that service, so the SDK raises its usual AccessDenied exception;
   3. on allow, sigv4.resign(head, real_credentials, placeholder=..., body=...) and forwards.
 
+proxy.aws.identify
+    identify(method, host, path, query, headers, body_prefix=b"", s3_virtual_suffixes=()) -> AwsCall | None
+    identify_request(head, body_prefix) — same from a RequestHead. None: nothing marks it as AWS.
+    AwsCall: service (signing name), region, action (API operation or "Unknown"), family (error
+    shape), resources (ARN-like), bucket/key, access_key, presigned; .iam_action; .operation().
+    body_prefix: a few KiB suffice (query/JSON protocols, DeleteObjects keys); S3 needs none.
+proxy.aws.errors
+    access_denied(call, rule, reason) -> Canned (send with AgentConnection.respond(*canned));
+    aws_error(family, code, message, status=...) for other AWS-shaped answers.
 proxy.aws.sigv4
     Credentials(access_key, secret_key, token=None)
     resign(head, creds, *, body=None, placeholder=None, now=None, refresh_date=True) -> RequestHead

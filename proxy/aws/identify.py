@@ -32,6 +32,9 @@ GLOBAL_SERVICES = {"iam": "us-east-1", "sts": "us-east-1", "route53": "us-east-1
 
 UNKNOWN = "Unknown"
 
+# Former query-protocol services now on JSON/CBOR: their SDKs still expect the old error codes.
+QUERY_COMPATIBLE = frozenset({"sqs", "monitoring"})
+
 # S3 subresources on a bucket: name -> (GET, PUT, DELETE) operation.
 _BUCKET_SUB: dict[str, tuple[str | None, str | None, str | None]] = {
     "acl": ("GetBucketAcl", "PutBucketAcl", None),
@@ -465,13 +468,13 @@ def identify(method: str, host: str, path: str, query: str,
             extra["objects_truncated"] = "true"
         extra["target"] = amz_target
         return AwsCall(service, region, action, "json", tuple(resources), json_version=version,
-                       query_compatible=service == "sqs", extra=extra, access_key=ak, presigned=pre)
+                       query_compatible=service in QUERY_COMPATIBLE, extra=extra, access_key=ak, presigned=pre)
 
     rpc = re.match(r"^/service/([^/]+)/operation/([^/]+)$", path)
     if rpc and (hdrs.get("smithy-protocol") or "").lower() == "rpc-v2-cbor":
         extra["smithy_service"] = unquote(rpc.group(1))
         return AwsCall(service, region, unquote(rpc.group(2)), "rpcv2-cbor", (),
-                       query_compatible=service == "monitoring", extra=extra, access_key=ak, presigned=pre)
+                       query_compatible=service in QUERY_COMPATIBLE, extra=extra, access_key=ak, presigned=pre)
 
     if service in S3_LIKE_SERVICES:
         action, bucket, key, resources, s3extra = _identify_s3(method, host, path, params, hdrs, body_prefix, region,
