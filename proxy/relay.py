@@ -45,12 +45,12 @@ class AgentSide(asyncio.Protocol):
         if self.rec is None:
             transport.abort()
             return
-        early = self.proxy.early_decision(self.rec)
-        if early is not None:
-            # The answer cannot depend on the protocol: connect upstream now, in parallel with
-            # the client's first write, and classify the first bytes for the record only.
+        if self.rec.verdict:
+            # The answer could not depend on the protocol and is on the session row: connect
+            # upstream now, in parallel with the client's first write; the first bytes are
+            # classified for the record only.
             self.judged = True
-            self.proxy.loop.create_task(self._act(early, self.proxy.record_decision(self.rec, early)))
+            self.proxy.loop.create_task(self._connect())
             return
         # Server-first protocols: a client that stays silent is judged as plain tcp.
         self.timer = self.proxy.loop.call_later(self.proxy.config.first_byte_timeout, self._judge, b"")
@@ -67,6 +67,7 @@ class AgentSide(asyncio.Protocol):
             self.timer.cancel()
         self._classify(first)
         decision, written = self.proxy.judge(self.rec)
+        self.rec.verdict, self.rec.rule = decision.verdict.value, decision.rule
         self.proxy.loop.create_task(self._act(decision, written))
 
     async def _act(self, decision, written) -> None:
@@ -97,9 +98,8 @@ class AgentSide(asyncio.Protocol):
     async def _connect(self) -> None:
         rec = self.rec
         try:
-            _, up = await asyncio.wait_for(
-                self.proxy.loop.create_connection(lambda: UpstreamSide(self), rec.dst_addr, rec.dst_port),
-                self.proxy.config.connect_timeout)
+            async with asyncio.timeout(self.proxy.config.connect_timeout):
+                _, up = await self.proxy.loop.create_connection(lambda: UpstreamSide(self), rec.dst_addr, rec.dst_port)
         except (TimeoutError, OSError) as e:
             self.refuse("upstream-error", str(e) or type(e).__name__)
             return

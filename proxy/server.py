@@ -55,12 +55,10 @@ class Proxy:
         decision = self.policy.current.decide(rec.agent, self.destination(rec), op)
         return decision, self.recorder.decision(rec.id, op, decision)
 
-    def record_decision(self, rec: SessionRecord, decision: Decision) -> asyncio.Future:
-        return self.recorder.decision(rec.id, _connect_op(rec), decision)
-
     def early_decision(self, rec: SessionRecord) -> Decision | None:
         """The connect decision when it is the same whatever the protocol turns out to be, and lets
-        the connection through; None when the proxy must see the first bytes first."""
+        the connection through; None when the proxy must see the first bytes first. Such a
+        decision is recorded on the session row itself (verdict, rule), not as an event."""
         policy = self.policy.current
         names = self.names.names(rec.dst_addr)
         key = (id(policy), rec.agent, rec.dst_addr, rec.dst_port, names)
@@ -106,6 +104,9 @@ class Proxy:
             rec.outcome, rec.detail, rec.ended = "refused", "loop: destination is the proxy itself", rec.started
             self.recorder.session_open(rec)
             return None
+        early = self.early_decision(rec)
+        if early is not None:
+            rec.verdict, rec.rule = early.verdict.value, early.rule
         self.recorder.session_open(rec)
         return rec
 

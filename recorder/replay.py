@@ -38,6 +38,9 @@ def render(tl: dict) -> str:
         f"  command {s['cmdline']}",
         f"  to      {s['dst_addr']}:{s['dst_port']}  protocol {s['protocol']}",
     ]
+    judged_by_event = any(e["kind"] == "decision" and e["data"].get("action") == "connect" for e in tl["events"])
+    if s.get("verdict") and not judged_by_event:
+        lines.append(f"  +{0:9.3f}s  {s['verdict'].upper():8} connect   [rule {s['rule']}]")
     for e in tl["events"]:
         d = e["data"]
         if e["kind"] == "decision":

@@ -1,7 +1,7 @@
 """The local recorder: SQLite through sqlite-utils, one row per connection plus an event log.
 
-The proxy writes through a group-commit thread: writes queue up, the thread commits whatever
-has queued in one transaction, and hands back a future per write that needs it. The proxy
+The proxy writes through a group commit: writes queued during one turn of its event loop are
+committed in one transaction at the end of the turn, with a future per write that needs it. The proxy
 awaits that future before it acts on a connection, so a session row and its decision are on
 disk before the first byte goes upstream, and refusals and holds are fsynced (synchronous=FULL)
 before they take effect; many connections share one commit under load."""
@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
 import sqlite3
 import sys
-import threading
 import time
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
@@ -25,7 +23,7 @@ SESSION_COLUMNS = {
     "id": str, "agent": str, "pid": int, "tgid": int, "uid": int, "gid": int, "comm": str,
     "exe": str, "cmdline": str, "cgroup_id": int, "dst_addr": str, "dst_port": int,
     "family": str, "protocol": str, "started": float, "ended": float, "bytes_up": int,
-    "bytes_down": int, "outcome": str, "detail": str,
+    "bytes_down": int, "outcome": str, "detail": str, "verdict": str, "rule": str,
 }
 EVENT_COLUMNS = {"id": int, "at": float, "kind": str, "session": str, "data": str}
 
@@ -57,49 +55,35 @@ class SessionRecord:
     bytes_down: int = 0
     outcome: str = "open"
     detail: str = ""
+    verdict: str = ""  # the connection's own decision, and the rule that made it
+    rule: str = ""
 
 
-class GroupWriter(threading.Thread):
-    """One thread, one connection, one transaction per batch of queued writes."""
+class GroupWriter:
+    """Writes queued during one turn of the event loop, committed together at its end.
 
-    MAX_BATCH = 1024
+    On the loop's own thread: no lock, no thread wake-up, no GIL hand-off per connection; under
+    load many connections share one commit."""
 
-    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop):
-        super().__init__(name="recorder", daemon=True)
-        self.path, self.loop = path, loop
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.start()
+    def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop):
+        self.conn, self.loop = conn, loop
+        self.batch: list[tuple] = []
+        self.scheduled = False
 
     def submit(self, sql: str, params: tuple, durable: bool = False, wait: bool = False) -> asyncio.Future | None:
         fut = self.loop.create_future() if (wait or durable) else None
-        self.queue.put((sql, params, durable, fut))
+        self.batch.append((sql, params, durable, fut))
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.flush)
         return fut
 
-    def close(self) -> None:
-        self.queue.put(None)
-        self.join(timeout=10)
-
-    def run(self) -> None:
-        conn = _connect(self.path)
-        while True:
-            item = self.queue.get()
-            batch = [item]
-            while item is not None and len(batch) < self.MAX_BATCH:
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                batch.append(item)
-            stop = batch[-1] is None
-            batch = [b for b in batch if b is not None]
-            self._commit(conn, batch)
-            if stop:
-                conn.close()
-                return
-
-    def _commit(self, conn: sqlite3.Connection, batch: list) -> None:
+    def flush(self) -> None:
+        self.scheduled = False
+        batch, self.batch = self.batch, []
         if not batch:
             return
+        conn = self.conn
         durable = any(b[2] for b in batch)
         error: Exception | None = None
         try:
@@ -119,18 +103,15 @@ class GroupWriter(threading.Thread):
         finally:
             if durable:
                 conn.execute("PRAGMA synchronous=NORMAL")
-        futs = [b[3] for b in batch if b[3] is not None]
-        if futs:
-            self.loop.call_soon_threadsafe(_settle, futs, error)
+        for _, _, _, fut in batch:
+            if fut is not None and not fut.done():
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
 
-
-def _settle(futs: list[asyncio.Future], error: Exception | None) -> None:
-    for f in futs:
-        if not f.done():
-            if error is None:
-                f.set_result(None)
-            else:
-                f.set_exception(error)
+    def close(self) -> None:
+        self.flush()
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -141,14 +122,15 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 _OPEN_SQL = "INSERT INTO sessions ({}) VALUES ({})".format(",".join(SESSION_COLUMNS), ",".join("?" * len(SESSION_COLUMNS)))
-_CLOSE_SQL = ("UPDATE sessions SET ended=?, bytes_up=?, bytes_down=?, outcome=?, detail=?, protocol=? WHERE id=?")
+_CLOSE_SQL = ("UPDATE sessions SET ended=?, bytes_up=?, bytes_down=?, outcome=?, detail=?, protocol=?, verdict=?, rule=?"
+              " WHERE id=?")
 _EVENT_SQL = "INSERT INTO events (at, kind, session, data) VALUES (?,?,?,?)"
 
 
 class Recorder:
     """The one interface the proxy and the daemon report through.
 
-    With a loop (the proxy) writes go through the group-commit thread and durable ones return a
+    With a loop (the proxy) writes go through the group commit and durable ones return a
     future; without (daemon, CLI) they are written before the call returns."""
 
     def __init__(self, path: Path, loop: asyncio.AbstractEventLoop | None = None):
@@ -163,7 +145,7 @@ class Recorder:
         if "events" not in self.db.table_names():
             self.db["events"].create(EVENT_COLUMNS, pk="id", if_not_exists=True)
             self.db["events"].create_index(["session"], if_not_exists=True)
-        self.writer = GroupWriter(path, loop) if loop is not None else None
+        self.writer = GroupWriter(conn, loop) if loop is not None else None
 
     def _write(self, sql: str, params: tuple, durable: bool = False, wait: bool = False) -> asyncio.Future | None:
         if self.writer is not None:
@@ -182,7 +164,7 @@ class Recorder:
 
     def session_close(self, rec: SessionRecord) -> None:
         self._write(_CLOSE_SQL, (rec.ended or time.time(), rec.bytes_up, rec.bytes_down, rec.outcome, rec.detail,
-                                 rec.protocol, rec.id))
+                                 rec.protocol, rec.verdict, rec.rule, rec.id))
 
     def event(self, kind: str, data: dict, session: str | None = None, durable: bool = False,
               wait: bool = False) -> asyncio.Future | None:
