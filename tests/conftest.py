@@ -5,19 +5,11 @@ verdict as the reason."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 
 from lab.instance import Instance
-from lab.netns import Host, Lab
-
-ECHO_PORT = 7000
+from lab.netns import Lab
+from lab.testing import ECHO_PORT, EchoServer, instance_name
 
 
 def pytest_configure(config):
@@ -33,28 +25,6 @@ def _host_ready(request):
     bad = [c for c in doctor.run_checks(quick=True) if not c.ok and c.fatal]
     if bad:
         pytest.fail("host cannot run the datapath: " + "; ".join(f"{c.name}: {c.detail} (fix: {c.fix})" for c in bad))
-
-
-class EchoServer:
-    """lab.echo_server on a host; `seen()` lists what reached it."""
-
-    def __init__(self, host: Host, port: int, log: Path):
-        self.host, self.port, self.log = host, port, log
-        self.proc = host.popen([sys.executable, "-m", "lab.echo_server", str(log), str(port)],
-                               stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        if "ready" not in line:
-            raise RuntimeError("echo server did not start")
-
-    def seen(self, proto: str | None = None) -> list[dict]:
-        if not self.log.exists():
-            return []
-        rows = [json.loads(x) for x in self.log.read_text().splitlines() if x.strip()]
-        return [r for r in rows if proto is None or r["proto"] == proto]
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +48,6 @@ def dns_echo(lab, tmp_path_factory):
     srv.stop()
 
 
-_instances = iter(range(10**6))
-
-
-def instance_name(tag: str) -> str:
-    return f"t{os.getpid() % 100000}{tag}{next(_instances)}"
-
-
 @pytest.fixture
 def make_instance(lab):
     """Start instances on the agent host; all are torn down after the test, also on failure."""
@@ -98,13 +61,3 @@ def make_instance(lab):
     yield make
     for inst in started:
         inst.close()
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()

@@ -15,7 +15,7 @@ import pytest
 
 from interceptor import bpf_loader
 from lab.instance import Instance, leftovers
-from tests.conftest import ECHO_PORT, instance_name, wait_until
+from lab.testing import ECHO_PORT, instance_name, wait_until
 
 pytestmark = pytest.mark.datapath
 

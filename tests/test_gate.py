@@ -11,7 +11,7 @@ import time
 import pytest
 
 from lab.instance import INTERLOCK, Instance
-from tests.conftest import ECHO_PORT, EchoServer, instance_name, wait_until
+from lab.testing import ECHO_PORT, EchoServer, instance_name, wait_until
 
 pytestmark = pytest.mark.datapath
 OTHER_PORT = 7100

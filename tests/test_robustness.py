@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from lab.instance import Instance
-from tests.conftest import ECHO_PORT, instance_name, wait_until
+from lab.testing import ECHO_PORT, instance_name, wait_until
 
 pytestmark = pytest.mark.datapath
 
