@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from proxy.http.masking import (
     REDACTED,
     MaskReport,
@@ -133,3 +135,24 @@ def test_redact_query() -> None:
     assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in out and "page=2" in out and out.endswith("&flag")
     assert redact_query("") == ""
     assert redact_query("mine=1", extra=("MINE",)) == "mine=%5BREDACTED%5D"
+
+
+def test_with_the_shared_policy_detectors() -> None:
+    """The registry and column rules of policy.detectors plug in without adapters."""
+    detectors = pytest.importorskip("policy.detectors")
+    spec = MaskSpec.from_names(("email", "credit_card", "password", "api_key"), detectors.span_registry(),
+                               replacement=detectors.placeholder, key_classifier=detectors.column_category)
+    assert {"email", "credit_card"} <= set(spec.detectors)
+    body = json.dumps({
+        "users": [{"contact": "write to ada@example.com", "userPassword": "hunter2", "password_changed_at": "2024",
+                   "apiKey": "k-123", "card": "4111 1111 1111 1111", "note": "order 1234"}],
+    }).encode()
+    out, rep = mask_json_bytes(body, spec)
+    user = json.loads(out)["users"][0]
+    assert user["contact"] == "write to [masked:email]"
+    assert user["userPassword"] == "[masked:field]"
+    assert user["apiKey"] == "[masked:field]"
+    assert user["password_changed_at"] == "2024"  # about a password, not one
+    assert user["card"] == "[masked:credit_card]"
+    assert user["note"] == "order 1234"
+    assert sorted(rep.fields) == ["users.apiKey", "users.userPassword"]

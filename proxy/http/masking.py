@@ -10,8 +10,10 @@ Two different jobs, kept apart on purpose:
 
 Detectors are plain callables str -> iterable of (start, end) spans, so policy/detectors.py (or
 anything else) plugs in without this module importing it; regex_detector() makes one from a
-pattern. A Decision's mask tuple mixes key rules and detector names; MaskSpec.from_names sorts
-them out against the detector registry it is given.
+pattern; policy.detectors.span_registry() is such a registry. A Decision's mask tuple mixes key
+rules, detector names and field categories; MaskSpec.from_names sorts them out against the
+registry, and with key_classifier (policy.detectors.column_category) a category such as
+"password" masks every key whose name implies it (user_password, apiKey…).
 
 Key rules: 'password' matches a key of that name at any depth (case-insensitive, fnmatch globs
 allowed: '*token*'); a rule with dots matches the path of object keys from the root, list levels
@@ -29,6 +31,9 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 Detector = Callable[[str], Iterable[tuple[int, int]]]
+# What a masked value becomes: fixed text, or text from the detector name ("field" for key rules),
+# e.g. policy.detectors.placeholder -> "[masked:email]".
+Replacement = str | Callable[[str], str]
 
 REPLACEMENT = "***"
 REDACTED = "[REDACTED]"
@@ -62,25 +67,36 @@ def regex_detector(pattern: str | re.Pattern[str]) -> Detector:
 class MaskSpec:
     keys: tuple[str, ...] = ()
     detectors: Mapping[str, Detector] = field(default_factory=dict)
-    replacement: str = REPLACEMENT
+    replacement: Replacement = REPLACEMENT
+    key_classifier: Callable[[str], str | None] | None = None
+
+    def text_for(self, name: str) -> str:
+        return self.replacement if isinstance(self.replacement, str) else self.replacement(name)
 
     @classmethod
     def from_names(cls, names: Iterable[str], registry: Mapping[str, Detector] | None = None,
-                   *, replacement: str = REPLACEMENT) -> MaskSpec:
-        """Split Decision.mask into detector names (found in registry) and key rules (the rest)."""
+                   *, replacement: Replacement = REPLACEMENT,
+                   key_classifier: Callable[[str], str | None] | None = None) -> MaskSpec:
+        """Split Decision.mask into detector names (found in registry) and key rules (the rest).
+        With a key_classifier every name is also a key rule, since a name such as "api_key" is at
+        once a detector of key-shaped values and the category of fields named like one."""
         registry = registry or {}
         keys: list[str] = []
         dets: dict[str, Detector] = {}
         for n in names:
             if n in registry:
                 dets[n] = registry[n]
-            else:
+            if n not in registry or key_classifier is not None:
                 keys.append(n)
-        return cls(tuple(keys), dets, replacement)
+        return cls(tuple(keys), dets, replacement, key_classifier)
 
     def _key_matches(self, path: tuple[str, ...]) -> bool:
         name = path[-1].lower()
         joined = ".".join(path).lower()
+        if self.key_classifier is not None:
+            cat = self.key_classifier(path[-1])
+            if cat is not None and cat.lower() in {k.lower() for k in self.keys}:
+                return True
         for rule in self.keys:
             r = rule.lower()
             if "." in r:
@@ -106,7 +122,7 @@ class MaskReport:
 def _blank(value: Any, spec: MaskSpec) -> Any:
     """Mask a whole value but keep its JSON type, so typed clients still parse the document."""
     if isinstance(value, str):
-        return spec.replacement
+        return spec.text_for("field")
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, (int, float)):
@@ -115,31 +131,31 @@ def _blank(value: Any, spec: MaskSpec) -> Any:
         return [_blank(v, spec) for v in value]
     if isinstance(value, dict):
         return {k: _blank(v, spec) for k, v in value.items()}
-    return spec.replacement
+    return spec.text_for("field")
 
 
-def mask_text(text: str, detectors: Mapping[str, Detector], replacement: str = REPLACEMENT,
+def mask_text(text: str, detectors: Mapping[str, Detector], replacement: Replacement = REPLACEMENT,
               report: MaskReport | None = None) -> str:
-    """Replace every span any detector finds; overlapping spans are merged."""
-    spans: list[tuple[int, int]] = []
+    """Replace every span any detector finds; overlapping spans are merged (the first name wins)."""
+    spans: list[tuple[int, int, str]] = []
     for name, det in detectors.items():
-        found = [(s, e) for s, e in det(text) if 0 <= s < e <= len(text)]
+        found = [(s, e, name) for s, e in det(text) if 0 <= s < e <= len(text)]
         if found and report is not None:
             report.detector_hits[name] = report.detector_hits.get(name, 0) + len(found)
         spans.extend(found)
     if not spans:
         return text
     spans.sort()
-    merged: list[list[int]] = []
-    for s, e in spans:
+    merged: list[list] = []
+    for s, e, name in spans:
         if merged and s <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], e)
         else:
-            merged.append([s, e])
+            merged.append([s, e, name])
     out, pos = [], 0
-    for s, e in merged:
+    for s, e, name in merged:
         out.append(text[pos:s])
-        out.append(replacement)
+        out.append(replacement if isinstance(replacement, str) else replacement(name))
         pos = e
     out.append(text[pos:])
     return "".join(out)

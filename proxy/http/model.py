@@ -30,7 +30,7 @@ import h11
 
 __all__ = [
     "AgentConnection", "Body", "Closed", "End", "Event", "Headers", "HttpProtocolError", "OriginConnection",
-    "RequestHead", "ResponseHead", "Switched", "normalize_path",
+    "RequestHead", "ResponseHead", "Switched", "for_origin", "normalize_path",
 ]
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) plus the explicit-proxy ones; never forwarded as-is.

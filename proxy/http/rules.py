@@ -28,7 +28,7 @@ def operation_from_request(head: RequestHead, *, scheme: str = "https", default_
     """Describe one request. default_host/default_port: the original destination, for requests
     without a Host header (HTTP/1.0) or to record which port the agent dialled."""
     method = head.method.upper()
-    host = head.host or default_host.lower()
+    host = (head.host or default_host.lower()).rstrip(".")
     port = head.port or default_port
     path = normalize_path(head.path) if head.path else ""
     query = redact_query(head.query)
