@@ -287,3 +287,38 @@ def test_identify_request_wrapper() -> None:
     head = RequestHead("DELETE", "/my-bucket", Headers([("Host", "s3.us-east-2.amazonaws.com")]))
     call = identify_request(head)
     assert call.action == "DeleteBucket" and call.region == "us-east-2"
+
+
+def _signed(scope_service: str, region: str = "us-east-1") -> dict[str, str]:
+    return {"Authorization": f"AWS4-HMAC-SHA256 Credential=AKIAPH/20240101/{region}/{scope_service}/aws4_request, "
+                             "SignedHeaders=host;x-amz-date, Signature=00",
+            "X-Amz-Date": "20240101T000000Z"}
+
+
+def test_s3_ignores_x_amz_target() -> None:
+    """S3 acts on method and path: a JSON-style target header must not relabel a DELETE."""
+    hdrs = {**_signed("s3"), "X-Amz-Target": "DynamoDB_20120810.GetItem"}
+    call = identify("DELETE", "prod-bucket.s3.amazonaws.com", "/", "", hdrs)
+    assert call.action == "DeleteBucket" and call.family == "s3"
+
+
+def test_scope_host_mismatch_is_flagged() -> None:
+    call = identify("POST", "s3.amazonaws.com", "/", "Action=GetCallerIdentity", _signed("sts"))
+    assert "service-mismatch" in call.risks and call.extra["host_service"] == "s3"
+    call = identify("POST", "iam.amazonaws.com", "/", "Action=ListUsers", _signed("sts"))
+    assert "service-mismatch" in call.risks
+    ok = identify("POST", "abc.execute-api.us-east-1.amazonaws.com", "/prod/x", "", _signed("execute-api"))
+    assert "service-mismatch" not in ok.risks
+
+
+def test_target_and_action_together_is_ambiguous() -> None:
+    hdrs = {**_signed("dynamodb"), "X-Amz-Target": "DynamoDB_20120810.GetItem"}
+    call = identify("POST", "dynamodb.us-east-1.amazonaws.com", "/", "Action=DeleteTable", hdrs, b"{}")
+    assert call.action == "GetItem" and "ambiguous-action" in call.risks
+
+
+def test_s3_control_is_not_read_as_object_operations() -> None:
+    call = identify("PUT", "123456789012.s3-control.us-east-1.amazonaws.com",
+                    "/v20180820/configuration/publicAccessBlock", "", _signed("s3"))
+    assert call.action == "Unknown" and call.family == "rest-xml"
+    assert "unidentified-action" in call.risks and "service-mismatch" not in call.risks

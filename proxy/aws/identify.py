@@ -32,6 +32,10 @@ GLOBAL_SERVICES = {"iam": "us-east-1", "sts": "us-east-1", "route53": "us-east-1
 
 UNKNOWN = "Unknown"
 
+# Endpoint prefixes that are also the signing name, so a scope naming another service is a lie.
+_PLAIN_ENDPOINTS = frozenset({"iam", "sts", "ec2", "dynamodb", "sqs", "sns", "lambda", "kms", "secretsmanager",
+                              "ssm", "logs", "monitoring", "rds", "cloudformation", "events", "states"})
+
 # Former query-protocol services now on JSON/CBOR: their SDKs still expect the old error codes.
 QUERY_COMPATIBLE = frozenset({"sqs", "monitoring"})
 
@@ -179,6 +183,10 @@ class AwsCall:
             r.append("presigned")
         if self.extra.get("objects_truncated") == "true":
             r.append("objects-truncated")
+        if "host_service" in self.extra:
+            r.append("service-mismatch")
+        if self.extra.get("ambiguous") == "true":
+            r.append("ambiguous-action")
         return tuple(r)
 
     def operation(self) -> Operation:
@@ -458,6 +466,31 @@ def identify(method: str, host: str, path: str, query: str,
     amz_target = hdrs.get("x-amz-target")
     ak, pre = (info.access_key if info else None), bool(info and info.presigned)
     extra: dict[str, str] = {"host": hostname, "method": method.upper()}
+    if host_service is not None and (
+            (host_service == "s3") != (service in S3_LIKE_SERVICES)
+            or (host_service in _PLAIN_ENDPOINTS and host_service != service)):
+        # The signature names one service, the host another: AWS will refuse it, but the policy
+        # should not judge it under the name the agent chose.
+        extra["host_service"] = host_service
+    if amz_target and ("Action" in params or (ctype == "application/x-www-form-urlencoded"
+                                               and b"Action=" in body_prefix)):
+        extra["ambiguous"] = "true"
+
+    if ".s3-control." in hostname or hostname.startswith("s3-control."):
+        # S3 Control (account-level settings, access points, batch jobs) signs as "s3" but is not
+        # bucket/key REST; it is left unidentified rather than misread as object operations.
+        extra["path"] = path
+        extra.pop("host_service", None)
+        return AwsCall(service, region, UNKNOWN, "rest-xml", (), extra=extra, access_key=ak, presigned=pre)
+
+    # S3 acts on method and path whatever other headers say: a stray X-Amz-Target must not
+    # relabel a DELETE.
+    if service in S3_LIKE_SERVICES:
+        action, bucket, key, resources, s3extra = _identify_s3(method, host, path, params, hdrs, body_prefix, region,
+                                                               s3_virtual_suffixes)
+        extra.update(s3extra)
+        return AwsCall(service, region, action, "s3", tuple(resources), bucket=bucket, key=key, extra=extra,
+                       access_key=ak, presigned=pre)
 
     if amz_target:
         action = amz_target.rsplit(".", 1)[-1].strip() or UNKNOWN
@@ -475,13 +508,6 @@ def identify(method: str, host: str, path: str, query: str,
         extra["smithy_service"] = unquote(rpc.group(1))
         return AwsCall(service, region, unquote(rpc.group(2)), "rpcv2-cbor", (),
                        query_compatible=service in QUERY_COMPATIBLE, extra=extra, access_key=ak, presigned=pre)
-
-    if service in S3_LIKE_SERVICES:
-        action, bucket, key, resources, s3extra = _identify_s3(method, host, path, params, hdrs, body_prefix, region,
-                                                               s3_virtual_suffixes)
-        extra.update(s3extra)
-        return AwsCall(service, region, action, "s3", tuple(resources), bucket=bucket, key=key, extra=extra,
-                       access_key=ak, presigned=pre)
 
     form: dict[str, str] = {}
     if ctype == "application/x-www-form-urlencoded" and body_prefix:
