@@ -17,6 +17,7 @@ from proxy.http.model import (
     RequestHead,
     ResponseHead,
     Switched,
+    for_agent,
     for_origin,
     normalize_path,
 )
@@ -417,3 +418,19 @@ def test_operation_port_and_overrides() -> None:
     op2 = operation_from_request(RequestHead("GET", "/", Headers()), scheme="http", default_host="10.0.0.5",
                                  default_port=80)
     assert op2.objects == ("10.0.0.5/",)
+
+
+def test_content_length_overridden_by_transfer_encoding_is_not_forwarded() -> None:
+    """A request smuggling shape: h11 frames by chunked, so the origin must not see the length."""
+    a = AgentConnection()
+    evs = drain(a, b"POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: s\r\n\r\n")
+    head = evs[0]
+    assert b"".join(e.data for e in evs if isinstance(e, Body)) == b"abc"
+    o = OriginConnection()
+    wire = o.send_head(for_origin(head)) + o.send_body(b"abc") + o.send_end()
+    assert b"Content-Length" not in wire and b"Transfer-Encoding: chunked" in wire
+    resp = ResponseHead(200, "OK", Headers([("Content-Length", "9"), ("Transfer-Encoding", "chunked")]))
+    assert for_agent(resp).headers.items() == [("Transfer-Encoding", "chunked")]
+    a.respond(200, [], b"ok")
+    assert [e.target for e in drain(a) if isinstance(e, RequestHead)] == ["/smuggled"]

@@ -13,7 +13,8 @@ proxy.http.model
                           receive(bytes); events() yields ResponseHead (1xx too), Body, End, …
                           reusable says whether it can carry the next request.
     RequestHead / ResponseHead / Headers   editable, case-preserving heads.
-    for_origin(head)      strip proxy-only fields, origin-form target, optionally drop Expect.
+    for_origin(head)      strip proxy-only fields and a TE-overridden Content-Length, origin-form
+                          target, optionally drop Expect. for_agent(response_head) likewise.
     HttpProtocolError     .status is the status to answer with (respond_error()).
 proxy.http.responses      Canned(status, headers, body): blocked(rule, reason) 403 JSON,
                           bad_gateway 502, gateway_timeout 504, bad_request 400.
@@ -24,5 +25,5 @@ proxy.http.masking        mask_json_bytes(body, MaskSpec) for MASK decisions;
 A typical exchange: events() gives a RequestHead; judge operation_from_request(head); if refused,
 write respond(*blocked(...)) and close when must_close; if allowed, send_continue() when
 expects_continue, forward for_origin(head) through an OriginConnection and stream Body events both
-ways as they come; after respond_end() call events() again for a pipelined next request.
+ways as they come (response heads through for_agent); after respond_end() call events() again for a pipelined next request.
 """

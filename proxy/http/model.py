@@ -30,7 +30,7 @@ import h11
 
 __all__ = [
     "AgentConnection", "Body", "Closed", "End", "Event", "Headers", "HttpProtocolError", "OriginConnection",
-    "RequestHead", "ResponseHead", "Switched", "for_origin", "normalize_path",
+    "RequestHead", "ResponseHead", "Switched", "for_agent", "for_origin", "normalize_path",
 ]
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) plus the explicit-proxy ones; never forwarded as-is.
@@ -467,13 +467,16 @@ class OriginConnection(_Side):
 def for_origin(head: RequestHead, *, keep_expect: bool = False) -> RequestHead:
     """The agent's request as it should go to the origin.
 
-    Drops proxy-only fields (Proxy-Connection, Proxy-Authorization) and turns an absolute-form
+    Drops proxy-only fields (Proxy-Connection, Proxy-Authorization), a Content-Length that a
+    Transfer-Encoding overrides (RFC 9112 §6.3: forwarding both invites request smuggling, since
+    h11 framed the body by Transfer-Encoding and the origin might not), and turns an absolute-form
     target into origin-form. Connection/Upgrade/Transfer-Encoding stay: h11 frames the body from
     them and an Upgrade must reach the origin. Expect is dropped unless keep_expect, on the view
     that the proxy answers 100-continue itself once the policy has allowed the head.
     """
     h = head.copy()
     h.headers.remove("proxy-connection", "proxy-authorization")
+    _drop_conflicting_length(h.headers)
     if not keep_expect:
         h.headers.remove("expect")
     if h.target.startswith(("http://", "https://")):
@@ -482,3 +485,16 @@ def for_origin(head: RequestHead, *, keep_expect: bool = False) -> RequestHead:
             h.headers.add("Host", parts.netloc)
         h.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return h
+
+
+def for_agent(head: ResponseHead) -> ResponseHead:
+    """The origin's response head as it should go to the agent: same Content-Length rule as
+    for_origin, for the same reason in the other direction."""
+    h = head.copy()
+    _drop_conflicting_length(h.headers)
+    return h
+
+
+def _drop_conflicting_length(headers: Headers) -> None:
+    if "transfer-encoding" in headers:
+        headers.remove("content-length")
