@@ -300,11 +300,52 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_credentials(args) -> int:
+    from credentials.store import KINDS, OPTIONAL, CredentialError, CredentialStore
+
+    _need_root("credentials")
+    store = CredentialStore(_layout(args).state_dir)
+    try:
+        if args.cred_verb == "list":
+            rows = store.listing()
+            if args.json:
+                print(json.dumps(rows, indent=1))
+            for r in [] if args.json else rows:
+                print(f"{r['name']:24} {r['kind']:9} " + " ".join(f"{k}={v}" for k, v in r.items() if k not in ("name", "kind")))
+            if not rows and not args.json:
+                print("no credentials stored")
+        elif args.cred_verb == "rm":
+            if not store.delete(args.name):
+                raise CliError(f"no credential '{args.name}'")
+            print(f"removed {args.name}")
+        else:
+            fields = dict(kv.split("=", 1) for kv in args.field or [])
+            secret_field = {"postgres": "password", "basic": "password", "bearer": "token", "aws": "secret_access_key"}[args.kind]
+            secret = sys.stdin.readline().rstrip("\n")
+            if not secret:
+                raise CliError(f"give the {secret_field} on standard input (it never goes on a command line), e.g.\n"
+                               f"  read -rs S; printf '%s\\n' \"$S\" | interlock credentials set {args.name} --kind {args.kind} ...")
+            fields[secret_field] = secret
+            store.put(args.name, args.kind, fields)
+            print(f"stored {args.kind} credential '{args.name}' (fields: {', '.join(sorted(fields))})")
+    except CredentialError as e:
+        raise CliError(str(e)) from None
+    except ValueError:
+        kinds = "; ".join(k + ": " + ", ".join(v + OPTIONAL.get(k, ())) for k, v in KINDS.items())
+        raise CliError(f"--field takes NAME=VALUE; fields for each kind: {kinds}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="interlock", description="Transparent guardrails between AI agents and the services they use.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state-dir", type=Path, help="instance state (default /var/lib/interlock and /run/interlock)")
     common.add_argument("--config", type=Path, help="YAML configuration (default: embedded defaults)")
+    # The same options after a second-level verb (interlock policy check --state-dir …); SUPPRESS
+    # so they do not reset what was given before it.
+    inner = argparse.ArgumentParser(add_help=False)
+    inner.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS)
+    inner.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     sub.add_parser("daemon", parents=[common], help="load the capture and run the proxy").set_defaults(fn=cmd_daemon)
@@ -329,9 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("rearm", parents=[common], help="lift a tamper lockdown").set_defaults(fn=cmd_rearm)
     p = sub.add_parser("policy", parents=[common], help="check a policy file or explain a decision")
     psub = p.add_subparsers(dest="policy_verb", required=True)
-    pc = psub.add_parser("check", help="validate a policy file (line-numbered errors)")
+    pc = psub.add_parser("check", parents=[inner], help="validate a policy file (line-numbered errors)")
     pc.add_argument("file", type=Path)
-    pe = psub.add_parser("explain", help="the decision for one agent, target and operation, and the rule that made it")
+    pe = psub.add_parser("explain", parents=[inner], help="the decision for one agent, target and operation, and the rule that made it")
     pe.add_argument("--file", type=Path, help="policy file (default: the embedded default policy)")
     pe.add_argument("--agent", required=True)
     pe.add_argument("--target", required=True, help="a target name from the policy, or ADDRESS:PORT")
@@ -354,6 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--reason", required=True)
     p.set_defaults(fn=cmd_deny)
+    p = sub.add_parser("credentials", parents=[common], help="secrets the proxy uses for agents (never shown to them)")
+    csub = p.add_subparsers(dest="cred_verb", required=True)
+    cs = csub.add_parser("set", parents=[inner], help="store a credential; the secret is read from standard input")
+    cs.add_argument("name")
+    cs.add_argument("--kind", required=True, choices=["postgres", "aws", "bearer", "basic"])
+    cs.add_argument("--field", action="append", metavar="NAME=VALUE",
+                    help="non-secret fields: user=…, access_key_id=…, placeholder_access_key_id=…")
+    cl = csub.add_parser("list", parents=[inner], help="names, kinds and non-secret fields")
+    cl.add_argument("--json", action="store_true")
+    cr = csub.add_parser("rm", parents=[inner], help="delete a credential")
+    cr.add_argument("name")
+    p.set_defaults(fn=cmd_credentials)
     p = sub.add_parser("replay", parents=[common], help="a session as a timeline")
     p.add_argument("session")
     p.add_argument("--json", action="store_true")

@@ -1,18 +1,24 @@
-"""The TCP relay: two asyncio Protocols joined back to back, behind a connection-level gate.
+"""The TCP relay: two asyncio Protocols joined back to back, behind the connection gate.
 
-Before anything goes upstream the connection is classified (from the client's first bytes, or
-"tcp" when the client stays silent) and judged by the policy: allow connects, deny closes,
-approve holds the agent until a human answers. Once relaying, each read is one write on the
-other side, backpressure pauses the other side's reads, and half-closes pass through."""
+A connection is classified from the client's first bytes (or, when the client stays silent,
+from the server's greeting) and judged by the policy before anything goes upstream: allow
+connects, deny closes, approve holds the agent until a human answers. A connection whose
+decision cannot depend on the protocol was judged at accept and connects upstream at once.
+Once allowed, connected and classified, bytes flow either through the protocol's handler
+(proxy/handler.py) or, for protocols without one, straight across: one write per read,
+backpressure by pausing the other side, half-closes passed on."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from classifier import sniff
-from policy.model import Verdict
+from classifier import Classifier
+from classifier import Verdict as Classified
+from policy.engine import Destination
+from policy.model import Decision, Operation, Verdict
+from proxy.handler import HANDLERS, Handler
 from recorder.store import SessionRecord
 
 if TYPE_CHECKING:
@@ -24,20 +30,26 @@ MAX_PENDING_CHUNKS = 64
 class AgentSide(asyncio.Protocol):
     """The redirected agent connection, accepted on the proxy listener."""
 
-    __slots__ = ("proxy", "transport", "upstream", "pending", "eof_pending", "rec", "closed_sides",
-                 "judged", "eof_in", "timer")
-
     def __init__(self, proxy: Proxy):
         self.proxy = proxy
         self.transport: asyncio.Transport | None = None
         self.upstream: UpstreamSide | None = None
-        self.pending: list[bytes] = []
-        self.eof_pending = False
         self.rec: SessionRecord | None = None
-        self.closed_sides = 0
-        self.judged = False
+        self.handler: Handler | None = None
+        self.classifier: Classifier | None = None
+        self.details: dict[str, Any] = {}
+        self.pending: list[bytes] = []  # client bytes not yet handed on
+        self.server_pending: list[bytes] = []  # server bytes that arrived before classification
+        self.classified = False
+        self.decided = False  # a decision exists (it may still be on its way to disk)
+        self.allowed = False
+        self.flowing = False  # allowed, connected, classified: bytes go across
         self.eof_in = False
+        self.eof_pending = False
+        self.closed_sides = 0
         self.timer: asyncio.TimerHandle | None = None
+
+    # ---- accept, classify, judge ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -45,55 +57,84 @@ class AgentSide(asyncio.Protocol):
         if self.rec is None:
             transport.abort()
             return
+        self.classifier = Classifier(client_silence=self.proxy.config.first_byte_timeout)
         if self.rec.verdict:
-            # The answer could not depend on the protocol and is on the session row: connect
-            # upstream now, in parallel with the client's first write; the first bytes are
-            # classified for the record only.
-            self.judged = True
+            # Judged at accept (the answer cannot depend on the protocol) and on the session row:
+            # connect now, in parallel with the client's first write.
+            self.decided = self.allowed = True
             self.proxy.loop.create_task(self._connect())
-            return
-        # Server-first protocols: a client that stays silent is judged as plain tcp.
-        self.timer = self.proxy.loop.call_later(self.proxy.config.first_byte_timeout, self._judge, b"")
+        self._arm()
 
-    def _classify(self, first: bytes) -> None:
-        guess = sniff.from_client(first) if first else "tcp"
-        self.rec.protocol = "tcp" if guess == "unknown" else guess
+    def _arm(self) -> None:
+        wait = self.classifier.wait
+        if wait is not None:
+            self.timer = self.proxy.loop.call_later(wait, self._silence)
 
-    def _judge(self, first: bytes) -> None:
-        if self.judged or self.transport.is_closing():
+    def _silence(self) -> None:
+        self.timer = None
+        if self.classified or self.transport.is_closing():
             return
-        self.judged = True
+        r = self.classifier.timeout()
+        if r:
+            self._classified(r)
+            return
+        if not self.decided:
+            # The client waits for a server greeting. Nothing may reach the server before a
+            # decision, so this connection is judged as plain tcp.
+            self._judge()
+        self._arm()
+
+    def _feed(self, data: bytes) -> None:
+        r = self.classifier.feed(data)
+        if r:
+            self._classified(r)
+
+    def _classified(self, v: Classified) -> None:
+        self.classified = True
         if self.timer is not None:
             self.timer.cancel()
-        self._classify(first)
-        decision, written = self.proxy.judge(self.rec)
+            self.timer = None
+        self.rec.protocol = v.protocol
+        self.details = v.details
+        if not self.decided:
+            self._judge()
+        else:
+            self._start_flow()
+
+    def names(self) -> tuple[str, ...]:
+        """What the agent called the destination: SNI or Host, and names it resolved."""
+        extra = tuple(str(self.details[k]).lower() for k in ("sni", "host") if self.details.get(k))
+        return extra + self.proxy.names.names(self.rec.dst_addr)
+
+    def _judge(self) -> None:
+        self.decided = True
+        if self.rec.protocol == "unknown":
+            self.rec.protocol = "tcp"
+        decision, written = self.proxy.judge(self.rec, names=self.names())
         self.rec.verdict, self.rec.rule = decision.verdict.value, decision.rule
         self.proxy.loop.create_task(self._act(decision, written))
 
-    async def _act(self, decision, written) -> None:
+    async def _act(self, decision: Decision, written: asyncio.Future) -> None:
         """Act on a decision once it is on record; a recorder failure refuses the connection."""
         try:
             await written
         except Exception as e:  # no record, no connection
-            self.refuse("recorder-error", str(e))
+            self.close("recorder-error", str(e))
             return
         if self.transport.is_closing():
             return
         if decision.verdict is Verdict.DENY:
-            self.refuse("denied", f"{decision.rule}: {decision.reason}")
+            self.close("denied", f"{decision.rule}: {decision.reason}")
             return
         if decision.verdict is Verdict.APPROVE:
             outcome = await self.proxy.hold(self.rec, decision)
             if self.transport.is_closing():
                 return
             if outcome != "approved":
-                self.refuse(outcome, f"{decision.rule}: approval {outcome}")
+                self.close(outcome, f"{decision.rule}: approval {outcome}")
                 return
+        self.allowed = True
         await self._connect()
-
-    def refuse(self, outcome: str, detail: str) -> None:
-        self.rec.outcome, self.rec.detail = outcome, detail
-        self.transport.abort()
 
     async def _connect(self) -> None:
         rec = self.rec
@@ -101,44 +142,87 @@ class AgentSide(asyncio.Protocol):
             async with asyncio.timeout(self.proxy.config.connect_timeout):
                 _, up = await self.proxy.loop.create_connection(lambda: UpstreamSide(self), rec.dst_addr, rec.dst_port)
         except (TimeoutError, OSError) as e:
-            self.refuse("upstream-error", str(e) or type(e).__name__)
+            self.close("upstream-error", str(e) or type(e).__name__)
             return
         if self.transport.is_closing():
             up.transport.close()
             return
         self.upstream = up
-        if self.pending:
-            up.transport.writelines(self.pending)
-            self.pending = []
-            self.transport.resume_reading()
+        self._start_flow()
+
+    def _start_flow(self) -> None:
+        """Once allowed, connected and classified: hand the buffered bytes on."""
+        if self.flowing or not (self.allowed and self.upstream is not None and self.classified):
+            return
+        self.flowing = True
+        handler_cls = HANDLERS.get(self.rec.protocol)
+        pending, self.pending = self.pending, []
+        server_pending, self.server_pending = self.server_pending, []
+        if handler_cls is not None:
+            self.handler = handler_cls(self, self.details)
+            self.handler.start()
+            for chunk in pending:
+                self.handler.on_client(chunk)
+            for chunk in server_pending:
+                self.handler.on_server(chunk)
+        else:
+            if pending:
+                self.upstream.transport.writelines(pending)
+            if server_pending:
+                self.transport.writelines(server_pending)
+        self.transport.resume_reading()
+        self.upstream.transport.resume_reading()
         if self.eof_pending:
-            up.transport.write_eof()
+            self._client_eof_now()
+
+    # ---- bytes --------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        rec = self.rec
-        if rec.bytes_up == 0 and self.judged:
-            self._classify(data)
-        rec.bytes_up += len(data)
-        if self.upstream is not None:
-            self.upstream.transport.write(data)
+        self.rec.bytes_up += len(data)
+        if self.flowing:
+            if self.handler is None:
+                self.upstream.transport.write(data)
+            else:
+                self.handler.on_client(data)
             return
         self.pending.append(data)
-        if not self.judged:
-            self._judge(data)
-        if len(self.pending) > MAX_PENDING_CHUNKS:
+        if not self.classified:
+            self._feed(data)
+        if len(self.pending) > MAX_PENDING_CHUNKS and not self.flowing:
             self.transport.pause_reading()
+
+    def server_data(self, data: bytes) -> None:
+        if self.flowing:
+            if self.handler is None:
+                self.transport.write(data)
+            else:
+                self.handler.on_server(data)
+            return
+        self.server_pending.append(data)
+        if not self.classified:
+            r = self.classifier.feed_server(data)
+            if r:
+                self._classified(r)
+        if len(self.server_pending) > MAX_PENDING_CHUNKS and not self.flowing:
+            self.upstream.transport.pause_reading()
 
     def eof_received(self) -> bool:
         """Pass the half-close on; once both directions have ended, close."""
         self.eof_in = True
-        if self.upstream is not None:
-            if self.upstream.transport.can_write_eof():
-                self.upstream.transport.write_eof()
-            return not self.upstream.eof_in
-        self.eof_pending = True
-        if not self.judged:
-            self._judge(b"".join(self.pending))
-        return True
+        if not self.classified:
+            self._feed(b"")
+        if not self.flowing:
+            self.eof_pending = True
+            return True
+        return self._client_eof_now()
+
+    def _client_eof_now(self) -> bool:
+        if self.handler is not None:
+            keep = self.handler.on_client_eof()
+        else:
+            self.server_eof()
+            keep = True
+        return keep and not self.upstream.eof_in
 
     def pause_writing(self) -> None:
         if self.upstream is not None:
@@ -168,42 +252,107 @@ class AgentSide(asyncio.Protocol):
         rec = self.rec
         if rec.ended is not None:
             return
+        if self.handler is not None:
+            self.handler.on_close()
         rec.ended = time.time()
         if rec.outcome == "open":
             rec.outcome = "closed"
         self.proxy.recorder.session_close(rec)
 
+    # ---- for handlers -------------------------------------------------------------------
+
+    def to_server(self, data: bytes) -> None:
+        self.upstream.transport.write(data)
+
+    def to_client(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def server_eof(self) -> None:
+        if self.upstream.transport.can_write_eof():
+            self.upstream.transport.write_eof()
+
+    def client_eof(self) -> None:
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def pause_client(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_client(self) -> None:
+        self.transport.resume_reading()
+
+    def targets(self) -> list:
+        """The policy's targets this connection goes to (for credentials, upstream user, …)."""
+        dest = Destination(self.rec.dst_addr, self.rec.dst_port, self.names(), self.rec.protocol)
+        return self.proxy.policy.current.targets_for(dest)
+
+    def credential(self) -> dict | None:
+        """The stored secret the first matching target names, if any (never shown to the agent)."""
+        for t in self.targets():
+            if t.credentials:
+                return self.proxy.credentials.get(t.credentials)
+        return None
+
+    def judge(self, op: Operation) -> tuple[Decision, asyncio.Future]:
+        """The policy's answer for one operation, and a future that resolves once it is on record
+        (durably, for refusals and holds): act only after it."""
+        return self.proxy.judge(self.rec, op, names=self.names())
+
+    async def hold(self, op: Operation, decision: Decision) -> str:
+        """Wait for a human: 'approved', 'denied' or 'expired'."""
+        return await self.proxy.hold(self.rec, decision, op)
+
+    def event(self, kind: str, data: dict) -> None:
+        self.proxy.recorder.event(kind, data, self.rec.id)
+
+    def spawn(self, coro) -> asyncio.Task:
+        return self.proxy.loop.create_task(coro)
+
+    def close(self, outcome: str, detail: str, abort: bool = True) -> None:
+        """End the connection with an outcome for the record; abort sends a reset."""
+        if self.rec.outcome == "open":
+            self.rec.outcome, self.rec.detail = outcome, detail
+        if abort:
+            self.transport.abort()
+        else:
+            self.transport.close()
+        if self.upstream is not None:
+            self.upstream.transport.close()
+
 
 class UpstreamSide(asyncio.Protocol):
     """The proxy's own connection to the original destination (never captured: not an agent)."""
 
-    __slots__ = ("agent", "transport", "sniffed", "eof_in")
+    __slots__ = ("agent", "transport", "eof_in")
 
     def __init__(self, agent: AgentSide):
         self.agent = agent
         self.transport: asyncio.Transport | None = None
-        self.sniffed = False
         self.eof_in = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        agent = self.agent
-        agent.rec.bytes_down += len(data)
-        if not self.sniffed:
-            self.sniffed = True
-            if agent.rec.protocol == "tcp":
-                agent.rec.protocol = sniff.from_server(data)
-                if agent.rec.protocol == "unknown":
-                    agent.rec.protocol = "tcp"
-        agent.transport.write(data)
+        self.agent.rec.bytes_down += len(data)
+        self.agent.server_data(data)
 
     def eof_received(self) -> bool:
         self.eof_in = True
-        if self.agent.transport.can_write_eof():
-            self.agent.transport.write_eof()
-        return not self.agent.eof_in
+        agent = self.agent
+        if not agent.flowing:
+            if not agent.classified:
+                r = agent.classifier.feed_server(b"")
+                if r:
+                    agent._classified(r)
+            if not agent.flowing:
+                return False
+        if agent.handler is not None:
+            keep = agent.handler.on_server_eof()
+        else:
+            agent.client_eof()
+            keep = True
+        return keep and not agent.eof_in
 
     def pause_writing(self) -> None:
         self.agent.transport.pause_reading()

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import uvloop
 
+import proxy.protocols  # noqa: F401  (registers the protocol handlers)
+from classifier import LABELS
+from credentials.store import CredentialStore
 from interceptor.config import Config, load
 from interceptor.layout import Layout
 from policy.engine import Destination
@@ -40,19 +43,19 @@ class Proxy:
         approvals.ensure_schema(self.recorder.db)
         self.policy = PolicyHolder(config.policy, self.recorder)
         self.names = NameCache()
+        self.credentials = CredentialStore(layout.state_dir)
         self.holds = Holds(self, loop)
         self._agent_names: dict[int, str] = {}
         self._early: dict[tuple, Decision | None] = {}
         self._own = {self.config.proxy_port, self.config.dns_port}
 
-    def destination(self, rec: SessionRecord) -> Destination:
-        return Destination(rec.dst_addr, rec.dst_port, self.names.names(rec.dst_addr), rec.protocol)
-
-    def judge(self, rec: SessionRecord, op: Operation | None = None) -> tuple[Decision, asyncio.Future]:
+    def judge(self, rec: SessionRecord, op: Operation | None = None,
+              names: tuple[str, ...] = ()) -> tuple[Decision, asyncio.Future]:
         """Ask the policy about an operation (the connection itself when none is given). The
         future resolves once the decision is on record: act only after it."""
         op = op or _connect_op(rec)
-        decision = self.policy.current.decide(rec.agent, self.destination(rec), op)
+        dest = Destination(rec.dst_addr, rec.dst_port, names or self.names.names(rec.dst_addr), rec.protocol)
+        decision = self.policy.current.decide(rec.agent, dest, op)
         return decision, self.recorder.decision(rec.id, op, decision)
 
     def early_decision(self, rec: SessionRecord) -> Decision | None:
@@ -65,10 +68,12 @@ class Proxy:
         hit = self._early.get(key, _MISS)
         if hit is not _MISS:
             return hit
-        decisions = {policy.decide(rec.agent, Destination(rec.dst_addr, rec.dst_port, names, p),
-                                   Operation(p, "connect", (f"{rec.dst_addr}:{rec.dst_port}",)))
-                     for p in PROTOCOLS}
         early = None
+        # Hostname targets can match on the SNI or Host the first bytes carry: no early answer then.
+        hostnames = any(t.hostnames for t in policy.targets.values())
+        decisions = set() if hostnames else {
+            policy.decide(rec.agent, Destination(rec.dst_addr, rec.dst_port, names, p),
+                          Operation(p, "connect", (f"{rec.dst_addr}:{rec.dst_port}",))) for p in PROTOCOLS}
         if len(decisions) == 1:
             d = decisions.pop()
             early = d if d.verdict in (Verdict.ALLOW, Verdict.MASK) else None
@@ -159,7 +164,7 @@ class Proxy:
 _MISS = object()
 # Every protocol name the classifier can give a connection: a connect decision that is the same
 # for all of them does not need the first bytes.
-PROTOCOLS = ("tcp", "http", "http2", "tls", "postgres", "redis", "ssh", "mysql", "smtp", "mongodb", "dns")
+PROTOCOLS = LABELS
 
 
 def _connect_op(rec: SessionRecord) -> Operation:
