@@ -26,6 +26,7 @@ from proxy.gate import Holds, NameCache, PolicyHolder
 from proxy.origins import Origins
 from proxy.relay import AgentSide
 from proxy.resolver import Resolver, system_nameserver
+from proxy.tls.ca import CertificateAuthority, LeafMinter
 from recorder import approvals
 from recorder.store import Recorder, SessionRecord, new_session_id
 
@@ -44,6 +45,10 @@ class Proxy:
         self.policy = PolicyHolder(config.policy, self.recorder)
         self.names = NameCache()
         self.credentials = CredentialStore(layout.state_dir)
+        # Our interception CA (state_dir/ca, key 0600) and the leaf certificates it mints per
+        # name: what the TLS-terminating handlers (PostgreSQL sslmode, HTTPS) present to agents.
+        self.ca = CertificateAuthority.load_or_create(layout.state_dir / "ca")
+        self.leaves = LeafMinter(self.ca)
         self.holds = Holds(self, loop)
         self._agent_names: dict[int, str] = {}
         self._early: dict[tuple, Decision | None] = {}
