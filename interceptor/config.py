@@ -47,13 +47,15 @@ class Config:
     # How long a silent client may wait before its connection is judged as plain tcp.
     first_byte_timeout: float = 0.25
     policy: str | None = None  # policy file; the embedded default when unset
+    splice: bool = True  # move bulk opaque connections to kernel splice threads
     agents: list[AgentSelector] = field(default_factory=list)
     source: str | None = None
 
 
 _SCALARS = {"instance": str, "cgroup_root": str, "capture_cgroup": str, "proxy_port": int, "dns_port": int, "mark": int,
             "dns_upstream": str, "proxy_restart_delay": float, "connect_timeout": float,
-            "watch_interval": float, "first_byte_timeout": float, "policy": str}
+            "watch_interval": float, "first_byte_timeout": float, "policy": str,
+            "splice": bool}
 
 
 def load(path: Path | None) -> Config:
@@ -75,7 +77,7 @@ def load(path: Path | None) -> Config:
             typ = _SCALARS[key]
             if typ is float and isinstance(value, int):
                 value = float(value)
-            if not isinstance(value, typ) or isinstance(value, bool):
+            if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
                 raise ConfigError(f"{path}: '{key}' must be {typ.__name__}, got {value!r}")
             setattr(cfg, key, value)
         else:

@@ -36,6 +36,41 @@ def tcp(host: str, port: int, v4mapped: bool) -> dict:
         s.close()
 
 
+def bulk(host: str, port: int, megabytes: int) -> dict:
+    """Send `megabytes` of random data to an echo server while reading the echo back; compare."""
+    import hashlib
+
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(30)
+    payload = os.urandom(megabytes << 20)
+    got = hashlib.sha256()
+    received = 0
+
+    def reader() -> None:
+        nonlocal received
+        while received < len(payload):
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            got.update(chunk)
+            received += len(chunk)
+
+    try:
+        s.connect((host, port))
+        t = threading.Thread(target=reader)
+        t.start()
+        s.sendall(payload)
+        t.join(60)
+        s.shutdown(socket.SHUT_WR)
+        ok = received == len(payload) and got.digest() == hashlib.sha256(payload).digest()
+        return {"ok": ok, "sent": len(payload), "received": received}
+    except OSError as e:
+        return {"ok": False, "error": e.__class__.__name__, "errno": e.errno, "message": str(e)}
+    finally:
+        s.close()
+
+
 def dns_query(name: str) -> bytes:
     import dpkt
 
@@ -72,6 +107,7 @@ def main() -> int:
     ap.add_argument("host", nargs="?", default="")
     ap.add_argument("port", type=int, nargs="?", default=0)
     ap.add_argument("--dns", metavar="NAME", help="udp: send a DNS query for NAME")
+    ap.add_argument("--bulk", type=int, metavar="MB", help="tcp: stream MB through an echo server and verify it")
     ap.add_argument("--thread", action="store_true", help="connect from a worker thread")
     ap.add_argument("--fork", action="store_true", help="connect from a forked child")
     ap.add_argument("--v4mapped", action="store_true", help="IPv6 socket to a v4-mapped address")
@@ -82,6 +118,8 @@ def main() -> int:
             return raw()
         if a.kind == "udp":
             return udp(a.host, a.port, dns_query(a.dns) if a.dns else b"datagram")
+        if a.bulk:
+            return bulk(a.host, a.port, a.bulk)
         return tcp(a.host, a.port, a.v4mapped)
 
     if a.thread:

@@ -6,7 +6,8 @@ connects, deny closes, approve holds the agent until a human answers. A connecti
 decision cannot depend on the protocol was judged at accept and connects upstream at once.
 Once allowed, connected and classified, bytes flow either through the protocol's handler
 (proxy/handler.py) or, for protocols without one, straight across: one write per read,
-backpressure by pausing the other side, half-closes passed on."""
+backpressure by pausing the other side, half-closes passed on; past SPLICE_AFTER bytes such an
+opaque connection moves to kernel splice threads (proxy/splice.py)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ from classifier import Verdict as Classified
 from policy.engine import Destination
 from policy.model import Decision, Operation, Verdict
 from proxy.handler import HANDLERS, Handler
+from proxy.splice import SPLICE_AFTER, Splice
+from proxy.splice import available as splice_available
 from recorder.store import SessionRecord
 
 if TYPE_CHECKING:
     from proxy.server import Proxy
 
 MAX_PENDING_CHUNKS = 64
+SPLICE_ENABLED = splice_available()
 
 
 class AgentSide(asyncio.Protocol):
@@ -48,6 +52,7 @@ class AgentSide(asyncio.Protocol):
         self.eof_pending = False
         self.closed_sides = 0
         self.timer: asyncio.TimerHandle | None = None
+        self.splice_ok = SPLICE_ENABLED and proxy.config.splice
 
     # ---- accept, classify, judge ---------------------------------------------------------
 
@@ -182,6 +187,8 @@ class AgentSide(asyncio.Protocol):
         if self.flowing:
             if self.handler is None:
                 self.upstream.transport.write(data)
+                if self.rec.bytes_up > SPLICE_AFTER and self.splice_ok:
+                    self._begin_splice()
             else:
                 self.handler.on_client(data)
             return
@@ -195,6 +202,8 @@ class AgentSide(asyncio.Protocol):
         if self.flowing:
             if self.handler is None:
                 self.transport.write(data)
+                if self.rec.bytes_down > SPLICE_AFTER and self.splice_ok:
+                    self._begin_splice()
             else:
                 self.handler.on_server(data)
             return
@@ -205,6 +214,37 @@ class AgentSide(asyncio.Protocol):
                 self._classified(r)
         if len(self.server_pending) > MAX_PENDING_CHUNKS and not self.flowing:
             self.upstream.transport.pause_reading()
+
+    # ---- bulk: hand an opaque connection to the kernel -----------------------------------
+
+    def _begin_splice(self) -> None:
+        self.splice_ok = False
+        self.transport.pause_reading()
+        self.upstream.transport.pause_reading()
+        self._try_splice()
+
+    def _try_splice(self) -> None:
+        up = self.upstream.transport
+        if self.transport.is_closing() or up.is_closing():
+            return
+        if self.transport.get_write_buffer_size() or up.get_write_buffer_size():
+            self.proxy.loop.call_later(0.001, self._try_splice)  # let both buffers drain first
+            return
+        if self.eof_in or self.upstream.eof_in:
+            self.transport.resume_reading()  # half-closed already: finish on the loop
+            up.resume_reading()
+            return
+        self.event("splice", {"after_up": self.rec.bytes_up, "after_down": self.rec.bytes_down})
+        Splice(self.proxy.loop, self.transport.get_extra_info("socket").fileno(),
+               up.get_extra_info("socket").fileno(), self._spliced)
+
+    def _spliced(self, up: int, down: int, error: str | None) -> None:
+        self.rec.bytes_up += up
+        self.rec.bytes_down += down
+        if error and self.rec.outcome == "open":
+            self.rec.detail = error
+        self.upstream.transport.close()
+        self.transport.close()
 
     def eof_received(self) -> bool:
         """Pass the half-close on; once both directions have ended, close."""

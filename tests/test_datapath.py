@@ -75,6 +75,15 @@ def test_children_stay_enrolled(inst, lab, echo):
     assert rows, "the forked child's connection was not captured"
 
 
+def test_bulk_transfer_moves_to_splice_intact_and_counted(inst, lab, echo):
+    r = inst.probe("tcp", lab.b.addr4, str(ECHO_PORT), "--bulk", "24")
+    assert r["ok"], r
+    s = wait_until(lambda: (x := session_of(inst, r["pid"])) and x["ended"] and x)
+    assert s["bytes_up"] == s["bytes_down"] == 24 << 20, "splice threads' bytes are counted"
+    assert s["outcome"] == "closed"
+    assert any(e["session"] == s["id"] for e in inst.events("splice")), "the transfer left the event loop"
+
+
 def test_unenrolled_process_is_untouched(inst, lab, echo):
     before = len(echo.seen("tcp"))
     r = inst.probe("tcp", lab.b.addr4, str(ECHO_PORT), agent=None)
