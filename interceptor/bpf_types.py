@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import socket
 
+_V4_PREFIX = b"\0" * 10 + b"\xff\xff"
 AF_INET = 2
 AF_INET6 = 10
 COMM_LEN = 16
@@ -25,16 +27,21 @@ class Endpoint(ctypes.Structure):
 
     @classmethod
     def of(cls, host: str, port: int) -> Endpoint:
-        ip = ipaddress.ip_address(host.split("%")[0])
-        if ip.version == 4:
-            ip = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
+        """From a peer address as the socket layer gives it (on the accept path: keep it cheap)."""
+        host = host.split("%")[0]
+        if ":" in host:
+            packed = socket.inet_pton(socket.AF_INET6, host)
+        else:
+            packed = _V4_PREFIX + socket.inet_pton(socket.AF_INET, host)
         ep = cls(port=port)
-        ctypes.memmove(ep.addr, ip.packed, 16)
+        ctypes.memmove(ep.addr, packed, 16)
         return ep
 
     def address(self) -> str:
-        ip = ipaddress.IPv6Address(bytes(self.addr))
-        return str(ip.ipv4_mapped) if ip.ipv4_mapped else str(ip)
+        raw = bytes(self.addr)
+        if raw[:12] == _V4_PREFIX:
+            return socket.inet_ntop(socket.AF_INET, raw[12:])
+        return str(ipaddress.IPv6Address(raw))
 
 
 class Origin(ctypes.Structure):

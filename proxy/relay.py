@@ -68,6 +68,7 @@ class AgentSide(asyncio.Protocol):
             # connect now, in parallel with the client's first write.
             self.decided = self.allowed = True
             self.proxy.loop.create_task(self._connect())
+            return  # the first bytes arm the silence timer if they do not decide at once
         self._arm()
 
     def _arm(self) -> None:
@@ -93,6 +94,8 @@ class AgentSide(asyncio.Protocol):
         r = self.classifier.feed(data)
         if r:
             self._classified(r)
+        elif self.timer is None and data:
+            self._arm()  # a client that stops mid-way is classified on silence, never left hanging
 
     def _classified(self, v: Classified) -> None:
         self.classified = True

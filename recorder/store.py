@@ -14,7 +14,7 @@ import os
 import sqlite3
 import sys
 import time
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import sqlite_utils
@@ -57,6 +57,12 @@ class SessionRecord:
     detail: str = ""
     verdict: str = ""  # the connection's own decision, and the rule that made it
     rule: str = ""
+
+    def row(self) -> tuple:
+        """Column values in SESSION_COLUMNS order (dataclasses.astuple deep-copies: too slow here)."""
+        return (self.id, self.agent, self.pid, self.tgid, self.uid, self.gid, self.comm, self.exe, self.cmdline,
+                self.cgroup_id, self.dst_addr, self.dst_port, self.family, self.protocol, self.started, self.ended,
+                self.bytes_up, self.bytes_down, self.outcome, self.detail, self.verdict, self.rule)
 
 
 class GroupWriter:
@@ -121,6 +127,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+assert tuple(f.name for f in fields(SessionRecord)) == tuple(SESSION_COLUMNS), "row() follows SESSION_COLUMNS"
 _OPEN_SQL = "INSERT INTO sessions ({}) VALUES ({})".format(",".join(SESSION_COLUMNS), ",".join("?" * len(SESSION_COLUMNS)))
 _CLOSE_SQL = ("UPDATE sessions SET ended=?, bytes_up=?, bytes_down=?, outcome=?, detail=?, protocol=?, verdict=?, rule=?"
               " WHERE id=?")
@@ -160,7 +167,7 @@ class Recorder:
         return None
 
     def session_open(self, rec: SessionRecord) -> None:
-        self._write(_OPEN_SQL, astuple(rec))
+        self._write(_OPEN_SQL, rec.row())
 
     def session_close(self, rec: SessionRecord) -> None:
         self._write(_CLOSE_SQL, (rec.ended or time.time(), rec.bytes_up, rec.bytes_down, rec.outcome, rec.detail,
