@@ -1,4 +1,5 @@
-/* Process lineage: enroll at exec by path, uid or cgroup selector, inherit across fork, forget at
+/* Process lineage: enroll at exec by path or uid selector (cgroup selectors need no exec hook:
+ * their cgroup ids go straight into agent_cgroups), inherit across fork, forget at
  * exit. Runs synchronously in the task, so no connect() of an enrolled program can come first. */
 #include <uapi/linux/bpf.h>
 #include "interlock.h"
@@ -20,10 +21,6 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
         if (!agent) {
             u32 uid = (u32)bpf_get_current_uid_gid();
             agent = uid_selectors.lookup(&uid);
-        }
-        if (!agent) {
-            u64 cg = bpf_get_current_cgroup_id();
-            agent = cgroup_selectors.lookup(&cg);
         }
         if (!agent)
             return 0;

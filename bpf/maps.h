@@ -15,7 +15,6 @@ IL_MAP(lru_hash, u64, struct il_origin, by_cookie, 65536);
 IL_MAP(lru_hash, struct il_endpoint, struct il_origin, by_peer, 65536);
 IL_MAP(hash, struct il_path, u32, exe_selectors, 1024);
 IL_MAP(hash, u32, u32, uid_selectors, 1024);
-IL_MAP(hash, u64, u32, cgroup_selectors, 1024);
 IL_MAP(percpu_array, u32, struct il_path, path_scratch, 1);
 BPF_PERF_OUTPUT(exec_events);
 

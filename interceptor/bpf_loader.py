@@ -58,7 +58,7 @@ HOOKS = (
 
 PROGRAM_FILES = ("redirect.bpf.c", "lineage.bpf.c")
 PINNED_MAPS = ("settings", "agent_cgroups", "agent_tgids", "by_cookie", "by_peer",
-               "exe_selectors", "uid_selectors", "cgroup_selectors")
+               "exe_selectors", "uid_selectors")
 _MAP_LINE = re.compile(r"^IL_MAP\((\w+), ([^,]+), ([^,]+), (\w+), (\d+)\);", re.M)
 
 

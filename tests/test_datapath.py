@@ -26,9 +26,12 @@ def inst(lab, dns_echo):
     # selector then reaches processes that start anywhere on it.
     name = instance_name("dp")
     scope = str(lab.cgroup.relative_to(lab.cgroup.parent))
+    (lab.cgroup / "svc").mkdir()  # stands in for a systemd unit's cgroup
     i = Instance(lab.a, name, proxy_port=15101, dns_port=15153, dns_upstream=lab.b.addr4,
                  cgroup_root=f"{scope}/interlock-{name}", capture_cgroup=scope,
-                 agents=[{"name": "sel", "exe": ["/usr/bin/curl"]}])
+                 agents=[{"name": "sel", "exe": ["/usr/bin/curl"]},
+                         {"name": "by-uid", "uid": [65534]},
+                         {"name": "unit", "cgroup": [f"{scope}/svc"]}])
     i.start()
     yield i
     i.close()
@@ -133,6 +136,23 @@ def test_exec_selector_captures_the_first_connect(inst, lab, echo):
     assert rows[-1]["dst_addr"] == lab.b.addr4
     assert len(echo.seen("tcp")) == before + 1
     assert any(e["data"]["via"] == "exec-selector" for e in inst.events("enrolled"))
+
+
+def test_uid_selector_enrolls_at_exec(inst, lab, echo):
+    r = lab.a.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-m", "lab.probe",
+                   "tcp", lab.b.addr4, str(ECHO_PORT)])
+    assert '"ok": true' in r.stdout, r.stdout + r.stderr
+    rows = wait_until(lambda: inst.sessions("by-uid"))
+    assert rows and rows[-1]["uid"] == 65534
+
+
+def test_cgroup_selector_enrolls_a_service(inst, lab, echo):
+    svc = lab.cgroup / "svc"
+    script = (f"import os,sys; open('{svc}/cgroup.procs','w').write(str(os.getpid())); "
+              f"os.execv(sys.executable,[sys.executable,'-m','lab.probe','tcp','{lab.b.addr4}','{ECHO_PORT}'])")
+    r = lab.a.run([sys.executable, "-c", script])
+    assert '"ok": true' in r.stdout, r.stdout + r.stderr
+    assert wait_until(lambda: inst.sessions("unit")), "a process in the selected cgroup was not captured"
 
 
 def test_enroll_running_process_tree(inst, lab, echo):
