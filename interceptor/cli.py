@@ -113,6 +113,16 @@ def cmd_run(args) -> int:
         raise CliError("nothing to run: interlock run [--agent NAME] -- CMD ARGS…")
     agent = args.agent or _agent_name(args.cmd[0])
     _ask(args, "enroll", pid=os.getpid(), agent=agent, tree=False)
+    # HTTPS is intercepted: the agent's TLS libraries must trust the instance's CA. Processes
+    # enrolled by selector or `enroll --pid` do not get these (see docs/ARCHITECTURE.md).
+    try:
+        info = InstanceInfo.load(_layout(args).instance_file)
+    except (OSError, ValueError, TypeError):
+        info = None
+    if info is not None and info.ca_bundle and Path(info.ca_bundle).is_file():
+        for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "AWS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+            os.environ[var] = info.ca_bundle
+        os.environ["NODE_EXTRA_CA_CERTS"] = info.ca_cert
     try:
         os.execvp(args.cmd[0], args.cmd)
     except OSError as e:

@@ -47,6 +47,7 @@ class Config:
     # How long a silent client may wait before its connection is judged as plain tcp.
     first_byte_timeout: float = 0.25
     policy: str | None = None  # policy file; the embedded default when unset
+    tls_trust: str | None = None  # CAs the proxy trusts for services (default: the system store)
     splice: bool = True  # move bulk opaque connections to kernel splice threads
     agents: list[AgentSelector] = field(default_factory=list)
     source: str | None = None
@@ -54,7 +55,7 @@ class Config:
 
 _SCALARS = {"instance": str, "cgroup_root": str, "capture_cgroup": str, "proxy_port": int, "dns_port": int, "mark": int,
             "dns_upstream": str, "proxy_restart_delay": float, "connect_timeout": float,
-            "watch_interval": float, "first_byte_timeout": float, "policy": str,
+            "watch_interval": float, "first_byte_timeout": float, "policy": str, "tls_trust": str,
             "splice": bool}
 
 

@@ -191,6 +191,7 @@ class Daemon:
             dns_port=self.config.dns_port, cgroup_root=str(self.layout.cgroup_root),
             capture_cgroup=str(self.layout.capture_cgroup),
             netns=netns_id(), state_dir=str(self.layout.state_dir),
+            ca_cert=str(self.layout.ca_cert), ca_bundle=str(self.layout.ca_bundle),
         ).save(self.layout.instance_file)
 
     # ---- watching -----------------------------------------------------------------------

@@ -55,6 +55,16 @@ class Layout:
         return self.run_dir / "instance.json"
 
     @property
+    def ca_cert(self) -> Path:
+        """Public copies of the CA certificate and the trust bundle, readable by agents of any uid
+        (the state dir is root-only)."""
+        return self.run_dir / "ca.pem"
+
+    @property
+    def ca_bundle(self) -> Path:
+        return self.run_dir / "ca-bundle.pem"
+
+    @property
     def pin_dir(self) -> Path:
         return BPFFS / "interlock" / self.instance
 
@@ -87,6 +97,8 @@ class InstanceInfo:
     capture_cgroup: str
     netns: str
     state_dir: str
+    ca_cert: str = ""  # the interception CA and the bundle (system CAs + ours) `interlock run` trusts
+    ca_bundle: str = ""
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")

@@ -52,6 +52,7 @@ class Target:
     protocol: str | None = None
     credentials: str | None = None
     upstream_user: str | None = None
+    tls: str = "intercept"  # or "passthrough": not decrypted (pinned certificates), judged by SNI
 
     def matches(self, dest: Destination) -> bool:
         if self.ports and dest.port not in self.ports:
@@ -83,6 +84,8 @@ class Rule:
     timeout: float | None = None
     mask: tuple[str, ...] = ()
     reason: str = ""
+    # Request attributes (HTTP method, host, path, query, header.NAME) -> globs, all must match.
+    attributes: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def matches(self, agent: Agent, target_names: set[str], op: Operation) -> bool:
         if "*" not in self.agents and agent.name not in self.agents and \
@@ -98,6 +101,13 @@ class Rule:
             return False
         if self.risks and not set(self.risks).intersection(op.risks):
             return False
+        for name, pats in self.attributes:
+            value = op.attributes.get(name)
+            if value is None:
+                return False
+            folded = value if name in _CASE_SENSITIVE else value.lower()
+            if not any(fnmatch.fnmatchcase(folded, p) for p in pats):
+                return False
         return True
 
 
@@ -125,8 +135,13 @@ class Policy:
 
 # ---- loading -------------------------------------------------------------------------------
 
-_RULE_KEYS = {"name", "agent", "target", "operation", "object", "risk", "protocol", "decision", "timeout", "mask", "reason"}
-_TARGET_KEYS = {"address", "cidr", "hostname", "port", "protocol", "credentials", "upstream_user"}
+_RULE_KEYS = {"name", "agent", "target", "operation", "object", "risk", "protocol", "decision", "timeout", "mask", "reason",
+              "method", "host", "path", "query", "header"}
+_TARGET_KEYS = {"address", "cidr", "hostname", "port", "protocol", "credentials", "upstream_user", "tls"}
+_TLS_MODES = ("intercept", "passthrough")
+# Rule keys over request attributes; path and query compare as written, the rest case-folded.
+_ATTRIBUTE_KEYS = ("method", "host", "path", "query")
+_CASE_SENSITIVE = frozenset({"path", "query"})
 _AGENT_KEYS = {"groups", "exe", "uid", "cgroup"}
 
 
@@ -198,9 +213,13 @@ def load(path: Path | str, text: str | None = None) -> Policy:
                 problems.append(f"{where}: target '{name}': port '{p}' is not 1..65535")
             else:
                 ports.append(int(p))
+        tls = spec.get("tls", "intercept")
+        if tls not in _TLS_MODES:
+            problems.append(f"{where}: target '{name}': 'tls' must be intercept or passthrough, got {tls!r}")
+            tls = "intercept"
         pol.targets[name] = Target(
             name, tuple(nets), tuple(h.lower() for h in _strings(spec.get("hostname"), where, problems)),
-            tuple(ports), spec.get("protocol"), spec.get("credentials"), spec.get("upstream_user"))
+            tuple(ports), spec.get("protocol"), spec.get("credentials"), spec.get("upstream_user"), tls)
 
     rules = doc.get("rules") or []
     if not isinstance(rules, list):
@@ -233,6 +252,14 @@ def load(path: Path | str, text: str | None = None) -> Policy:
             if t != "*" and t not in pol.targets:
                 problems.append(f"{where}: rule '{name}': unknown target '{t}' (defined: {', '.join(pol.targets) or 'none'})")
         rule_agents = _strings(spec.get("agent"), where, problems) or ("*",)
+        attributes = [(k, tuple(v if k in _CASE_SENSITIVE else v.lower() for v in _strings(spec.get(k), where, problems)))
+                      for k in _ATTRIBUTE_KEYS if k in spec]
+        headers = spec.get("header") or {}
+        if not isinstance(headers, dict):
+            problems.append(f"{where}: rule '{name}': 'header' must map header names to globs")
+            headers = {}
+        attributes += [(f"header.{str(h).lower()}", tuple(v.lower() for v in _strings(v, where, problems)))
+                       for h, v in headers.items()]
         pol.rules.append(Rule(
             name=name, line=getattr(spec, "line", 0), verdict=Verdict(verdict), agents=rule_agents,
             targets=rule_targets,
@@ -241,7 +268,7 @@ def load(path: Path | str, text: str | None = None) -> Policy:
             risks=_strings(spec.get("risk"), where, problems),
             protocols=_strings(spec.get("protocol"), where, problems),
             timeout=timeout, mask=_strings(spec.get("mask"), where, problems),
-            reason=str(spec.get("reason") or "")))
+            reason=str(spec.get("reason") or ""), attributes=tuple(attributes)))
     if problems:
         raise PolicyError(problems)
     return pol

@@ -51,6 +51,11 @@ class Handler:
         self.conn.client_eof()
         return True
 
+    def on_server_lost(self) -> bool:
+        """The service's connection is gone. Return True to keep the agent's open, to answer it
+        (an HTTP 502 naming why) before closing it yourself."""
+        return False
+
     def on_close(self) -> None:
         """Both sides are gone: last chance to record what is pending."""
 

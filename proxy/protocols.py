@@ -2,6 +2,8 @@
 
 One line per protocol; a label without a handler is relayed as opaque bytes."""
 
+import proxy.http.handler  # noqa: F401  (http)
+import proxy.tls.handler  # noqa: F401  (tls)
 from proxy.handler import HANDLERS
 
 __all__ = ["HANDLERS"]

@@ -404,5 +404,7 @@ class UpstreamSide(asyncio.Protocol):
         self.agent.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.agent.transport.close()
+        handler = self.agent.handler
+        if handler is None or not handler.on_server_lost():
+            self.agent.transport.close()
         self.agent.side_done(exc)

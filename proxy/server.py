@@ -26,7 +26,7 @@ from proxy.gate import Holds, NameCache, PolicyHolder
 from proxy.origins import Origins
 from proxy.relay import AgentSide
 from proxy.resolver import Resolver, system_nameserver
-from proxy.tls.ca import CertificateAuthority, LeafMinter
+from proxy.tls.ca import CertificateAuthority, LeafMinter, write_bundle
 from recorder import approvals
 from recorder.store import Recorder, SessionRecord, new_session_id
 
@@ -49,6 +49,9 @@ class Proxy:
         # name: what the TLS-terminating handlers (PostgreSQL sslmode, HTTPS) present to agents.
         self.ca = CertificateAuthority.load_or_create(layout.state_dir / "ca")
         self.leaves = LeafMinter(self.ca)
+        # What `interlock run` points agents' trust stores at (system CAs + ours).
+        write_bundle(self.ca, layout.ca_bundle)
+        write_bundle(self.ca, layout.ca_cert, system_bundle=None)  # ours alone: NODE_EXTRA_CA_CERTS
         self.holds = Holds(self, loop)
         self._agent_names: dict[int, str] = {}
         self._early: dict[tuple, Decision | None] = {}

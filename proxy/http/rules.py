@@ -11,14 +11,8 @@ from __future__ import annotations
 
 from policy.model import Operation
 
-from .masking import redact_query
+from .masking import SECRET_HEADERS, redact_query
 from .model import RequestHead, normalize_path
-
-# Headers a rule may reasonably match on; their values are not secrets.
-HEADERS_OF_INTEREST = (
-    "content-type", "content-length", "user-agent", "accept", "origin", "referer", "x-amz-target",
-    "x-http-method-override", "x-forwarded-for", "upgrade",
-)
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -44,10 +38,9 @@ def operation_from_request(head: RequestHead, *, scheme: str = "https", default_
     }
     if port is not None:
         attrs["port"] = str(port)
-    for name in HEADERS_OF_INTEREST:
-        v = head.headers.get_joined(name)
-        if v is not None:
-            attrs[f"header.{name}"] = v[:512]
+    for name in {k.lower() for k, _ in head.headers} - SECRET_HEADERS:
+        # Every header but the credential-bearing ones, for `header:` rules.
+        attrs[f"header.{name}"] = (head.headers.get_joined(name) or "")[:512]
     auth = head.headers.get("authorization")
     if auth:
         # Only the scheme: a rule may want "Bearer" vs "AWS4-HMAC-SHA256", never the secret.
