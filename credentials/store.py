@@ -19,7 +19,7 @@ KINDS = {
     "bearer": ("token",),
     "basic": ("user", "password"),
 }
-OPTIONAL = {"aws": ("session_token", "placeholder_access_key_id"), "postgres": ("methods",)}
+OPTIONAL = {"aws": ("session_token", "placeholder_access_key_id", "placeholder_secret_access_key"), "postgres": ("methods",)}
 
 
 class CredentialError(ValueError):

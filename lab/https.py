@@ -62,7 +62,7 @@ def wait_port(host: Host, port: int, proc: subprocess.Popen, what: str, log: Pat
     raise RuntimeError(f"{what}: nothing listens on port {port} after {timeout}s")
 
 
-class TestPKI:
+class LabPKI:
     """A throwaway CA and one leaf (certificate + key files) per lab hostname."""
 
     def __init__(self, directory: Path):
@@ -143,7 +143,7 @@ http {{
 
 
 class Nginx:
-    def __init__(self, host: Host, pki: TestPKI, directory: Path):
+    def __init__(self, host: Host, pki: LabPKI, directory: Path):
         self.dir = directory
         www = directory / "www"
         (www / "upload").mkdir(parents=True, exist_ok=True)
@@ -168,11 +168,13 @@ class Nginx:
 class Moto:
     """moto_server on https://aws.lab.test:4443 with IAM auth on from the first request."""
 
-    def __init__(self, host: Host, pki: TestPKI, directory: Path):
+    def __init__(self, host: Host, pki: LabPKI, directory: Path):
         self.host = host
         cert, key = pki.leaf(AWS)
         self.log = directory / "moto.log"
-        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0", "AWS_DEFAULT_REGION": "us-east-1"}
+        # Path-style buckets: moto would read the first label of aws.lab.test as a bucket name.
+        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0", "AWS_DEFAULT_REGION": "us-east-1",
+               "S3_IGNORE_SUBDOMAIN_BUCKETNAME": "true"}
         for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HTTP_PROXY", "HTTPS_PROXY"):
             env.pop(k, None)
         log = open(self.log, "ab")

@@ -46,6 +46,9 @@ def render(tl: dict) -> str:
         if e["kind"] == "decision":
             what = f"{d['verdict'].upper():8} {d['protocol']}:{d['action']} {d['summary'] or ' '.join(d['objects'])}".rstrip()
             what += f"   [rule {d['rule']}: {d['reason']}]"
+        elif e["kind"] == "http":
+            what = f"{'http':18} {d['method']} {d['host']}{d['path']} -> {d['status']}  {d.get('action', '')}".rstrip()
+            what += f"  ({d['up']} B up, {d['down']} B down, {d['ms']} ms; {d.get('verdict', '-')}, {d['outcome']})"
         elif e["kind"].startswith("approval-"):
             what = f"{e['kind']:18} {d.get('approval', '')} {d.get('summary', '')}".rstrip()
             if d.get("by"):
