@@ -17,6 +17,7 @@ from pathlib import Path
 
 from bpf import SOURCE_DIR
 from interceptor import bpf_syscall as sc
+from interceptor import btf
 from interceptor.bpf_types import Settings
 
 MULTI = sc.F_ALLOW_MULTI
@@ -57,6 +58,10 @@ HOOKS = (
 )
 
 PROGRAM_FILES = ("redirect.bpf.c", "lineage.bpf.c")
+PROG_RAW_TRACEPOINT = 17
+# Raw tracepoint programs of the lineage family: (function, tracepoint, pin name).
+LINEAGE = (("il_exec", "sched_process_exec", "link_exec"), ("il_fork", "sched_process_fork", "link_fork"),
+           ("il_exit", "sched_process_exit", "link_exit"))
 PINNED_MAPS = ("settings", "agent_cgroups", "agent_tgids", "by_cookie", "by_peer",
                "exe_selectors", "uid_selectors")
 _MAP_LINE = re.compile(r"^IL_MAP\((\w+), ([^,]+), ([^,]+), (\w+), (\d+)\);", re.M)
@@ -106,6 +111,7 @@ class Datapath:
         self.cgroup_dir = cgroup_dir
         self.bpf = None
         self.funcs: dict[str, object] = {}
+        self.lineage_error: str | None = None
 
     def compile(self) -> None:
         from bcc import BPF  # bcc loads LLVM; only the daemon pays for it
@@ -121,7 +127,14 @@ class Datapath:
                 Path(tmp, src.name).write_text(src.read_text())
             Path(tmp, "maps.h").write_text(render_maps(self.pin_dir))
             text = "\n".join((SOURCE_DIR / f).read_text() for f in PROGRAM_FILES)
-            self.bpf = BPF(text=text, cflags=[f"-I{tmp}"])
+            try:
+                offsets = btf.lineage_offsets()
+                self.lineage_error = None
+            except btf.BTFError as e:  # the lineage programs then compile but are never attached
+                offsets = {"IL_BPRM_FILENAME_OFF": 0, "IL_TASK_TGID_OFF": 0}
+                self.lineage_error = str(e)
+            defines = [f"-D{k}={v}" for k, v in offsets.items()]
+            self.bpf = BPF(text=text, cflags=[f"-I{tmp}", *defines])
         for name in PINNED_MAPS if self.pin else ():
             pin = self.pin_dir / name
             if not pin.exists():
@@ -151,6 +164,19 @@ class Datapath:
                     sc.prog_attach(new_fd, fd, hook.attach_type, MULTI)
         finally:
             os.close(fd)
+
+    def attach_lineage(self) -> None:
+        """Attach exec/fork/exit through pinned links: enrollment at exec keeps working while the
+        daemon is down. A restart attaches the new links before it drops the old pins."""
+        if self.lineage_error:
+            raise RuntimeError(f"exe/uid selectors need the lineage programs: {self.lineage_error}")
+        for func, tp, pin_name in LINEAGE:
+            fn = self.bpf.load_func(func, PROG_RAW_TRACEPOINT)
+            link = sc.raw_tracepoint_open(tp, fn.fd)
+            pin = self.pin_dir / pin_name
+            pin.unlink(missing_ok=True)
+            sc.obj_pin(link, str(pin))
+            os.close(link)
 
     def map_fd(self, name: str) -> int:
         return self.bpf[name].map_fd

@@ -88,6 +88,19 @@ class _QueryAttr(ctypes.Structure):
     ]
 
 
+RAW_TRACEPOINT_OPEN = 17
+
+
+class _RawTpAttr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_uint64), ("prog_fd", ctypes.c_uint32), ("rest", ctypes.c_uint8 * 116)]
+
+
+def raw_tracepoint_open(name: str, prog_fd: int) -> int:
+    """Attach a raw tracepoint program; the fd is a bpf link that can be pinned to outlive us."""
+    n = ctypes.create_string_buffer(name.encode())
+    return _call_attr(RAW_TRACEPOINT_OPEN, _RawTpAttr(name=ctypes.addressof(n), prog_fd=prog_fd))
+
+
 def obj_get(path: str) -> int:
     """Open a pinned map or program; returns a new fd."""
     p = ctypes.create_string_buffer(path.encode())

@@ -97,6 +97,12 @@ class Daemon:
             self.ensure_agent(name)
         self._load_selectors()
         self.datapath.attach()
+        if any(a.exe or a.uid for a in cfg.agents):
+            try:
+                self.datapath.attach_lineage()
+            except (RuntimeError, OSError) as e:
+                raise DaemonError(f"cannot enroll by exe/uid selector: {e}") from None
+        self._adopt_enrolled()
 
         mount = cgroups.cgroup2_mount()
         self.backstop = firewall.Backstop(
@@ -155,6 +161,27 @@ class Daemon:
         finally:
             for m in (exe, uid, cg):
                 m.close()
+
+    def _adopt_enrolled(self) -> None:
+        """Processes enrolled at exec while no daemon ran: give them their agent cgroup now."""
+        names = {i: n for n, i in self.agent_ids.items()}
+        tgids = bpf_loader.PinnedMap(self.layout.pin_dir / "agent_tgids")
+        try:
+            for key in tgids.keys(ctypes.c_uint32):
+                agent_id = ctypes.c_uint32()
+                if not tgids.lookup(key, agent_id) or agent_id.value not in names:
+                    continue
+                here = cgroups.cgroup_of(key.value, cgroups.cgroup2_mount())
+                target = self.layout.agent_cgroup(names[agent_id.value])
+                if here is not None and here != target:
+                    try:
+                        cgroups.move(key.value, target)
+                        self.recorder.event("enrolled", {"pid": key.value, "agent": names[agent_id.value],
+                                                         "via": "adopted-at-start"})
+                    except OSError:
+                        pass
+        finally:
+            tgids.close()
 
     # ---- the proxy ----------------------------------------------------------------------
 

@@ -53,6 +53,7 @@ class AgentSide(asyncio.Protocol):
         self.closed_sides = 0
         self.timer: asyncio.TimerHandle | None = None
         self.splice_ok = SPLICE_ENABLED and proxy.config.splice
+        self.splicing = False
 
     # ---- accept, classify, judge ---------------------------------------------------------
 
@@ -222,6 +223,7 @@ class AgentSide(asyncio.Protocol):
 
     def _begin_splice(self) -> None:
         self.splice_ok = False
+        self.splicing = True
         self.transport.pause_reading()
         self.upstream.transport.pause_reading()
         self._try_splice()
@@ -234,6 +236,7 @@ class AgentSide(asyncio.Protocol):
             self.proxy.loop.call_later(0.001, self._try_splice)  # let both buffers drain first
             return
         if self.eof_in or self.upstream.eof_in:
+            self.splicing = False
             self.transport.resume_reading()  # half-closed already: finish on the loop
             up.resume_reading()
             return
@@ -272,7 +275,8 @@ class AgentSide(asyncio.Protocol):
             self.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.upstream is not None:
+        # Never while spliced: a loop read would race the splice thread for the same socket.
+        if self.upstream is not None and not self.splicing:
             self.upstream.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -331,9 +335,11 @@ class AgentSide(asyncio.Protocol):
 
     def credential(self) -> dict | None:
         """The stored secret the first matching target names, if any (never shown to the agent)."""
+        policy = self.proxy.policy.current
         for t in self.targets():
-            if t.credentials:
-                return self.proxy.credentials.get(t.credentials)
+            name = policy.for_agent(t.credentials, self.rec.agent)
+            if name:
+                return self.proxy.credentials.get(name)
         return None
 
     def judge(self, op: Operation) -> tuple[Decision, asyncio.Future]:
@@ -401,7 +407,8 @@ class UpstreamSide(asyncio.Protocol):
         self.agent.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.agent.transport.resume_reading()
+        if not self.agent.splicing:
+            self.agent.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         handler = self.agent.handler

@@ -53,8 +53,13 @@ def make_instance(lab):
     """Start instances on the agent host; all are torn down after the test, also on failure."""
     started: list[Instance] = []
 
-    def make(tag: str = "x", **config) -> Instance:
-        inst = Instance(lab.a, instance_name(tag), **config)
+    def make(tag: str = "x", scoped: bool = False, **config) -> Instance:
+        """scoped: hooks on the whole lab host's cgroup (as "/" on a real host), for selectors."""
+        name = instance_name(tag)
+        if scoped:
+            scope = str(lab.cgroup.relative_to(lab.cgroup.parent))
+            config = {"cgroup_root": f"{scope}/interlock-{name}", "capture_cgroup": scope, **config}
+        inst = Instance(lab.a, name, **config)
         started.append(inst)
         return inst.start()
 

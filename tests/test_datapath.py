@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -202,6 +203,24 @@ def test_fail_closed_when_the_daemon_is_killed(make_instance, lab, echo):
     # a new daemon adopts the pinned state and serves again
     inst.start()
     assert inst.probe("tcp", lab.b.addr4, str(ECHO_PORT))["ok"]
+
+
+def test_exec_selectors_keep_enrolling_while_the_daemon_is_dead(make_instance, lab, echo):
+    inst = make_instance("s", scoped=True, proxy_port=15251, dns_port=15252, agents=[{"name": "u", "uid": [65533]}])
+    assert (Path("/sys/fs/bpf/interlock") / inst.name / "link_exec").exists(), "the exec hook is a pinned link"
+    probe = ["setpriv", "--reuid", "65533", "--regid", "65533", "--clear-groups", sys.executable, "-m", "lab.probe",
+             "tcp", lab.b.addr4, str(ECHO_PORT)]
+    inst.daemon.send_signal(signal.SIGKILL)
+    inst.daemon.wait(timeout=10)
+    before = len(echo.seen("tcp"))
+    r = lab.a.run(probe)
+    assert '"ok": false' in r.stdout, "a selector-matched program started while the daemon was dead got out"
+    time.sleep(0.3)
+    assert len(echo.seen("tcp")) == before
+    inst.start()
+    r = lab.a.run(probe)
+    assert '"ok": true' in r.stdout, r.stdout + r.stderr
+    assert wait_until(lambda: inst.sessions("u"))
 
 
 def test_fail_closed_when_the_nft_table_is_deleted(make_instance, lab, echo):
