@@ -64,8 +64,9 @@ def _cgroup2() -> Check:
 
 def _btf() -> Check:
     ok = Path("/sys/kernel/btf/vmlinux").exists()
-    return Check("btf", ok, "/sys/kernel/btf/vmlinux present" if ok else "no kernel BTF",
-                 "not needed today; a kernel built with CONFIG_DEBUG_INFO_BTF=y is", fatal=False)
+    return Check("btf", ok, "/sys/kernel/btf/vmlinux present" if ok else "no kernel BTF: exe/uid selectors cannot be used",
+                 "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y (all current distro kernels are); "
+                 "interlock run / enroll / cgroup selectors work without it", fatal=False)
 
 
 def _bcc() -> Check:
