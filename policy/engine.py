@@ -50,8 +50,10 @@ class Target:
     hostnames: tuple[str, ...] = ()
     ports: tuple[int, ...] = ()
     protocol: str | None = None
-    credentials: str | None = None
-    upstream_user: str | None = None
+    # The stored credential the proxy logs in with, and the role it logs in as: one value, or a
+    # mapping from agent name, group:NAME or "*" to a value (see Policy.for_agent).
+    credentials: str | dict[str, str] | None = None
+    upstream_user: str | dict[str, str] | None = None
     tls: str = "intercept"  # or "passthrough": not decrypted (pinned certificates), judged by SNI
 
     def matches(self, dest: Destination) -> bool:
@@ -122,6 +124,19 @@ class Policy:
     def targets_for(self, dest: Destination) -> list[Target]:
         return [t for t in self.targets.values() if t.matches(dest)]
 
+    def for_agent(self, value: str | dict[str, str] | None, agent: str) -> str | None:
+        """A per-agent target setting: the value itself, or the mapping's entry for the agent's
+        name, else its first group (as group:NAME), else "*"."""
+        if value is None or isinstance(value, str):
+            return value
+        if agent in value:
+            return value[agent]
+        who = self.agents.get(agent)
+        for g in who.groups if who else ():
+            if f"group:{g}" in value:
+                return value[f"group:{g}"]
+        return value.get("*")
+
     def decide(self, agent: str, dest: Destination, op: Operation) -> Decision:
         who = self.agents.get(agent) or Agent(agent)
         names = {t.name for t in self.targets_for(dest)}
@@ -156,6 +171,17 @@ def _strings(value, where: str, problems: list[str]) -> tuple[str, ...]:
         else:
             out.append(str(v))
     return tuple(out)
+
+
+def _per_agent(spec: dict, key: str, target: str, where: str, problems: list[str]) -> str | dict[str, str] | None:
+    """A target key that is text, or a mapping from agent name / group:NAME / * to text."""
+    value = spec.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return dict(value)
+    problems.append(f"{where}: target '{target}': '{key}' must be text or map agent names, group:NAME or * to text")
+    return None
 
 
 def load(path: Path | str, text: str | None = None) -> Policy:
