@@ -245,7 +245,8 @@ def load(path: Path | str, text: str | None = None) -> Policy:
             tls = "intercept"
         pol.targets[name] = Target(
             name, tuple(nets), tuple(h.lower() for h in _strings(spec.get("hostname"), where, problems)),
-            tuple(ports), spec.get("protocol"), spec.get("credentials"), spec.get("upstream_user"), tls)
+            tuple(ports), spec.get("protocol"), _per_agent(spec, "credentials", name, where, problems),
+            _per_agent(spec, "upstream_user", name, where, problems), tls)
 
     rules = doc.get("rules") or []
     if not isinstance(rules, list):
