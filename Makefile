@@ -19,5 +19,14 @@ lint: install
 bench: install
 	@$(PY) -m bench.run
 
+# Boot each Debian kernel under QEMU (no network device), run `interlock doctor` and the datapath
+# suite inside, plus the same on the host kernel; a table, and non-zero on any failure.
+# KERNELS: series (6.1 6.12) or releases (6.1.0-47-amd64); MATRIX_ARGS: e.g. --jobs 2 --keep
+# --no-host --doc docs/KERNELS.md (see vagrant/README.md).
+KERNELS ?= 6.1 6.12
+MATRIX_ARGS ?=
+kernel-matrix: install
+	@$(PY) -m vagrant.matrix --kernels "$(KERNELS)" $(MATRIX_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache
