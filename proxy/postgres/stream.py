@@ -1,0 +1,174 @@
+"""Relay-speed framing of one direction of a PostgreSQL connection, sans-IO.
+
+`wire.FrameReader` hands out one Frame object per message; at a few hundred thousand DataRows a
+second that bookkeeping is the proxy's whole CPU budget. A relay does not need most messages as
+objects: it forwards them. `Splitter` therefore walks length headers and returns runs of
+*streamable* messages (types the caller says it will forward verbatim, such as DataRow when no
+masking applies) as one raw segment, and stops only at messages the caller must look at.
+
+Streamable messages are also never buffered whole: once a header is seen, the part of the
+message in hand is returned at once and the rest passes through as it arrives, so a 500 MB row
+or COPY stream costs no memory. Every other message is returned complete, up to `max_size`
+(MessageTooLarge before anything of it is buffered beyond the header).
+
+    s = Splitter("backend", stream=b"D")
+    s.feed(chunk)
+    while (seg := s.next()) is not None:
+        kind, view = seg
+        if kind == RAW: forward(view)           # whole or partial streamable messages
+        else: handle(kind, view)                 # kind is the type byte as an int
+
+Views point into the splitter's buffer and are valid until the next feed(); a caller keeping
+one longer copies it (bytes(view)).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from proxy.postgres.wire import (
+    BACKEND_TYPES,
+    CANCEL_REQUEST_CODE,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    FRONTEND_TYPES,
+    MAX_STARTUP_PACKET,
+    MessageTooLarge,
+    ProtocolError,
+    Sender,
+)
+
+RAW = -1  # kind of a pass-through segment
+UNTYPED = 0  # kind of a startup-phase packet or a one-byte encryption answer
+TYPED, STARTUP, BYTE = 0, 1, 2  # modes
+
+_U32 = struct.Struct("!I").unpack_from
+
+
+class Splitter:
+    """Incremental splitter for one direction; see the module docstring.
+
+    mode TYPED: typed messages. STARTUP (frontend): untyped length-prefixed packets, until the
+    caller switches to TYPED after a StartupMessage. BYTE (backend): the single-byte answer to
+    SSLRequest, then back to TYPED by itself.
+    """
+
+    __slots__ = ("sender", "stream", "max_size", "mode", "_buf", "_pos", "_skip", "_types")
+
+    def __init__(self, sender: Sender, *, stream: bytes = b"", max_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 mode: int = TYPED):
+        self.sender = sender
+        self.stream = stream  # type bytes to pass through without stopping
+        self.max_size = max_size
+        self.mode = mode
+        self._types = FRONTEND_TYPES if sender == "frontend" else BACKEND_TYPES
+        self._buf: bytes | bytearray = b""
+        self._pos = 0
+        self._skip = 0  # bytes of a streamable message still to pass through
+
+    @property
+    def buffered(self) -> int:
+        """Bytes fed and not yet returned."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf):
+            # Nothing pending: parse the caller's bytes in place (zero copy).
+            self._buf = data if isinstance(data, bytes) else bytes(data)
+            self._pos = 0
+            return
+        if isinstance(buf, bytes):
+            nb = bytearray(memoryview(buf)[pos:])
+        else:
+            try:
+                del buf[:pos]
+                nb = buf
+            except BufferError:  # a view the caller still holds pins it: move on to a copy
+                nb = bytearray(memoryview(buf)[pos:])
+        try:
+            nb += data
+        except BufferError:
+            nb = nb + data
+        self._buf, self._pos = nb, 0
+
+    def take_rest(self) -> bytes:
+        """Everything buffered and not yet returned (e.g. bytes a TLS layer must decrypt)."""
+        rest = bytes(memoryview(self._buf)[self._pos:])
+        self._buf, self._pos = b"", 0
+        return rest
+
+    def next(self) -> tuple[int, memoryview] | None:
+        buf, pos = self._buf, self._pos
+        end = len(buf)
+        if pos >= end:
+            return None
+        mode = self.mode
+        if mode != TYPED:
+            return self._untyped(buf, pos, end)
+        start = pos
+        if self._skip:
+            n = min(self._skip, end - pos)
+            self._skip -= n
+            pos += n
+        stream = self.stream
+        if stream and not self._skip:
+            while end - pos >= 5:
+                t = buf[pos]
+                if t not in stream:
+                    break
+                (ln,) = _U32(buf, pos + 1)
+                if ln < 4:
+                    raise ProtocolError(f"message {chr(t)!r} has invalid length {ln}")
+                nxt = pos + 1 + ln
+                if nxt > end:  # streams on: pass the part we have, the rest as it comes
+                    self._skip = nxt - end
+                    pos = end
+                    break
+                pos = nxt
+        if pos > start:
+            self._pos = pos
+            return RAW, memoryview(buf)[start:pos]
+        if end - pos < 5:
+            if buf[pos] not in self._types:
+                raise ProtocolError(f"unknown {self.sender} message type {bytes(buf[pos:pos + 1])!r}")
+            return None
+        t = buf[pos]
+        if t not in self._types:
+            raise ProtocolError(f"unknown {self.sender} message type {bytes(buf[pos:pos + 1])!r}")
+        (ln,) = _U32(buf, pos + 1)
+        if ln < 4:
+            raise ProtocolError(f"message {chr(t)!r} has invalid length {ln}")
+        if ln + 1 > self.max_size:
+            raise MessageTooLarge(bytes([t]), ln + 1, self.max_size)
+        nxt = pos + 1 + ln
+        if nxt > end:
+            return None
+        self._pos = nxt
+        return t, memoryview(buf)[pos:nxt]
+
+    def _untyped(self, buf: bytes | bytearray, pos: int, end: int) -> tuple[int, memoryview] | None:
+        if self.mode == BYTE:
+            self.mode = TYPED
+            self._pos = pos + 1
+            return UNTYPED, memoryview(buf)[pos:pos + 1]
+        if end - pos < 8:
+            if end - pos >= 4:
+                self._check_startup_length(_U32(buf, pos)[0])
+            return None
+        (ln,) = _U32(buf, pos)
+        self._check_startup_length(ln)
+        (code,) = _U32(buf, pos + 4)
+        if code == CANCEL_REQUEST_CODE and ln > 12 + 256:
+            raise ProtocolError(f"CancelRequest length {ln} is invalid")
+        if end - pos < ln:
+            return None
+        self._pos = pos + ln
+        return UNTYPED, memoryview(buf)[pos:pos + ln]
+
+    def _check_startup_length(self, ln: int) -> None:
+        if ln < 8:
+            raise ProtocolError(f"startup packet length {ln} is too short")
+        if ln > MAX_STARTUP_PACKET:
+            raise MessageTooLarge(b"", ln, MAX_STARTUP_PACKET)
