@@ -708,7 +708,13 @@ class SqlAnalyzer:
         objs: list[str] = []
         nested: list[Operation] = []
         if node.relation is not None:
-            objs.append(_relname(node.relation))
+            rel = _relname(node.relation)
+            objs.append(rel)
+            if not node.is_from:
+                # COPY t TO reads t, like SELECT * FROM t: rules about reads (masking, refusals)
+                # must apply to it too.
+                nested = self._finish("read", [rel], [], {}, node, ctx.nested("copy"), _Scan(reads={rel: None}),
+                                      reads_are_objects=True)
         if node.query is not None:
             inner = self._statement(node.query, ctx.nested("copy"), depth)
             for op in inner:
