@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PKGS=(bpfcc-tools python3-bpfcc nftables python3-nftables iproute2 util-linux bpftool
       linux-headers-amd64 python3-venv python3-dev gcc curl
-      postgresql postgresql-contrib haproxy iperf3 sqlite3)
+      postgresql postgresql-contrib haproxy iperf3 sqlite3 nginx wrk ca-certificates)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -15,6 +15,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "install: Debian packages: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # nginx is for the lab's own servers (in namespaces); the packaged service is not ours to run.
+  if [[ " ${missing[*]} " == *" nginx "* ]] && command -v systemctl >/dev/null && systemctl is-system-running >/dev/null 2>&1; then
+    systemctl disable --now nginx >/dev/null 2>&1 || true
+  fi
 fi
 
 # bcc compiles against /lib/modules/$(uname -r)/build. When this kernel's own headers are not
@@ -38,4 +42,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; 
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
 ln -sfn "$PWD/.venv/bin/interlock" /usr/local/bin/interlock
+# The default instance's interception CA (key root-only in /var/lib/interlock/ca), trusted
+# system-wide so HTTPS agents enrolled by selector trust the proxy's leaves too.
+.venv/bin/python -m proxy.tls.trust install
 echo "install: ready ($(.venv/bin/interlock --help >/dev/null && echo 'interlock on PATH'))"
