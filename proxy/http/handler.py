@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from policy import detectors
+from policy.engine import Destination
 from policy.model import Decision, Operation, Verdict
 from proxy.aws import errors as aws_errors
 from proxy.aws.identify import AwsCall, identify_request
@@ -259,12 +260,22 @@ class HttpHandler(Handler):
             op = dataclasses.replace(op, risks=(*op.risks, "host-sni-mismatch"))
         return op
 
+    def names(self, req: Exchange) -> tuple[str, ...]:
+        """The names this request is for: its Host and the SNI. Not every name the address is known
+        by: hosts sharing an address (a CDN, the lab) must not share rules or credentials."""
+        names = tuple(dict.fromkeys(n for n in (req.head.host.rstrip("."), self.host_hint) if n))
+        return names or self.conn.names()
+
+    def targets(self, req: Exchange) -> list:
+        rec = self.conn.rec
+        return self.conn.proxy.policy.current.targets_for(Destination(rec.dst_addr, rec.dst_port, self.names(req), rec.protocol))
+
     def _judge(self, req: Exchange) -> None:
         self.busy = True
         if req.call is not None and req.body:
             req.call = identify_request(req.head, bytes(req.body[:64 << 10]))
         req.op = self.operation(req)
-        req.decision, written = self.conn.judge(req.op)
+        req.decision, written = self.conn.proxy.judge(self.conn.rec, req.op, names=self.names(req))
         self.conn.spawn(self._act(req, written))
 
     async def _act(self, req: Exchange, written) -> None:
@@ -296,7 +307,7 @@ class HttpHandler(Handler):
 
     def _outbound(self, req: Exchange, head: RequestHead) -> RequestHead:
         """The request as the service must see it: the stored credential put in (AWS: re-signed)."""
-        cred = self.conn.credential()
+        cred = self._credential(req)
         if cred is None:
             return head
         kind = cred.get("kind")
@@ -308,6 +319,16 @@ class HttpHandler(Handler):
             pair = f"{cred['user']}:{cred['password']}".encode()
             head.headers.set("Authorization", "Basic " + base64.b64encode(pair).decode())
         return head
+
+    def _credential(self, req: Exchange) -> dict | None:
+        """The stored secret of the first target this request's host matches that names one."""
+        policy = self.conn.proxy.policy.current
+        per_agent = getattr(policy, "for_agent", None)  # targets may name a credential per agent
+        for t in self.targets(req):
+            name = per_agent(t.credentials, self.conn.rec.agent) if per_agent else t.credentials
+            if name:
+                return self.conn.proxy.credentials.get(name)
+        return None
 
     def _resign(self, req: Exchange, head: RequestHead, cred: dict) -> RequestHead:
         placeholder_id = cred.get("placeholder_access_key_id")

@@ -17,6 +17,7 @@ import os
 import ssl
 from pathlib import Path
 
+from policy.engine import Destination
 from proxy.handler import register
 from proxy.http.handler import HttpHandler
 from proxy.tls.ca import SYSTEM_BUNDLE, CertificateAuthority
@@ -77,7 +78,11 @@ class TlsHandler(HttpHandler):
     def start(self) -> None:
         super().start()
         self.sni: str | None = self.details.get("sni") or None
-        self.raw = passthrough(self.conn.targets())
+        rec = self.conn.rec
+        # By the SNI alone when there is one: other names of the address are other hosts.
+        targets = self.conn.proxy.policy.current.targets_for(Destination(rec.dst_addr, rec.dst_port, (self.sni,), rec.protocol)) \
+            if self.sni else self.conn.targets()
+        self.raw = passthrough(targets)
         if self.raw:
             self.conn.event("tls", {"sni": self.sni, "mode": "passthrough"})
             return
