@@ -1,0 +1,170 @@
+"""The HTTPS and AWS part of the demo: `demo(lab, say, show)` (lab.demo's helpers), or alone:
+`sudo .venv/bin/python -m lab.demo_https`.
+
+On the lab's server host: nginx with a certificate from a private CA, and moto (AWS's APIs, IAM
+authentication on) over HTTPS. An agent holds placeholder AWS keys only; Interlock terminates its
+TLS, names each AWS call, refuses s3:DeleteBucket in S3's own words, holds
+ec2:TerminateInstances for a human, and re-signs what it lets through with the real keys from its
+credential store. curl over HTTPS works unchanged. `python -m lab.demo_https agent …` is the
+agent program itself: plain boto3, nothing in it knows about Interlock."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from lab.https import AWS, MOTO_PORT, WWW, LabDns, LabPKI, Moto, Nginx
+from lab.instance import INTERLOCK, Instance
+from lab.netns import Lab
+
+PLACEHOLDER = ("AKIADEMOPLACEHOLDER1", "demo-placeholder-secret")
+ENDPOINT = f"https://{AWS}:{MOTO_PORT}"
+
+POLICY = f"""\
+# HTTPS demo policy: AWS calls in IAM words; the web server by hostname
+targets:
+  aws: {{hostname: "{AWS}", port: {MOTO_PORT}, credentials: aws-demo}}
+  web: {{hostname: "{WWW}", port: 443}}
+rules:
+  - name: buckets-stay
+    target: aws
+    operation: "s3:DeleteBucket"
+    decision: deny
+    reason: agents never delete buckets
+  - name: terminations-need-a-human
+    target: aws
+    operation: "ec2:TerminateInstances"
+    decision: approve
+    timeout: 2m
+  - name: aws-work
+    target: aws
+    decision: allow
+  - name: web-ok
+    target: web
+    decision: allow
+"""
+
+
+def agent(argv: list[str]) -> int:
+    """The agent: boto3 with placeholder keys and the service's real endpoint."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    session = boto3.session.Session(aws_access_key_id=PLACEHOLDER[0], aws_secret_access_key=PLACEHOLDER[1],
+                                    region_name="us-east-1")
+    cfg = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1})
+    s3 = session.client("s3", endpoint_url=ENDPOINT, config=cfg)
+    ec2 = session.client("ec2", endpoint_url=ENDPOINT, config=cfg)
+    try:
+        if argv[0] == "work":
+            s3.create_bucket(Bucket="reports")
+            s3.put_object(Bucket="reports", Key="q3.txt", Body=b"revenue up\n")
+            print("get_object ->", s3.get_object(Bucket="reports", Key="q3.txt")["Body"].read().decode().strip())
+            print("whoami     ->", session.client("sts", endpoint_url=ENDPOINT, config=cfg).get_caller_identity()["Arn"])
+        elif argv[0] == "delete-bucket":
+            s3.delete_bucket(Bucket="reports")
+            print("bucket deleted")
+        elif argv[0] == "run":
+            print(ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"])
+        elif argv[0] == "terminate":
+            state = ec2.terminate_instances(InstanceIds=[argv[1]])["TerminatingInstances"][0]["CurrentState"]["Name"]
+            print(f"{argv[1]} -> {state}")
+    except ClientError as e:
+        print(f"{type(e).__name__}: {e.response['Error']['Code']}: {e.response['Error'].get('Message', '')}")
+        return 1
+    return 0
+
+
+def demo(lab: Lab, say: Callable[[str], None], show: Callable[..., subprocess.CompletedProcess]) -> None:
+    """The HTTPS/AWS chapter, on an existing lab; everything it starts is stopped before it returns."""
+    work = Path(tempfile.mkdtemp(prefix="interlock-demo-https-"))
+    started: list = []
+    inst: Instance | None = None
+    try:
+        say(f"HTTPS 1. On the server host: nginx as https://{WWW} and AWS's APIs (moto) as {ENDPOINT}")
+        pki = LabPKI(work / "pki")
+        started.append(LabDns(lab.b, lab.b))
+        started.append(Nginx(lab.b, pki, work / "nginx"))
+        moto = Moto(lab.b, pki, work)
+        started.append(moto)
+        policy = work / "policy.yaml"
+        policy.write_text(POLICY)
+        print(policy.read_text())
+        inst = Instance(lab.a, "demohttps", proxy_port=15011, dns_port=15063, policy=str(policy),
+                        dns_upstream=lab.b.addr4, tls_trust=str(pki.ca_file))
+        inst.start()
+
+        def cli(*args: str) -> list[str]:
+            return [*INTERLOCK, args[0], "--state-dir", str(inst.state_dir), *args[1:]]
+
+        def shown(*args: str) -> str:
+            return shlex.join(["interlock", args[0], "--state-dir", str(inst.state_dir), *args[1:]])
+
+        def as_agent(*argv: str) -> list[str]:
+            return cli("run", "--agent", "demo-bot", "--", *argv)
+
+        say("HTTPS 2. The real AWS keys go into Interlock's credential store; the agent gets placeholders")
+        store = ["credentials", "set", "aws-demo", "--kind", "aws", "--field", f"access_key_id={moto.access_key}",
+                 "--field", f"placeholder_access_key_id={PLACEHOLDER[0]}",
+                 "--field", f"placeholder_secret_access_key={PLACEHOLDER[1]}"]
+        print(f"\033[2m$ printf '%s\\n' \"$REAL_SECRET\" | {shown(*store)}\033[0m", flush=True)
+        r = inst.cli(*store, input=moto.secret_key + "\n")
+        print((r.stdout + r.stderr).strip())
+
+        say("HTTPS 3. curl over HTTPS, unchanged: Interlock decrypts, judges and records each request")
+        show(lab.a, as_agent("curl", "-sS", "--max-time", "10", f"https://{WWW}/index.html"),
+             shown("run", "--agent", "demo-bot", "--", "curl", "-sS", f"https://{WWW}/index.html"))
+
+        agent_cmd = [sys.executable, "-m", "lab.demo_https", "agent"]
+        say("HTTPS 4. The agent's boto3 calls, signed with placeholder keys, are re-signed with the real ones")
+        show(lab.a, as_agent(*agent_cmd, "work"), shown("run", "--agent", "demo-bot", "--", "python3", "agent.py", "work"),
+             timeout=120)
+        say("HTTPS 5. s3:DeleteBucket: refused by the policy, as an AccessDenied the SDK understands")
+        show(lab.a, as_agent(*agent_cmd, "delete-bucket"),
+             shown("run", "--agent", "demo-bot", "--", "python3", "agent.py", "delete-bucket"), timeout=120)
+
+        say("HTTPS 6. ec2:TerminateInstances waits for a human")
+        instance_id = inst.agent([*agent_cmd, "run"], agent="demo-bot", timeout=120).stdout.strip()
+        print(f"\033[2m$ {shown('run', '--agent', 'demo-bot', '--', 'python3', 'agent.py', 'terminate', instance_id)} &\033[0m")
+        held = lab.a.popen(as_agent(*agent_cmd, "terminate", instance_id), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+        pending = inst.wait_for(lambda: json.loads(inst.cli("approvals", "--json").stdout), timeout=30)
+        show(lab.a, cli("approvals"), shown("approvals"))
+        print("(a human would decide now; the demo approves it itself)")
+        show(lab.a, cli("approve", pending[0]["id"]), shown("approve", pending[0]["id"]))
+        out, _ = held.communicate(timeout=120)
+        print(out.rstrip())
+
+        say("HTTPS 7. The held call, replayed: every request with its decision, status and size")
+        show(lab.a, cli("replay", pending[0]["session"]), shown("replay", pending[0]["session"]))
+    finally:
+        if inst is not None:
+            inst.close()
+        for s in reversed(started):
+            s.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "agent":
+        return agent(sys.argv[2:])
+    if os.geteuid() != 0:
+        print("the demo must run as root (it loads BPF programs into a throwaway cgroup)", file=sys.stderr)
+        return 2
+    from lab.demo import say, show
+
+    with Lab("demohttps") as lab:
+        demo(lab, say, show)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
