@@ -665,7 +665,7 @@ class PostgresHandler(Handler):
         if len(self.statements) >= MAX_PREPARED and p.name not in self.statements:
             raise wire.ProtocolError(f"more than {MAX_PREPARED} prepared statements")
         self.statements[p.name] = PreparedStatement(summary, d.verdict.value, d.rule, mask_spec(decisions),
-                                                    tuple(ops), tuple(decisions))
+                                                    tuple(ops), tuple(decisions), p.param_types)
         self._gate(fut)
         self.tracker.push(PARSE)
         self.sout.append(mv)
@@ -680,7 +680,7 @@ class PostgresHandler(Handler):
                 return False  # refused
         if len(self.portals) >= MAX_PREPARED and b.portal not in self.portals:
             raise wire.ProtocolError(f"more than {MAX_PREPARED} portals")
-        self.portals[b.portal] = Portal(ps, b.result_formats, masked_params(b.params, b.param_formats))
+        self.portals[b.portal] = Portal(ps, b.result_formats, masked_params(b.params, b.param_formats, ps.param_types))
         self.tracker.push(BIND)
         self.sout.append(mv)
         return False

@@ -19,6 +19,7 @@ A response that matches no expectation means the relay has lost track of the con
 
 from __future__ import annotations
 
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -81,20 +82,35 @@ def rows_of(tag: str) -> int | None:
     return int(last) if last.isdigit() and " " in tag else None
 
 
-def masked_params(values: tuple, formats: tuple[int, ...]) -> list[str]:
+_BINARY_NUMBERS = {16: struct.Struct("!?"), 21: struct.Struct("!h"), 23: struct.Struct("!i"), 20: struct.Struct("!q"),
+                   26: struct.Struct("!I"), 700: struct.Struct("!f"), 701: struct.Struct("!d")}
+_BINARY_TEXT = frozenset({25, 1043, 1042, 19, 705, 114})
+
+
+def masked_params(values: tuple, formats: tuple[int, ...], types: tuple[int, ...] = ()) -> list[str]:
     """Bind parameters as a recording may hold them: detectors applied, long values cut,
-    binary values by length only."""
+    binary values decoded when their declared type is a number or text, else by length only."""
     out = []
     for i, v in enumerate(values):
         fmt = formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
+        oid = types[i] if i < len(types) else 0
         if v is None:
             out.append("NULL")
-        elif fmt == 1:
-            out.append(f"<binary {len(v)} bytes>")
-        else:
-            text = bytes(v[:PARAM_LIMIT * 4]).decode("utf-8", "replace")
-            text = detectors.mask_text(text)
-            out.append(text if len(text) <= PARAM_LIMIT and len(v) <= PARAM_LIMIT * 4 else text[:PARAM_LIMIT] + "…")
+            continue
+        if fmt == 1:
+            num = _BINARY_NUMBERS.get(oid)
+            if num is not None and len(v) == num.size:
+                value = num.unpack(v)[0]
+                out.append(str(value).lower() if oid == 16 else str(value))
+                continue
+            if oid == 3802 and len(v) and v[0] == 1:  # jsonb: version byte, then text
+                v = v[1:]
+            elif oid not in _BINARY_TEXT:
+                out.append(f"<binary {len(v)} bytes>")
+                continue
+        text = bytes(v[:PARAM_LIMIT * 4]).decode("utf-8", "replace")
+        text = detectors.mask_text(text)
+        out.append(text if len(text) <= PARAM_LIMIT and len(v) <= PARAM_LIMIT * 4 else text[:PARAM_LIMIT] + "…")
     return out
 
 
@@ -108,6 +124,7 @@ class PreparedStatement:
     mask: MaskSpec | None
     ops: tuple = ()
     decisions: tuple = ()
+    param_types: tuple[int, ...] = ()
     description: wire.RowDescription | None = None
     described: bool = False  # the client sent Describe(S): a description is on its way
 
@@ -195,10 +212,17 @@ class Tracker:
 
     def server(self, t: int, msg: memoryview) -> bytes | memoryview | None:
         """What to forward to the client for one server message (None: nothing)."""
+        if t == 0x44:  # D DataRow: the hot path when rows are masked
+            return self._row(self.queue[0] if self.queue else None, msg)
+        try:
+            return self._message(t, msg)
+        finally:
+            # After any change of the oldest request: may rows and COPY data pass unseen now?
+            self._restream()
+
+    def _message(self, t: int, msg: memoryview) -> bytes | memoryview | None:
         q = self.queue
         head = q[0] if q else None
-        if t == 0x44:  # D DataRow
-            return self._row(head, msg)
         if t == 0x64:  # d CopyData
             if head is not None and head.copy_mask is not None:
                 new = mask_copy_data(msg[5:], head.copy_mask)
@@ -223,7 +247,6 @@ class Tracker:
                 self.finish_all(e, "no response before ReadyForQuery")
                 if e.kind in (SYNC_K, QUERY):
                     break
-            self._restream()
             return msg
         if t == 0x45:  # E ErrorResponse
             return self._error(head, msg)
@@ -252,14 +275,12 @@ class Tracker:
                 self.finished.append(st)
             else:
                 raise wire.ProtocolError(f"CommandComplete while expecting {_NAMES[k]}")
-            self._restream()
             return msg
         if t == 0x54:  # T RowDescription
             desc = wire.parse_backend(wire.Frame(b"T", 0, msg, 5))
             if k == QUERY:
                 st = head.current
                 head.masker = RowMasker(desc, st.mask) if st is not None and st.mask is not None else None
-                self._restream()
                 return msg
             if k == DESC_S:
                 q.popleft()
@@ -284,7 +305,6 @@ class Tracker:
             if k != want:
                 raise wire.ProtocolError(f"{chr(t)!r} while expecting {_NAMES[k]}")
             q.popleft()
-            self._restream()
             return msg
         if t == 0x73:  # s PortalSuspended
             if k != EXECUTE:
@@ -294,7 +314,6 @@ class Tracker:
             self._collect(head, st)
             st.finish("suspended")
             self.finished.append(st)
-            self._restream()
             return msg
         if t in (0x47, 0x48):  # G CopyInResponse, H CopyOutResponse
             if k not in (QUERY, EXECUTE):
@@ -304,7 +323,6 @@ class Tracker:
                 if msg[5] != 0:
                     raise wire.ProtocolError("binary COPY output cannot be masked")
                 head.copy_mask = st.mask
-                self._restream()
             return msg
         if t == 0x63:  # c CopyDone
             return msg
@@ -316,7 +334,7 @@ class Tracker:
         m = head.masker
         if m is None and head.kind == EXECUTE and head.want_mask:
             m = head.masker = self._portal_masker(head)
-            self._restream()
+            self._restream()  # a masker with nothing to mask lets the rest of the rows stream
         if m is None:
             return msg
         new = m.mask(msg)
@@ -372,7 +390,6 @@ class Tracker:
                 st.finish(error=text)
                 self.finished.append(st)
             self._skip_to_sync()
-        self._restream()
         return out
 
     def _skip_to_sync(self) -> None:
