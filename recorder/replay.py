@@ -49,6 +49,14 @@ def render(tl: dict) -> str:
         elif e["kind"] == "http":
             what = f"{'http':18} {d['method']} {d['host']}{d['path']} -> {d['status']}  {d.get('action', '')}".rstrip()
             what += f"  ({d['up']} B up, {d['down']} B down, {d['ms']} ms; {d.get('verdict', '-')}, {d['outcome']})"
+        elif e["kind"] == "statement":  # one SQL statement and what came of it (proxy/postgres)
+            result = d.get("error") or d.get("tag") or "-"
+            what = f"{'statement':18} {d['verdict'].upper():8} {d['summary']}"
+            if d.get("params"):
+                what += f"  params ({', '.join(d['params'])})"
+            what += f"  -> {result} ({d['duration_ms']} ms)"
+            if d.get("masked"):
+                what += "  masked " + ", ".join(f"{k} x{v}" for k, v in d["masked"].items())
         elif e["kind"].startswith("approval-"):
             what = f"{e['kind']:18} {d.get('approval', '')} {d.get('summary', '')}".rstrip()
             if d.get("by"):
