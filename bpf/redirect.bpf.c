@@ -52,19 +52,25 @@ static __always_inline int is_dns_port(u32 user_port) {
     return user_port == bpf_htons(53);
 }
 
-int il_connect4(struct bpf_sock_addr *ctx) {
+/* The port an enrolled socket is sent to: the proxy for TCP (only where `tcp` is set: connect),
+ * the resolver for DNS, 0 to refuse. */
+static __always_inline u32 target_port(struct bpf_sock_addr *ctx, struct il_settings *s, int tcp) {
+    if (tcp && ctx->type == IL_SOCK_STREAM)
+        return s->proxy_port;
+    if (ctx->type == IL_SOCK_DGRAM && is_dns_port(ctx->user_port))
+        return s->dns_port;
+    return 0;
+}
+
+static __always_inline int redirect4(struct bpf_sock_addr *ctx, int tcp) {
     u32 agent;
     if (!enrolled(&agent))
         return 1;
     struct il_settings *s = get_settings();
     if (!s || s->lockdown)
         return 0;
-    u32 port;
-    if (ctx->type == IL_SOCK_STREAM)
-        port = s->proxy_port;
-    else if (ctx->type == IL_SOCK_DGRAM && is_dns_port(ctx->user_port))
-        port = s->dns_port;
-    else
+    u32 port = target_port(ctx, s, tcp);
+    if (!port)
         return 0;
     struct il_origin o = {};
     set_mapped4(o.dst.addr, ctx->user_ip4);
@@ -78,19 +84,15 @@ int il_connect4(struct bpf_sock_addr *ctx) {
     return 1;
 }
 
-int il_connect6(struct bpf_sock_addr *ctx) {
+static __always_inline int redirect6(struct bpf_sock_addr *ctx, int tcp) {
     u32 agent;
     if (!enrolled(&agent))
         return 1;
     struct il_settings *s = get_settings();
     if (!s || s->lockdown)
         return 0;
-    u32 port;
-    if (ctx->type == IL_SOCK_STREAM)
-        port = s->proxy_port;
-    else if (ctx->type == IL_SOCK_DGRAM && is_dns_port(ctx->user_port))
-        port = s->dns_port;
-    else
+    u32 port = target_port(ctx, s, tcp);
+    if (!port)
         return 0;
     struct il_origin o = {};
     u32 w0 = CTX32(ctx->user_ip6[0]), w1 = CTX32(ctx->user_ip6[1]), w2 = CTX32(ctx->user_ip6[2]), w3 = CTX32(ctx->user_ip6[3]);
@@ -112,51 +114,11 @@ int il_connect6(struct bpf_sock_addr *ctx) {
     return 1;
 }
 
+int il_connect4(struct bpf_sock_addr *ctx) { return redirect4(ctx, 1); }
+int il_connect6(struct bpf_sock_addr *ctx) { return redirect6(ctx, 1); }
 /* Unconnected UDP: DNS goes to the resolver, everything else is refused. */
-int il_sendmsg4(struct bpf_sock_addr *ctx) {
-    u32 agent;
-    if (!enrolled(&agent))
-        return 1;
-    struct il_settings *s = get_settings();
-    if (!s || s->lockdown || !is_dns_port(ctx->user_port))
-        return 0;
-    struct il_origin o = {};
-    set_mapped4(o.dst.addr, ctx->user_ip4);
-    o.dst.port = 53;
-    o.family = IL_AF_INET;
-    fill_identity(&o, agent);
-    u64 cookie = bpf_get_socket_cookie(ctx);
-    by_cookie.update(&cookie, &o);
-    ctx->user_ip4 = bpf_htonl(IL_LOOPBACK4);
-    ctx->user_port = s->dns_port;
-    return 1;
-}
-
-int il_sendmsg6(struct bpf_sock_addr *ctx) {
-    u32 agent;
-    if (!enrolled(&agent))
-        return 1;
-    struct il_settings *s = get_settings();
-    if (!s || s->lockdown || !is_dns_port(ctx->user_port))
-        return 0;
-    struct il_origin o = {};
-    u32 w0 = CTX32(ctx->user_ip6[0]), w1 = CTX32(ctx->user_ip6[1]), w2 = CTX32(ctx->user_ip6[2]), w3 = CTX32(ctx->user_ip6[3]);
-    __builtin_memcpy(o.dst.addr, &w0, 4);
-    __builtin_memcpy(o.dst.addr + 4, &w1, 4);
-    __builtin_memcpy(o.dst.addr + 8, &w2, 4);
-    __builtin_memcpy(o.dst.addr + 12, &w3, 4);
-    o.dst.port = 53;
-    o.family = IL_AF_INET6;
-    fill_identity(&o, agent);
-    u64 cookie = bpf_get_socket_cookie(ctx);
-    by_cookie.update(&cookie, &o);
-    ctx->user_ip6[0] = 0;
-    ctx->user_ip6[1] = 0;
-    ctx->user_ip6[2] = 0;
-    ctx->user_ip6[3] = bpf_htonl(1);
-    ctx->user_port = s->dns_port;
-    return 1;
-}
+int il_sendmsg4(struct bpf_sock_addr *ctx) { return redirect4(ctx, 0); }
+int il_sendmsg6(struct bpf_sock_addr *ctx) { return redirect6(ctx, 0); }
 
 /* Replies from the resolver, and getpeername() on redirected sockets, show the address the
  * agent asked for, so resolvers that check the reply's source keep working. */

@@ -62,7 +62,9 @@ def _need_root(verb: str) -> None:
 def cmd_daemon(args) -> int:
     _need_root("daemon")
     from interceptor import doctor
-    from interceptor.daemon import Daemon
+    from interceptor.bpf_loader import HookLoadError
+    from interceptor.daemon import Daemon, DaemonError
+    from interceptor.firewall import FirewallError
     from policy.engine import PolicyError, load
 
     cfg = config_mod.load(args.config)
@@ -80,7 +82,14 @@ def cmd_daemon(args) -> int:
             print(f"interlock daemon: cannot start: {c.name}: {c.detail}. Fix: {c.fix}", file=sys.stderr)
         return 2
     d = Daemon(cfg, _layout(args, cfg))
-    d.start()
+    try:
+        d.start()
+    except (DaemonError, HookLoadError, FirewallError, OSError) as e:
+        print(f"interlock daemon: cannot start: {e}", file=sys.stderr)
+        print("interlock daemon: whatever was already installed stays in place and refuses agent traffic; "
+              f"remove it with: interlock down{' --state-dir ' + str(args.state_dir) if args.state_dir else ''}",
+              file=sys.stderr)
+        return 2
     print(f"interlock daemon: instance {cfg.instance} ready, proxy on port {cfg.proxy_port}", flush=True)
     d.run()
     return 0

@@ -199,7 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     proxy = Proxy(config, layout, loop)
-    loop.run_until_complete(proxy.serve(args.ready_fd))
+    try:
+        loop.run_until_complete(proxy.serve(args.ready_fd))
+    except OSError as e:
+        print(f"interlock proxy: cannot listen on port {config.proxy_port} or {config.dns_port}: {e.strerror or e}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

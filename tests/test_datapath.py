@@ -264,3 +264,13 @@ def test_down_leaves_nothing_behind(make_instance, lab, echo):
     assert not inst.cgroup_root.exists()
     # the recordings stay: they are the audit trail
     assert (inst.state_dir / "recorder.db").exists()
+
+
+def test_a_daemon_that_cannot_start_says_why_and_harms_no_other_instance(make_instance, lab, echo):
+    first = make_instance("c1", proxy_port=15651, dns_port=15652)
+    with pytest.raises(RuntimeError) as e:
+        make_instance("c2", proxy_port=15651, dns_port=15653)  # the same proxy port in the same namespace
+    text = str(e.value)
+    assert "cannot start: the proxy failed to start" in text and "interlock down" in text
+    assert "cannot listen on port 15651" in text and "Traceback" not in text
+    assert first.probe("tcp", lab.b.addr4, str(ECHO_PORT))["ok"]
