@@ -78,14 +78,11 @@ class Instance:
 
         return read_events(self.state_dir / "recorder.db", kind)
 
-    def wait_for(self, predicate, timeout: float = 10, interval: float = 0.1):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(interval)
-        return predicate()
+    @staticmethod
+    def wait_for(predicate, timeout: float = 10, interval: float = 0.1):
+        from lab.testing import wait_until
+
+        return wait_until(predicate, timeout, interval)
 
     def down(self) -> subprocess.CompletedProcess:
         r = self.cli("down", "--config", str(self.config_file))
