@@ -143,13 +143,14 @@ http {{
 
 
 class Nginx:
-    def __init__(self, host: Host, pki: LabPKI, directory: Path):
+    def __init__(self, host: Host, pki: LabPKI, directory: Path, name: str = WWW):
+        """name: what the main server's certificate is for (a host name, or an address)."""
         self.dir = directory
         www = directory / "www"
         (www / "upload").mkdir(parents=True, exist_ok=True)
         (www / "index.html").write_text("hello over https\n")
         (www / "people.json").write_text(json.dumps({"people": PEOPLE}))
-        cert, key = pki.leaf(WWW)
+        cert, key = pki.leaf(name)
         pinned_cert, pinned_key = pki.leaf(PINNED)
         bad_cert, bad_key = pki.rogue_leaf(BAD)
         conf = directory / "nginx.conf"

@@ -162,7 +162,7 @@ def test_large_upload_with_expect_continue_is_streamed_not_buffered(web, tmp_pat
     r = curl(web, "-T", str(big), "-w", "%{http_code}", f"https://{WWW}/upload/big.bin", timeout=120)
     assert r.stdout.strip() == "201", r.stderr  # curl sends Expect: 100-continue for a body this size
     r = curl(web, "-o", str(tmp_path / "back.bin"), "-w", "%{http_code}", f"https://{WWW}/upload/big.bin", timeout=120)
-    assert r.stdout.strip() == "200"
+    assert r.stdout.strip() == "200", r.stderr
     assert _sha(tmp_path / "back.bin") == _sha(big)
     assert _hwm(pid) - hwm0 < 48 << 20, "96 MiB each way went through without being held whole"
 

@@ -4,7 +4,7 @@ credentials added); responses streamed back, or masked when the policy says so.
 Glue only: framing is proxy.http.model (h11), the policy view proxy.http.rules, AWS naming,
 re-signing and refusals proxy.aws, masking proxy.http.masking. The TLS handler
 (proxy/tls/handler.py) runs this same class over the bytes it decrypts, by overriding the four
-byte seams (on_client/on_server in, _to_agent/_to_origin out).
+byte seams (on_client/on_server in, send_agent/send_origin out).
 
 Why one request at a time: the upstream is the single connection the relay opened to the
 original destination, and nothing may reach it before its request has been judged and recorded.
@@ -119,6 +119,11 @@ class HttpHandler(Handler):
         self.origin_gone: str | None = None  # why the service cannot take another request
         self.host_hint = ""  # SNI, for the host-sni-mismatch risk
         self.served = 0  # requests finished on this connection
+        # Bytes produced while handling one read go out in one write per side (one TLS record,
+        # one segment): a response head, body and end as three sends cost three syscalls.
+        self.batch = 0
+        self.out_agent: list[bytes] = []
+        self.out_origin: list[bytes] = []
 
     # ---- byte seams (the TLS handler overrides these) -------------------------------------------
 
@@ -128,13 +133,34 @@ class HttpHandler(Handler):
     def on_server(self, data: bytes) -> None:
         self.origin_plain(data)
 
+    def send_agent(self, data: bytes) -> None:
+        self.conn.to_client(data)
+
+    def send_origin(self, data: bytes) -> None:
+        self.conn.to_server(data)
+
     def _to_agent(self, data: bytes) -> None:
         if data:
-            self.conn.to_client(data)
+            self.out_agent.append(data)
+            if not self.batch:
+                self.flush()
 
     def _to_origin(self, data: bytes) -> None:
         if data and self.origin_gone is None:
-            self.conn.to_server(data)
+            self.out_origin.append(data)
+            if not self.batch:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.out_origin:
+            data = b"".join(self.out_origin)
+            self.out_origin.clear()
+            if self.origin_gone is None:
+                self.send_origin(data)
+        if self.out_agent:
+            data = b"".join(self.out_agent)
+            self.out_agent.clear()
+            self.send_agent(data)
 
     def on_client_eof(self) -> bool:
         if self.tunnel:
@@ -168,6 +194,15 @@ class HttpHandler(Handler):
 
     def agent_plain(self, data: bytes) -> None:
         """Decrypted (or plain) bytes from the agent."""
+        self.batch += 1
+        try:
+            self._agent_plain(data)
+        finally:
+            self.batch -= 1
+            if not self.batch:
+                self.flush()
+
+    def _agent_plain(self, data: bytes) -> None:
         if self.tunnel:
             self._to_origin(data)
             return
@@ -276,28 +311,45 @@ class HttpHandler(Handler):
             req.call = identify_request(req.head, bytes(req.body[:64 << 10]))
         req.op = self.operation(req)
         req.decision, written = self.conn.proxy.judge(self.conn.rec, req.op, names=self.names(req))
-        self.conn.spawn(self._act(req, written))
+        if req.decision.verdict is Verdict.APPROVE:
+            self.conn.spawn(self._hold(req, written))
+        else:  # a callback, not a task: most requests are decided in one loop turn
+            written.add_done_callback(lambda f: self._recorded(req, f))
 
-    async def _act(self, req: Exchange, written) -> None:
+    def _recorded(self, req: Exchange, written) -> None:
+        if written.cancelled() or written.exception() is not None:  # no record, no request
+            self.conn.close("recorder-error", str(written.exception()) if not written.cancelled() else "cancelled")
+            return
+        if not self.ending:
+            self._act(req, "denied" if req.decision.verdict is Verdict.DENY else "allowed")
+
+    async def _hold(self, req: Exchange, written) -> None:
         try:
             await written
-        except Exception as e:  # no record, no request
+        except Exception as e:  # no record, no hold
             self.conn.close("recorder-error", str(e))
             return
         if self.ending:
             return
+        outcome = await self.conn.hold(req.op, req.decision)
+        if not self.ending:
+            self._act(req, outcome)
+
+    def _act(self, req: Exchange, outcome: str) -> None:
+        """Carry out the decision once it is on record: 'allowed'/'approved' go on, the rest are refused."""
         d = req.decision
-        if d.verdict is Verdict.DENY:
-            self._refuse(req, d.rule, d.reason, "denied")
-            return
-        if d.verdict is Verdict.APPROVE:
-            outcome = await self.conn.hold(req.op, d)
-            if self.ending:
-                return
-            if outcome != "approved":
+        self.batch += 1
+        try:
+            if outcome == "denied":
+                self._refuse(req, d.rule, d.reason, outcome)
+            elif outcome not in ("allowed", "approved"):
                 self._refuse(req, d.rule, f"approval {outcome}", outcome)
-                return
-        self._forward(req)
+            else:
+                self._forward(req)
+        finally:
+            self.batch -= 1
+            if not self.batch:
+                self.flush()
 
     def _refuse(self, req: Exchange, rule: str, reason: str, outcome: str) -> None:
         canned = aws_errors.access_denied(req.call, rule, reason) if req.call else responses.blocked(rule, reason)
@@ -376,6 +428,15 @@ class HttpHandler(Handler):
 
     def origin_plain(self, data: bytes) -> None:
         """Decrypted (or plain) bytes from the service; b'' when it closed."""
+        self.batch += 1
+        try:
+            self._origin_plain(data)
+        finally:
+            self.batch -= 1
+            if not self.batch:
+                self.flush()
+
+    def _origin_plain(self, data: bytes) -> None:
         if self.tunnel:
             self._to_agent(data)
             return
@@ -532,6 +593,7 @@ class HttpHandler(Handler):
         if self.ending:
             return
         self.ending = True
+        self.flush()
         self.flush_close()
         self.conn.close(outcome, detail, abort=False)
 

@@ -130,7 +130,7 @@ class TlsHandler(HttpHandler):
             self.agent_plain(plain)
         self._flush_agent()
 
-    def _to_agent(self, data: bytes) -> None:
+    def send_agent(self, data: bytes) -> None:
         if data and not self.raw:
             self.a_tls.write(data)
             self._flush_agent()
@@ -161,7 +161,7 @@ class TlsHandler(HttpHandler):
         self._flush_origin()
         pending, self.o_pending = self.o_pending, []
         for chunk in pending:
-            self._to_origin(chunk)
+            self.send_origin(chunk)
 
     def _upstream_failed(self, detail: str) -> None:
         self.failed_upstream = True
@@ -189,7 +189,7 @@ class TlsHandler(HttpHandler):
         if plain is None and not self.ending:
             self.origin_plain(b"")
 
-    def _to_origin(self, data: bytes) -> None:
+    def send_origin(self, data: bytes) -> None:
         if not data or self.raw or self.origin_gone is not None:
             return
         if not self.o_ready:
