@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 
+from bench import web as web_bench
 from lab.instance import Instance, leftovers
 from lab.netns import Host, Lab
 from lab.postgres import PG_USER, Postgres
@@ -41,6 +42,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 PATHS = ("direct", "haproxy", "interlock")
 GROUPS = ("pg", "iperf", "conn")
+EXTRA_GROUPS = ("web",)  # bench/web.py: HTTP and HTTPS with wrk, its own servers and proxies
 SERVICE_PORT = {"pg": 5432, "iperf": 5201, "conn": 7000}
 HAPROXY_PORT = {"pg": 25432, "iperf": 25201, "conn": 27000}
 INTERLOCK_PROXY_PORT = 15001
@@ -453,16 +455,17 @@ def signals_interrupt() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs, for checking the harness")
-    ap.add_argument("--only", default=",".join(GROUPS), help="comma-separated subset of: pg,iperf,conn")
+    ap.add_argument("--only", default=",".join(GROUPS + EXTRA_GROUPS), help="comma-separated subset of: pg,iperf,conn,web")
     ap.add_argument("--haproxy-threads", type=int, help="haproxy nbthread (default: haproxy's, one per CPU)")
     args = ap.parse_args(argv)
     groups = {g.strip() for g in args.only.split(",") if g.strip()}
-    if not groups or groups - set(GROUPS):
-        ap.error(f"--only takes a subset of {','.join(GROUPS)}")
+    if not groups or groups - set(GROUPS + EXTRA_GROUPS):
+        ap.error(f"--only takes a subset of {','.join(GROUPS + EXTRA_GROUPS)}")
     if os.geteuid() != 0:
         ap.error("must run as root (network namespaces, cgroup BPF)")
     d = QUICK if args.quick else FULL
     measured: dict[str, dict[str, Result]] = {}
+    web_results: dict[str, dict[str, dict]] = {}
     started = time.monotonic()
     try:
         with signals_interrupt(), contextlib.ExitStack() as stack:
@@ -486,19 +489,29 @@ def main(argv: list[str] | None = None) -> int:
                     r = ratio(measured[b.key], path)
                     print(f"{fmt(res.value)} {b.unit}" + (f"  ({r:.2f}x direct)" if r and path != "direct" else ""),
                           flush=True)
+            if "web" in groups:
+                print("HTTP and HTTPS (wrk; nginx, haproxy, mitmproxy, Interlock) ...", flush=True)
+                web = web_bench.Web(stack, bench.a, bench.b, bench.tmp, d.conn, stop_process, wait_listening, cpu_seconds)
+                web.setup()
+                web_results = web.run()
             print("tearing down ...", flush=True)
     except KeyboardInterrupt:
         print("\ninterrupted; lab torn down", file=sys.stderr)
         return 130
-    print()
-    print(table(measured))
+    if measured:
+        print()
+        print(table(measured))
+    if web_results:
+        print()
+        print(web_bench.table(web_results))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench-{datetime.now():%Y%m%d-%H%M%S}.json"
     meta["loadavg_end"] = loadavg()
     doc = {"meta": meta, "elapsed_s": round(time.monotonic() - started, 1),
            "results": {k: {p: {"value": r.value, "unit": next(b.unit for b in BENCHMARKS if b.key == k),
                                "ratio_to_direct": ratio(v, p), "ops": r.ops, **r.detail}
-                           for p, r in v.items()} for k, v in measured.items()}}
+                           for p, r in v.items()} for k, v in measured.items()},
+           "web": web_results}
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"\nresults: {out.relative_to(REPO)} ({doc['elapsed_s']} s)")
     return 0
