@@ -676,3 +676,62 @@ def test_pgbench_simple_and_extended(inst, lab, pg):
         r = inst.agent(["pgbench", "-n", "-S", "-M", mode, "-c", "2", "-t", "200", "-h", lab.b.addr4, "-U", "bot",
                         "postgres"], timeout=120)
         assert r.returncode == 0 and "number of failed transactions: 0" in r.stdout, r.stdout + r.stderr
+
+
+def test_cancel_while_held_gives_up_the_statement(inst, lab, pg):
+    pg.psql("insert into holdme values (7)")
+    out = py(inst, """
+        import json, threading, time, psycopg
+        with psycopg.connect("{dsn}", autocommit=True) as c:
+            threading.Thread(target=lambda: (time.sleep(1.5), c.cancel())).start()
+            t0 = time.monotonic()
+            try:
+                c.execute("delete from holdme")
+                res = ["ran"]
+            except psycopg.errors.QueryCanceled as e:
+                res = ["canceled", e.diag.message_detail]
+            res.append(c.execute("select count(*) from holdme").fetchone()[0])
+            res.append(round(time.monotonic() - t0, 1))
+        print(json.dumps(res))
+    """, dsn=dsn(lab))
+    assert out[0] == "canceled" and "held for approval under rule 'hold-deletes'" in out[1]
+    assert out[2] >= 1 and out[3] < 10
+    assert any(e["kind"] == "hold-canceled" for e in inst.events("hold-canceled"))
+
+
+def test_settings_that_change_how_sql_reads_end_the_session(inst, lab, pg):
+    out = py(inst, r"""
+        import json, psycopg
+        res = {{}}
+        with psycopg.connect("{dsn}", autocommit=True) as c:
+            c.execute("set client_encoding to 'LATIN1'")  # ASCII-safe: fine
+            res["latin1"] = c.execute("select 1").fetchone()[0]
+        for name, change, follow in (("std", "set standard_conforming_strings = off", "insert into items values (700, 'a\\b')"),
+                                     ("sjis", "select set_config('client_encoding', 'SJIS', false)",
+                                      "insert into items values (701, 'caf\u00e9')")):
+            got = []
+            with psycopg.connect("{dsn}", autocommit=True) as c:
+                try:
+                    with c.pipeline():
+                        c.execute(change)
+                        c.execute(follow)
+                except psycopg.Error as e:
+                    got.append(e.sqlstate)
+                # the refusal failed the implicit transaction, the change with it: the session goes on
+                got.append(c.execute("select current_setting('client_encoding'), current_setting("
+                                     "'standard_conforming_strings')").fetchone())
+                try:
+                    c.execute(change)  # now the change itself: the server reports it
+                    c.execute("select 1")
+                    got.append("survived")
+                except psycopg.Error as e:
+                    got.append(str(e).splitlines()[0][:160])
+            res[name] = got
+        print(json.dumps(res))
+    """, dsn=dsn(lab))
+    assert out["latin1"] == 1
+    for name in ("std", "sjis"):
+        assert out[name][0] == "42501", out  # the ambiguous statement in the window is refused
+        assert out[name][1] == ["UTF8", "on"], out
+        assert "cannot read SQL under" in out[name][-1], out  # a change that sticks ends the session
+    assert pg.psql("select count(*) from items where id in (700, 701)") == "0"

@@ -26,7 +26,10 @@ from __future__ import annotations
 import asyncio
 import secrets
 import ssl
+import sys
 import time
+import traceback
+import weakref
 from typing import Any
 
 from policy.model import Decision, Operation, Verdict
@@ -48,6 +51,7 @@ from proxy.postgres.tracker import (
     PreparedStatement,
     Statement,
     Tracker,
+    UnsafeSetting,
     masked_params,
 )
 
@@ -61,8 +65,15 @@ BUILTIN_UNPARSEABLE = Decision(Verdict.DENY, "builtin:unparseable", "SQL the pro
 BUILTIN_FUNCTION_CALL = Decision(Verdict.DENY, "builtin:function-call",
                                  "a fast-path FunctionCall runs a function with no SQL to judge")
 
-# (backend pid, key this proxy issued) → (server address, port, the server's key)
-_cancel_keys: dict[tuple[int, bytes], tuple[str, int, bytes]] = {}
+# (backend pid, key this proxy issued) → (server address, port, the server's key, the session's handler)
+_cancel_keys: dict[tuple[int, bytes], tuple[str, int, bytes, weakref.ref]] = {}
+# Settings that change how the server reads SQL text. The server reports a change only with its
+# next ReadyForQuery; until then (the "window") SQL is only forwarded if it reads the same under
+# any value they may take: ASCII without backslashes (see `ambiguous`).
+PARSING_SETTINGS = frozenset({"client_encoding", "standard_conforming_strings", "reset_all"})
+BUILTIN_AMBIGUOUS = Decision(Verdict.DENY, "builtin:ambiguous-sql",
+                             "a client_encoding or standard_conforming_strings change is pending; until the server "
+                             "confirms it, SQL with backslashes or non-ASCII characters could read differently to it")
 _mask_specs: dict[tuple[str, ...], MaskSpec] = {}
 _tls_contexts: dict[int, ssl.SSLContext] = {}
 _upstream_context: list[ssl.SSLContext] = []
@@ -112,12 +123,33 @@ def mask_spec(decisions: list[Decision]) -> MaskSpec | None:
     return spec
 
 
+def changes_parsing(ops: list[Operation] | tuple[Operation, ...]) -> bool:
+    """Whether a statement may change client_encoding or standard_conforming_strings (a SET,
+    set_config(), RESET ALL, or code the analyzer cannot see into)."""
+    for op in ops:
+        if op.attributes.get("setting") in PARSING_SETTINGS or "opaque-code" in op.risks:
+            return True
+        if any(f.rsplit(".", 1)[-1] == "set_config" for f in op.attributes.get("functions", "").split(",")):
+            return True
+    return False
+
+
+def ambiguous(sql: str) -> bool:
+    """Text whose meaning could depend on client_encoding or standard_conforming_strings: ASCII
+    is the same in every encoding the proxy allows, and only backslashes read differently with
+    standard_conforming_strings off."""
+    return not sql.isascii() or "\\" in sql
+
+
 def combine(decisions: list[Decision]) -> Decision:
     """The decision that governs a statement: deny over approve over mask over allow."""
     return max(decisions, key=lambda d: _RANK[d.verdict])
 
 
 def refusal_error(decision: Decision, outcome: str = "") -> bytes:
+    if outcome == "canceled":  # the agent cancelled while the statement waited for a human
+        return wire.error_response("ERROR", "57014", "canceling statement due to user request",
+                                   detail=f"interlock: it was held for approval under rule '{decision.rule}'")
     if outcome:
         msg = f"interlock: statement not approved ({outcome}) under rule '{decision.rule}'"
     else:
@@ -160,7 +192,11 @@ class PostgresHandler(Handler):
         self.portals: dict[str, Portal] = {}
         self.key: tuple[int, bytes] | None = None
         self.hold_task: asyncio.Task | None = None
+        self.hold_canceled = False
+        self.window: object | None = None  # the Query/Sync whose ReadyForQuery ends a settings window
+        self.window_next_sync = False  # an Execute opened a window: the next Sync's ReadyForQuery ends it
         self.eof_pending = False
+        self._simple_refusal = True
 
     # ---- bytes in --------------------------------------------------------------------------
 
@@ -182,6 +218,8 @@ class PostgresHandler(Handler):
         except ssl.SSLError as e:
             self._abort("tls-error", f"agent TLS: {e}")
             return
+        except Exception as e:  # a bug must not leave a half-relayed session: end it
+            self._internal(e)
         self._flush()
 
     def on_server(self, data: bytes) -> None:
@@ -200,12 +238,16 @@ class PostgresHandler(Handler):
                 self._pump_server()
             else:
                 self._login_server()
+        except UnsafeSetting as e:
+            self._fatal("0A000", str(e))
         except wire.ProtocolError as e:
             self._fatal("08P01", f"interlock: invalid message from the server: {e}")
         except AuthenticationError as e:
             self._fatal(e.code, f"interlock: upstream login failed: {e}")
         except ssl.SSLError as e:
             self._fatal("08006", f"interlock: TLS to the server failed: {e}")
+        except Exception as e:
+            self._internal(e)
         self._flush()
 
     def on_client_eof(self) -> bool:
@@ -267,8 +309,14 @@ class PostgresHandler(Handler):
         self.sout = []
         self.gate = None
         self._flush()
+        if self.ctls is not None and self.ctls.handshaken:
+            self.conn.to_client(self.ctls.shutdown())  # close_notify: the agent reads the error, not a TLS failure
         self.phase = DONE
         self.conn.close("protocol-error" if code == "08P01" else "refused", message, abort=False)
+
+    def _internal(self, e: Exception) -> None:
+        traceback.print_exc(file=sys.stderr)
+        self._fatal("XX000", f"interlock: internal error ({type(e).__name__}); the connection is closed")
 
     def _abort(self, outcome: str, detail: str) -> None:
         self.phase = DONE
@@ -360,7 +408,10 @@ class PostgresHandler(Handler):
             if decision.verdict is Verdict.DENY:
                 self.conn.close("denied", f"{decision.rule}: {decision.reason}", abort=False)
                 return
-            addr, port, key = found
+            addr, port, key, ref = found
+            owner = ref()
+            if owner is not None and owner.cancel_hold():
+                self.conn.event("hold-canceled", {"backend": msg.pid})
             real = wire.cancel_request(msg.pid, key)
             if (addr, port) == (rec.dst_addr, rec.dst_port) and self.conn.upstream is not None:
                 self.conn.to_server(real)
@@ -380,6 +431,13 @@ class PostgresHandler(Handler):
 
     async def _login(self, msg: wire.StartupMessage, raw: bytes) -> None:
         """Judge the startup settings, then start the upstream login."""
+        try:
+            await self._login_steps(msg, raw)
+        except Exception as e:
+            self._internal(e)
+            self._flush()
+
+    async def _login_steps(self, msg: wire.StartupMessage, raw: bytes) -> None:
         try:
             settings = startup.judged(msg.params)
         except startup.StartupRefused as e:
@@ -523,7 +581,7 @@ class PostgresHandler(Handler):
         if isinstance(msg, wire.BackendKeyData):
             key = secrets.token_bytes(len(msg.key))
             self.key = (msg.pid, key)
-            _cancel_keys[self.key] = (self.conn.rec.dst_addr, self.conn.rec.dst_port, msg.key)
+            _cancel_keys[self.key] = (self.conn.rec.dst_addr, self.conn.rec.dst_port, msg.key, weakref.ref(self))
             self.cout.append(wire.backend_key_data(msg.pid, key))
             return
         if isinstance(msg, wire.ErrorResponse):
@@ -533,9 +591,7 @@ class PostgresHandler(Handler):
             self.conn.close("refused", f"server: {msg.message}", abort=False)
             return
         if isinstance(msg, wire.ParameterStatus):
-            self.tracker.server(0x53, mv)
-            if self.tracker.unsafe:
-                raise wire.ProtocolError(f"the server runs with {self.tracker.unsafe}, which the proxy cannot parse under")
+            self.tracker.server(0x53, mv)  # raises UnsafeSetting
         elif isinstance(msg, wire.ReadyForQuery):
             self.tracker.status = msg.status
             self.phase = READY
@@ -550,7 +606,9 @@ class PostgresHandler(Handler):
         if self.dropping:
             if t == _S:
                 self.dropping = False
-                self.tracker.push(SYNC_K)
+                e = self.tracker.push(SYNC_K)
+                if self.window_next_sync:
+                    self.window, self.window_next_sync = e, False
                 self.sout.append(mv)
             return False
         if t == _Q:
@@ -576,7 +634,9 @@ class PostgresHandler(Handler):
             (self.statements if c.kind == "S" else self.portals).pop(c.name, None)
             self.tracker.push(CLOSE)
         elif t == _S:
-            self.tracker.push(SYNC_K)
+            e = self.tracker.push(SYNC_K)
+            if self.window_next_sync:
+                self.window, self.window_next_sync = e, False
         elif t == _F:
             f = wire.parse_frontend(wire.Frame(b"F", 0, mv, 5))
             op = Operation("postgres", "function-call", (f"oid {f.function_oid}",), ("opaque-code",),
@@ -615,6 +675,9 @@ class PostgresHandler(Handler):
 
     def _query(self, mv: memoryview) -> bool:
         q = wire.parse_frontend(wire.Frame(b"Q", 0, mv, 5))
+        self._simple_refusal = True
+        if self._in_window(q.sql, "query text during a settings change"):
+            return False
         ops = self.analyzer.analyze(q.sql)
         if not ops:
             self.tracker.query([])
@@ -630,9 +693,23 @@ class PostgresHandler(Handler):
             self._hold(_Pending(_Q, bytes(mv), stmts, ops, decisions), fut)
             return True
         self._gate(fut)
-        self.tracker.query(stmts)
-        self.sout.append(mv)
+        self._send_query(mv, stmts, ops)
         return False
+
+    def _send_query(self, data: bytes | memoryview, stmts: list[Statement], ops: list[Operation]) -> None:
+        e = self.tracker.query(stmts)
+        self.sout.append(data)
+        if changes_parsing(ops):
+            self.window = e
+
+    def _in_window(self, sql: str, ops_or_summary: str) -> bool:
+        """Refuse text that could read differently while a parsing-settings change is pending."""
+        if (self.window is None and not self.window_next_sync) or not ambiguous(sql):
+            return False
+        op = Operation("postgres", "unparseable", (), ("unparseable",), ops_or_summary)
+        self._refuse([op], [BUILTIN_AMBIGUOUS], [self._record_builtin(op, BUILTIN_AMBIGUOUS)],
+                     simple=self._simple_refusal)
+        return True
 
     def _refuse(self, ops: list[Operation], decisions: list[Decision], futs: list, *, simple: bool,
                 stmts: list[Statement] | None = None, outcome: str = "") -> None:
@@ -652,6 +729,9 @@ class PostgresHandler(Handler):
 
     def _parse(self, mv: memoryview) -> bool:
         p = wire.parse_frontend(wire.Frame(b"P", 0, mv, 5))
+        self._simple_refusal = False
+        if self._in_window(p.sql, "statement text during a settings change"):
+            return False
         ops = self.analyzer.register_prepared(p.name, p.sql)
         if not ops:  # an empty statement: nothing runs
             ops = [Operation("postgres", "other", (), (), "", {"statement": "0"})]
@@ -733,6 +813,8 @@ class PostgresHandler(Handler):
             self.sout.append(b"D" + (len(name) + 6).to_bytes(4, "big") + b"P" + name + b"\0")
         self.tracker.execute(portal, st)
         self.sout.append(mv)
+        if changes_parsing(portal.statement.ops):
+            self.window_next_sync = True
 
     # ---- holds ---------------------------------------------------------------------------------
 
@@ -742,30 +824,34 @@ class PostgresHandler(Handler):
         pending.record = fut
         self.hold_task = self.conn.spawn(self._wait_for_human(pending))
 
+    def cancel_hold(self) -> bool:
+        """The agent sent a CancelRequest: a statement waiting for a human is given up."""
+        if self.blocked and self.hold_task is not None and not self.hold_task.done() and self.phase == READY:
+            self.hold_canceled = True
+            self.hold_task.cancel()
+            return True
+        return False
+
     async def _wait_for_human(self, p: _Pending) -> None:
         try:
-            if p.record is not None:
-                await p.record
+            outcome = await self._ask_humans(p)
+        except asyncio.CancelledError:
+            if self.phase == DONE or not self.hold_canceled:
+                raise
+            outcome = "canceled"
         except Exception as e:
             self._abort("recorder-error", str(e))
             return
-        outcome = "approved"
-        for op, d in zip(p.ops, p.decisions, strict=True):
-            if d.verdict is Verdict.APPROVE:
-                outcome = await self.conn.hold(op, d)
-                if outcome != "approved":
-                    break
         if self.phase == DONE:
             return
-        self.blocked = False
+        self.blocked = self.hold_canceled = False
         self.hold_task = None
         if outcome == "approved":
             for st in p.stmts:
                 st.started = time.monotonic()
                 st.rule = st.rule + " (approved)" if st.verdict == "approve" else st.rule
             if p.kind == _Q:
-                self.tracker.query(p.stmts)
-                self.sout.append(p.data)
+                self._send_query(p.data, p.stmts, p.ops)
             else:
                 self._run_execute(p.data, p.portal, p.stmts[0])
         else:
@@ -776,7 +862,19 @@ class PostgresHandler(Handler):
             self._pump_client()
         except wire.ProtocolError as e:
             self._fatal("08P01", f"interlock: invalid message from the client: {e}")
+        except Exception as e:
+            self._internal(e)
         self._flush()
+
+    async def _ask_humans(self, p: _Pending) -> str:
+        if p.record is not None:
+            await p.record
+        for op, d in zip(p.ops, p.decisions, strict=True):
+            if d.verdict is Verdict.APPROVE:
+                outcome = await self.conn.hold(op, d)
+                if outcome != "approved":
+                    return outcome
+        return "approved"
 
     # ---- statements: server side --------------------------------------------------------------
 
@@ -796,8 +894,8 @@ class PostgresHandler(Handler):
                 out.append(r)
         if tr.finished:
             self._record()
-        if tr.unsafe:
-            raise wire.ProtocolError(f"the session now runs with {tr.unsafe}, which the proxy cannot parse under")
+        if self.window is not None and self.window not in tr.queue:
+            self.window = None  # its ReadyForQuery (and any ParameterStatus before it) is in
 
 
 def _join(parts: list) -> bytes:

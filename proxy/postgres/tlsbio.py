@@ -74,6 +74,14 @@ class TlsPipe:
             self.obj.write(data)
         return self._out.read()
 
+    def shutdown(self) -> bytes:
+        """close_notify for the peer (we close after it without waiting for theirs)."""
+        try:
+            self.obj.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLError):
+            pass
+        return self._out.read()
+
     def outgoing(self) -> bytes:
         return self._out.read()
 

@@ -37,6 +37,10 @@ SYNC = wire.sync()
 PARAM_LIMIT = 200  # characters of one parameter kept in a recording
 
 
+class UnsafeSetting(wire.ProtocolError):
+    """The server reports a setting under which the proxy would read SQL differently than the server."""
+
+
 @dataclass(eq=False)
 class Statement:
     """One statement as recorded: what was asked (masked), what was decided, what came back."""
@@ -183,11 +187,13 @@ class Tracker:
     def push(self, kind: int) -> Expect:
         e = Expect(kind)
         self.queue.append(e)
+        self._restream()
         return e
 
     def query(self, stmts: list[Statement]) -> Expect:
         e = Expect(QUERY, stmts)
         self.queue.append(e)
+        self._restream()
         return e
 
     def execute(self, portal: Portal, stmt: Statement) -> Expect:
@@ -195,6 +201,7 @@ class Tracker:
         e.portal = portal
         e.want_mask = stmt.mask is not None
         self.queue.append(e)
+        self._restream()  # it may be the oldest request already (an Execute continuing a portal)
         return e
 
     def refusal(self, error: bytes, stmts: list[Statement], simple: bool) -> bytes:
@@ -205,8 +212,8 @@ class Tracker:
         self.queue.append(e)
         if simple:
             self.queue.append(Expect(SYNC_K))
-            return REFUSAL_PARSE + SYNC
-        return REFUSAL_PARSE
+        self._restream()
+        return REFUSAL_PARSE + SYNC if simple else REFUSAL_PARSE
 
     # ---- server side -------------------------------------------------------------------------
 
@@ -239,6 +246,8 @@ class Tracker:
             self.params[p.name] = p.value
             if not setting_safe(p.name, p.value):
                 self.unsafe = f"{p.name}={p.value}"
+                raise UnsafeSetting(f"interlock: the session now runs with {self.unsafe}, which the proxy "
+                                    "cannot read SQL under; closing it")
             return msg
         if t == 0x5A:  # Z ReadyForQuery
             self.status = chr(msg[5])
