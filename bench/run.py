@@ -36,6 +36,7 @@ from bench import web as web_bench
 from lab.instance import Instance, leftovers
 from lab.netns import Host, Lab
 from lab.postgres import PG_USER, Postgres
+from lab.testing import stop_process, wait_listening
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -144,31 +145,6 @@ def cpu_seconds(pid: int) -> float | None:
         return None
     fields = stat[stat.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def wait_listening(host: Host, port: int, proc: subprocess.Popen, log: Path | None = None,
-                   timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-1500:] if log and log.exists() else ""
-            raise RuntimeError(f"the server for port {port} exited {proc.returncode}: {tail}")
-        if host.run(["ss", "-Hltn", f"sport = :{port}"]).stdout.strip():
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on port {port} in {host.name} after {timeout}s")
-
-
-def stop_process(p: subprocess.Popen, timeout: float = 10) -> None:
-    """Terminate one process we started, by its PID; kill it if it does not go."""
-    if p.poll() is not None:
-        return
-    p.terminate()
-    try:
-        p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(timeout=10)
 
 
 class Detached(Host):
@@ -491,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
             if "web" in groups:
                 print("HTTP and HTTPS (wrk; nginx, haproxy, mitmproxy, Interlock) ...", flush=True)
-                web = web_bench.Web(stack, bench.a, bench.b, bench.tmp, d.conn, stop_process, wait_listening, cpu_seconds)
+                web = web_bench.Web(stack, bench.a, bench.b, bench.tmp, d.conn, cpu_seconds)
                 web.setup()
                 web_results = web.run()
             print("tearing down ...", flush=True)

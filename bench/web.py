@@ -28,6 +28,7 @@ from pathlib import Path
 
 from lab.https import LabPKI, Nginx
 from lab.instance import Instance
+from lab.testing import stop_process, wait_listening
 
 REPO = Path(__file__).resolve().parent.parent
 MITM_VENV = REPO / ".venv-mitm"
@@ -106,10 +107,9 @@ def mitm_venv() -> Path | None:
 class Web:
     """nginx, haproxy, mitmdump and an Interlock instance for the web benchmarks."""
 
-    def __init__(self, stack: contextlib.ExitStack, a, b, tmp: Path, seconds: float, stop_process, wait_listening,
-                 cpu_seconds):
+    def __init__(self, stack: contextlib.ExitStack, a, b, tmp: Path, seconds: float, cpu_seconds):
         self.stack, self.a, self.b, self.tmp, self.seconds = stack, a, b, tmp, seconds
-        self._stop, self._wait, self._cpu = stop_process, wait_listening, cpu_seconds
+        self._cpu = cpu_seconds  # bench.run's, which imports this module
         self.pids: dict[str, int] = {}
         self.inst: Instance | None = None
 
@@ -141,9 +141,9 @@ class Web:
         log = open(self.tmp / "haproxy-web.log", "ab")
         self.stack.callback(log.close)
         p = self.a.popen(["haproxy", "-db", "-f", str(cfg)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        self.stack.callback(self._stop, p)
+        self.stack.callback(stop_process, p)
         for port in PORTS["haproxy"]:
-            self._wait(self.a, port, p, self.tmp / "haproxy-web.log")
+            wait_listening(self.a, port, p, self.tmp / "haproxy-web.log")
         self.pids["haproxy"] = p.pid
 
     def _mitm(self, pki: LabPKI) -> None:
@@ -159,8 +159,8 @@ class Web:
                               "--set", f"confdir={self.tmp / 'mitm-conf'}",
                               "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_file}"],
                              stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-            self.stack.callback(self._stop, p)
-            self._wait(self.a, port, p, self.tmp / f"mitm-{scheme}.log", timeout=60)
+            self.stack.callback(stop_process, p)
+            wait_listening(self.a, port, p, self.tmp / f"mitm-{scheme}.log", timeout=60)
             procs.append(p)
         self.pids["mitmproxy"] = procs  # type: ignore[assignment]
 

@@ -20,36 +20,15 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from lab.https import AWS, MOTO_PORT, WWW, LabDns, LabPKI, Moto, Nginx
+from lab.https import AWS, AWS_POLICY, MOTO_PORT, WWW, LabDns, LabPKI, Moto, Nginx
 from lab.instance import INTERLOCK, Instance
 from lab.netns import Lab
 
 PLACEHOLDER = ("AKIADEMOPLACEHOLDER1", "demo-placeholder-secret")
 ENDPOINT = f"https://{AWS}:{MOTO_PORT}"
 
-POLICY = f"""\
-# HTTPS demo policy: AWS calls in IAM words; the web server by hostname
-targets:
-  aws: {{hostname: "{AWS}", port: {MOTO_PORT}, credentials: aws-demo}}
-  web: {{hostname: "{WWW}", port: 443}}
-rules:
-  - name: buckets-stay
-    target: aws
-    operation: "s3:DeleteBucket"
-    decision: deny
-    reason: agents never delete buckets
-  - name: terminations-need-a-human
-    target: aws
-    operation: "ec2:TerminateInstances"
-    decision: approve
-    timeout: 2m
-  - name: aws-work
-    target: aws
-    decision: allow
-  - name: web-ok
-    target: web
-    decision: allow
-"""
+# default allow: curl to the web server goes through (and is recorded) with no rule of its own
+POLICY = "# HTTPS demo policy: AWS calls in IAM words\ndefault: allow\n" + AWS_POLICY
 
 
 def agent(argv: list[str]) -> int:
@@ -112,7 +91,7 @@ def demo(lab: Lab, say: Callable[[str], None], show: Callable[..., subprocess.Co
             return cli("run", "--agent", "demo-bot", "--", *argv)
 
         say("HTTPS 2. The real AWS keys go into Interlock's credential store; the agent gets placeholders")
-        store = ["credentials", "set", "aws-demo", "--kind", "aws", "--field", f"access_key_id={moto.access_key}",
+        store = ["credentials", "set", "aws-lab", "--kind", "aws", "--field", f"access_key_id={moto.access_key}",
                  "--field", f"placeholder_access_key_id={PLACEHOLDER[0]}",
                  "--field", f"placeholder_secret_access_key={PLACEHOLDER[1]}"]
         print(f"\033[2m$ printf '%s\\n' \"$REAL_SECRET\" | {shown(*store)}\033[0m", flush=True)

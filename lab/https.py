@@ -20,10 +20,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from lab.netns import Host
+from lab.testing import stop_process, wait_listening
 from proxy.tls.ca import CertificateAuthority, LeafMinter
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,31 +35,28 @@ NAMES = (WWW, AWS, BAD, PINNED)
 MOTO_PORT = 4443
 WS_PORT = 8088
 BAD_PORT = 8443
+# What the AWS test and demo run under: deletions of buckets refused, terminations held, the rest
+# of the lab's AWS allowed and re-signed with the stored credential "aws-lab".
+AWS_POLICY = f"""\
+targets:
+  aws: {{hostname: "{AWS}", port: {MOTO_PORT}, credentials: aws-lab}}
+rules:
+  - name: buckets-stay
+    target: aws
+    operation: "s3:DeleteBucket"
+    decision: deny
+    reason: agents never delete buckets
+  - name: terminations-need-a-human
+    target: aws
+    operation: "ec2:Terminate*"
+    decision: approve
+    timeout: 2m
+  - name: aws-work
+    target: aws
+    decision: allow
+"""
 PEOPLE = [{"name": "Ada", "email": "ada@example.com", "password": "hunter2", "card": "4111 1111 1111 1111"},
           {"name": "Bob", "email": "bob@example.org", "password": "s3cret", "card": "none"}]
-
-
-def stop(p: subprocess.Popen, timeout: float = 10) -> None:
-    """Stop one process we started, by its PID."""
-    if p.poll() is None:
-        p.terminate()
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=10)
-
-
-def wait_port(host: Host, port: int, proc: subprocess.Popen, what: str, log: Path | None = None, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
-            raise RuntimeError(f"{what} exited {proc.returncode}: {tail}")
-        if host.run(["ss", "-Hltn", f"sport = :{port}"]).stdout.strip():
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what}: nothing listens on port {port} after {timeout}s")
 
 
 class LabPKI:
@@ -95,7 +92,7 @@ class LabDns:
             raise RuntimeError("lab DNS did not start")
 
     def stop(self) -> None:
-        stop(self.proc)
+        stop_process(self.proc)
 
 
 NGINX_CONF = """\
@@ -160,10 +157,10 @@ class Nginx:
         self.proc = host.popen(["nginx", "-c", str(conf), "-p", str(directory)], stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for port in (80, 443, BAD_PORT):
-            wait_port(host, port, self.proc, "nginx", directory / "error.log")
+            wait_listening(host, port, self.proc, directory / "error.log")
 
     def stop(self) -> None:
-        stop(self.proc)
+        stop_process(self.proc)
 
 
 class Moto:
@@ -183,7 +180,7 @@ class Moto:
                                 "-c", str(cert), "-k", str(key)], env=env, stdout=log, stderr=log,
                                stdin=subprocess.DEVNULL)
         log.close()
-        wait_port(host, MOTO_PORT, self.proc, "moto", self.log)
+        wait_listening(host, MOTO_PORT, self.proc, self.log, timeout=30)
         self.access_key, self.secret_key = self._user()
 
     def _user(self) -> tuple[str, str]:
@@ -210,7 +207,7 @@ print(json.dumps([k["AccessKeyId"], k["SecretAccessKey"]]))
         return key, secret
 
     def stop(self) -> None:
-        stop(self.proc)
+        stop_process(self.proc)
 
 
 class WsEcho:
@@ -221,4 +218,4 @@ class WsEcho:
             raise RuntimeError("websocket echo did not start")
 
     def stop(self) -> None:
-        stop(self.proc)
+        stop_process(self.proc)

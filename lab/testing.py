@@ -1,5 +1,6 @@
-"""Shared pieces of the datapath tests: an echo server that logs what reached it, unique
-instance names, and polling with a deadline."""
+"""Shared pieces of the datapath tests, the demo and the benchmarks: an echo server that logs
+what reached it, unique instance names, polling with a deadline, waiting for a server to listen
+and stopping one by its PID."""
 
 from __future__ import annotations
 
@@ -52,3 +53,29 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
             return value
         time.sleep(interval)
     return predicate()
+
+
+def wait_listening(host: Host, port: int, proc: subprocess.Popen, log: Path | None = None,
+                   timeout: float = 20) -> None:
+    """Return once something listens on port in host's namespace; fail if proc exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-1500:] if log and log.exists() else ""
+            raise RuntimeError(f"the server for port {port} exited {proc.returncode}: {tail}")
+        if host.run(["ss", "-Hltn", f"sport = :{port}"]).stdout.strip():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} in {host.name} after {timeout}s")
+
+
+def stop_process(p: subprocess.Popen, timeout: float = 10) -> None:
+    """Terminate one process we started, by its PID; kill it if it does not go."""
+    if p.poll() is not None:
+        return
+    p.terminate()
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(timeout=10)

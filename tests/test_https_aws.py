@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from lab.https import AWS, MOTO_PORT, LabDns, LabPKI, Moto
+from lab.https import AWS, AWS_POLICY, MOTO_PORT, LabDns, LabPKI, Moto
 from lab.instance import INTERLOCK, Instance
 from lab.testing import instance_name, wait_until
 
@@ -21,25 +21,7 @@ PLACEHOLDER_ID = "AKIAPLACEHOLDER00001"
 PLACEHOLDER_SECRET = "placeholder-secret-the-agent-holds"
 ENDPOINT = f"https://{AWS}:{MOTO_PORT}"
 
-POLICY = f"""\
-default: deny
-targets:
-  aws: {{hostname: "{AWS}", port: {MOTO_PORT}, credentials: aws-lab}}
-rules:
-  - name: buckets-stay
-    target: aws
-    operation: "s3:DeleteBucket"
-    decision: deny
-    reason: agents never delete buckets
-  - name: terminations-need-a-human
-    target: aws
-    operation: "ec2:Terminate*"
-    decision: approve
-    timeout: 1m
-  - name: aws-work
-    target: aws
-    decision: allow
-"""
+POLICY = "default: deny\n" + AWS_POLICY
 
 # The agent: a plain boto3 program. Its keys are placeholders; nothing tells it about Interlock.
 AGENT = f"""

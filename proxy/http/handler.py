@@ -192,15 +192,19 @@ class HttpHandler(Handler):
 
     # ---- the agent's side -------------------------------------------------------------------------
 
-    def agent_plain(self, data: bytes) -> None:
-        """Decrypted (or plain) bytes from the agent."""
+    def _batched(self, fn, *args) -> None:
+        """Run fn with output held back, then send it: one write per side."""
         self.batch += 1
         try:
-            self._agent_plain(data)
+            fn(*args)
         finally:
             self.batch -= 1
             if not self.batch:
                 self.flush()
+
+    def agent_plain(self, data: bytes) -> None:
+        """Decrypted (or plain) bytes from the agent."""
+        self._batched(self._agent_plain, data)
 
     def _agent_plain(self, data: bytes) -> None:
         if self.tunnel:
@@ -338,18 +342,12 @@ class HttpHandler(Handler):
     def _act(self, req: Exchange, outcome: str) -> None:
         """Carry out the decision once it is on record: 'allowed'/'approved' go on, the rest are refused."""
         d = req.decision
-        self.batch += 1
-        try:
-            if outcome == "denied":
-                self._refuse(req, d.rule, d.reason, outcome)
-            elif outcome not in ("allowed", "approved"):
-                self._refuse(req, d.rule, f"approval {outcome}", outcome)
-            else:
-                self._forward(req)
-        finally:
-            self.batch -= 1
-            if not self.batch:
-                self.flush()
+        if outcome == "denied":
+            self._batched(self._refuse, req, d.rule, d.reason, outcome)
+        elif outcome not in ("allowed", "approved"):
+            self._batched(self._refuse, req, d.rule, f"approval {outcome}", outcome)
+        else:
+            self._batched(self._forward, req)
 
     def _refuse(self, req: Exchange, rule: str, reason: str, outcome: str) -> None:
         canned = aws_errors.access_denied(req.call, rule, reason) if req.call else responses.blocked(rule, reason)
@@ -428,13 +426,7 @@ class HttpHandler(Handler):
 
     def origin_plain(self, data: bytes) -> None:
         """Decrypted (or plain) bytes from the service; b'' when it closed."""
-        self.batch += 1
-        try:
-            self._origin_plain(data)
-        finally:
-            self.batch -= 1
-            if not self.batch:
-                self.flush()
+        self._batched(self._origin_plain, data)
 
     def _origin_plain(self, data: bytes) -> None:
         if self.tunnel:
