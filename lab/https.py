@@ -122,6 +122,7 @@ http {{
         location /upload/ {{ dav_methods PUT DELETE; create_full_put_path on; client_max_body_size 512m; }}
         location = /whoami {{ default_type text/plain; return 200 "auth=$http_authorization\\n"; }}
         location = /small {{ default_type text/plain; return 200 "ok\\n"; }}
+        location = /drop {{ return 444; }}
     }}
     server {{
         listen 443 ssl; listen [::]:443 ssl;

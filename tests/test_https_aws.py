@@ -136,6 +136,10 @@ def test_termination_is_held_until_approved(aws, lab):
         if p.poll() is None:
             p.kill()
     assert json.loads(out.strip().splitlines()[-1])["terminate"] in ("shutting-down", "terminated"), err[-2000:]
-    replay = aws.cli("replay", held[0]["session"]).stdout
+    # the request is recorded a moment after its answer reached the agent
+    def replayed() -> str:
+        text = aws.cli("replay", held[0]["session"]).stdout
+        return text if "-> 200" in text else ""
+    replay = wait_until(replayed, timeout=5)
     assert replay.index("approval-requested") < replay.index("approval-approved") < replay.index("-> 200")
     assert "ec2:TerminateInstances" in replay.splitlines()[-2], replay

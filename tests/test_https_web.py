@@ -104,7 +104,10 @@ def seen_by_nginx(inst: Instance, needle: str) -> int:
 
 
 def requests_for(inst: Instance, path: str) -> list[dict]:
-    return [e["data"] for e in inst.events("http") if e["data"]["path"].startswith(path)]
+    """The request events for path; the proxy records a request a moment after answering it."""
+    def found() -> list[dict]:
+        return [e["data"] for e in inst.events("http") if e["data"]["path"].startswith(path)]
+    return wait_until(found, timeout=5)
 
 
 def test_curl_over_https_works_unchanged(web):
@@ -257,6 +260,13 @@ def test_upstream_verification_failure_is_a_clear_502(web):
     detail = json.loads(body)["detail"]
     assert "certificate" in detail and BAD in detail and "verif" in detail
     assert any(e["data"]["sni"] == BAD for e in web.events("tls-upstream-failed"))
+
+
+def test_a_service_that_hangs_up_gives_a_502_not_a_silent_reset(web):
+    r = curl(web, "-w", "\n%{http_code}", f"https://{WWW}/drop")  # nginx's 444: close without answering
+    body, status = r.stdout.rsplit("\n", 1)
+    assert status == "502" and "closed the connection" in json.loads(body)["detail"], r.stdout + r.stderr
+    assert requests_for(web, "/drop")[-1]["outcome"] == "upstream-error"
 
 
 def test_passthrough_host_is_not_decrypted_but_still_judged(web):

@@ -179,13 +179,12 @@ class HttpHandler(Handler):
         return True
 
     def on_server_lost(self) -> bool:
-        # Keep the agent while it is owed an answer (a 502 saying why), or while a TLS agent's
-        # first request is still on its way.
+        # The agent stays while it is owed an answer (a 502 saying why), or while a TLS agent's
+        # first request is still on its way; a reset without EOF lands here too.
         if self.tunnel or self.ending:
             return False
-        if self.origin_gone is None:
-            self.origin_gone = "the service closed the connection"
-        return self.req is not None or self.keep_without_origin()
+        self._batched(self.origin_failed, "the service closed the connection")
+        return not self.ending
 
     def keep_without_origin(self) -> bool:
         return False
@@ -455,7 +454,8 @@ class HttpHandler(Handler):
                 if self.ending or self.tunnel:
                     return
         except HttpProtocolError as e:
-            self.origin_failed(f"the service broke HTTP/1.1: {e}")
+            self.origin_failed("the service closed the connection before answering" if not data
+                               else f"the service broke HTTP/1.1: {e}")
 
     def origin_failed(self, detail: str) -> None:
         """The service cannot answer (gone, TLS verification failed, not HTTP)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from policy.engine import Destination
 from proxy.handler import register
-from proxy.http.handler import HttpHandler
+from proxy.http.handler import UNREAD_LIMIT, HttpHandler
 from proxy.tls.ca import SYSTEM_BUNDLE, CertificateAuthority
 
 ALPN = ("http/1.1",)  # what the handler speaks; an agent offering h2 is negotiated down
@@ -96,6 +96,7 @@ class TlsHandler(HttpHandler):
         self.o_tls = ctx.wrap_bio(self.o_in, self.o_out, server_side=False, server_hostname=name)
         self.a_ready = self.o_ready = False
         self.o_pending: list[bytes] = []  # plaintext for the service before its handshake is done
+        self.o_pending_size = 0
         self.failed_upstream = False
         self._handshake_origin()
 
@@ -162,6 +163,9 @@ class TlsHandler(HttpHandler):
         pending, self.o_pending = self.o_pending, []
         for chunk in pending:
             self.send_origin(chunk)
+        if self.o_pending_size > UNREAD_LIMIT:
+            self.conn.resume_client()
+        self.o_pending_size = 0
 
     def _upstream_failed(self, detail: str) -> None:
         self.failed_upstream = True
@@ -194,6 +198,9 @@ class TlsHandler(HttpHandler):
             return
         if not self.o_ready:
             self.o_pending.append(data)
+            self.o_pending_size += len(data)
+            if self.o_pending_size > UNREAD_LIMIT:
+                self.conn.pause_client()  # an upload allowed before the service's handshake ended
             return
         self.o_tls.write(data)
         self._flush_origin()
