@@ -6,6 +6,7 @@ policy, and re-signs allowed calls with the real keys from the credential store.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -29,8 +30,8 @@ import json, os, sys, boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 cfg = Config(s3={{"addressing_style": "path"}}, retries={{"max_attempts": 1}})
-s = boto3.session.Session(aws_access_key_id="{PLACEHOLDER_ID}", aws_secret_access_key="{PLACEHOLDER_SECRET}",
-                          region_name="us-east-1")
+s = boto3.session.Session(aws_access_key_id=os.environ.get("AGENT_KEY", "{PLACEHOLDER_ID}"),
+                          aws_secret_access_key=os.environ.get("AGENT_SECRET", "{PLACEHOLDER_SECRET}"), region_name="us-east-1")
 out = {{}}
 def step(name, fn):
     try:
@@ -83,8 +84,8 @@ def aws(lab, tmp_path_factory):
         dns.stop()
 
 
-def run_agent(inst: Instance, *args: str) -> dict:
-    r = inst.agent([sys.executable, "-c", AGENT, *args], timeout=120)
+def run_agent(inst: Instance, *args: str, env: dict | None = None) -> dict:
+    r = inst.agent([sys.executable, "-c", AGENT, *args], timeout=120, env={**os.environ, **(env or {})} if env else None)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -102,6 +103,26 @@ def test_placeholder_keys_work_only_through_interlock(aws, lab):
     assert json.loads(r.stdout.strip().splitlines()[-1])["whoami"]["error"] == "InvalidClientTokenId", r.stderr[-2000:]
     # through Interlock, the signature the service saw was made with the real key
     assert run_agent(aws, "whoami")["whoami"].endswith("user/agent-real")
+
+
+def test_a_bad_signature_fails_at_the_service_and_a_foreign_key_at_interlock(aws):
+    # The stored secret is wrong: Interlock re-signs, and the service really checks.
+    def store(secret: str) -> None:
+        r = aws.cli("credentials", "set", "aws-lab", "--kind", "aws", "--field", f"access_key_id={aws.moto.access_key}",
+                    "--field", f"placeholder_access_key_id={PLACEHOLDER_ID}",
+                    "--field", f"placeholder_secret_access_key={PLACEHOLDER_SECRET}", input=secret + "\n")
+        assert r.returncode == 0, r.stderr
+    store("not-the-real-secret")
+    try:
+        assert run_agent(aws, "whoami")["whoami"]["error"] == "SignatureDoesNotMatch"
+    finally:
+        store(aws.moto.secret_key)
+    assert run_agent(aws, "whoami")["whoami"].endswith("user/agent-real")
+    # An agent signing with keys of its own is not laundered into the real identity.
+    out = run_agent(aws, "whoami", env={"AGENT_KEY": "AKIAAGENTOWNKEY00001", "AGENT_SECRET": "its-own"})["whoami"]
+    assert out["error"] == "AccessDenied" and "cannot re-sign" in out["message"], out
+    assert any(e["data"]["reason"].startswith("request is signed with an unexpected access key")
+               for e in aws.events("aws-resign-refused"))
 
 
 def test_calls_are_named_judged_and_recorded(aws):

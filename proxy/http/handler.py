@@ -119,6 +119,7 @@ class HttpHandler(Handler):
         self.origin_gone: str | None = None  # why the service cannot take another request
         self.host_hint = ""  # SNI, for the host-sni-mismatch risk
         self.served = 0  # requests finished on this connection
+        self._targets: tuple | None = None  # (policy, names, targets) of the last request
         # Bytes produced while handling one read go out in one write per side (one TLS record,
         # one segment): a response head, body and end as three sends cost three syscalls.
         self.batch = 0
@@ -305,8 +306,13 @@ class HttpHandler(Handler):
         return names or self.conn.names()
 
     def targets(self, req: Exchange) -> list:
-        rec = self.conn.rec
-        return self.conn.proxy.policy.current.targets_for(Destination(rec.dst_addr, rec.dst_port, self.names(req), rec.protocol))
+        rec, policy, names = self.conn.rec, self.conn.proxy.policy.current, self.names(req)
+        hit = self._targets
+        if hit is not None and hit[0] is policy and hit[1] == names:
+            return hit[2]  # a kept-alive connection asks about the same host again and again
+        found = policy.targets_for(Destination(rec.dst_addr, rec.dst_port, names, rec.protocol))
+        self._targets = (policy, names, found)
+        return found
 
     def _judge(self, req: Exchange) -> None:
         self.busy = True
