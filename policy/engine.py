@@ -120,6 +120,10 @@ class Policy:
     targets: dict[str, Target] = field(default_factory=dict)
     rules: list[Rule] = field(default_factory=list)
     default: Verdict = Verdict.DENY
+    # decide() is a pure function of its inputs and the (never mutated) loaded policy, and a
+    # protocol handler asks it the same question for every statement or request: remember answers.
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+    _attr_names: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
 
     def targets_for(self, dest: Destination) -> list[Target]:
         return [t for t in self.targets.values() if t.matches(dest)]
@@ -138,6 +142,19 @@ class Policy:
         return value.get("*")
 
     def decide(self, agent: str, dest: Destination, op: Operation) -> Decision:
+        names = self._attr_names
+        if names is None:
+            names = self._attr_names = tuple(sorted({n for r in self.rules for n, _ in r.attributes}))
+        key = (agent, dest, op.protocol, op.action, op.objects, op.risks, *(op.attributes.get(n) for n in names))
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._decide(agent, dest, op)
+            if len(self._memo) >= 8192:
+                self._memo.clear()
+            self._memo[key] = hit
+        return hit
+
+    def _decide(self, agent: str, dest: Destination, op: Operation) -> Decision:
         who = self.agents.get(agent) or Agent(agent)
         names = {t.name for t in self.targets_for(dest)}
         for rule in self.rules:

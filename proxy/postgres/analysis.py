@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from dataclasses import replace
 
 from policy import detectors
 from policy.model import Operation
@@ -99,7 +98,7 @@ class Analyzer:
             if hit is not None:
                 _shapes.move_to_end(key)
                 summary = _summary(text)
-                return [replace(op, summary=summary) for op in hit]
+                return [Operation(op.protocol, op.action, op.objects, op.risks, summary, op.attributes) for op in hit]
         ops = self.sql.analyze(text)
         if len(text) <= MAX_CACHED_TEXT and _session_free(ops):
             _put(_exact, text, ops)

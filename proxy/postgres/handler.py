@@ -32,6 +32,7 @@ import traceback
 import weakref
 from typing import Any
 
+from policy.engine import Destination
 from policy.model import Decision, Operation, Verdict
 from proxy.handler import Handler, register
 from proxy.postgres import startup, wire
@@ -77,6 +78,40 @@ BUILTIN_AMBIGUOUS = Decision(Verdict.DENY, "builtin:ambiguous-sql",
 _mask_specs: dict[tuple[str, ...], MaskSpec] = {}
 _tls_contexts: dict[int, ssl.SSLContext] = {}
 _upstream_context: list[ssl.SSLContext] = []
+
+
+class _StatementLog:
+    """Statement records wait a few milliseconds and go to the recorder together: they are not
+    decisions (those are on record before anything runs), and one commit for many statements
+    is what lets the recorder keep up with a busy agent."""
+
+    DELAY = 0.01
+
+    def __init__(self, proxy: Any):
+        self.recorder, self.loop = proxy.recorder, proxy.loop
+        self.pending: list[tuple[str, dict]] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, session: str, data: dict) -> None:
+        self.pending.append((session, data))
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.DELAY, self.flush)
+
+    def flush(self) -> None:
+        self.timer = None
+        pending, self.pending = self.pending, []
+        for session, data in pending:
+            self.recorder.event("statement", data, session)
+
+
+_statement_logs: dict[int, _StatementLog] = {}
+
+
+def _statement_log(proxy: Any) -> _StatementLog:
+    log = _statement_logs.get(id(proxy))
+    if log is None:
+        log = _statement_logs[id(proxy)] = _StatementLog(proxy)
+    return log
 
 
 class _LeafObject(ssl.SSLObject):
@@ -197,6 +232,8 @@ class PostgresHandler(Handler):
         self.window_next_sync = False  # an Execute opened a window: the next Sync's ReadyForQuery ends it
         self.eof_pending = False
         self._simple_refusal = True
+        self.dest: Destination | None = None
+        self.known: set[tuple] = set()  # allows/masks on record this session (see _known)
 
     # ---- bytes in --------------------------------------------------------------------------
 
@@ -259,6 +296,10 @@ class PostgresHandler(Handler):
 
     def on_close(self) -> None:
         self.phase = DONE
+        self._record()
+        log = _statement_logs.get(id(self.conn.proxy))
+        if log is not None and log.pending:
+            log.flush()  # the session row closes now: its statements go with it
         if self.key is not None:
             _cancel_keys.pop(self.key, None)
         if self.hold_task is not None:
@@ -288,8 +329,10 @@ class PostgresHandler(Handler):
             self.eof_pending = False
             self.conn.server_eof()
 
-    def _gate(self, fut: asyncio.Future) -> None:
+    def _gate(self, fut: asyncio.Future | None) -> None:
         """Hold back everything for the server until this record (and every earlier one) is on disk."""
+        if fut is None:
+            return
         self.gate = fut
         fut.add_done_callback(self._gate_done)
 
@@ -327,8 +370,10 @@ class PostgresHandler(Handler):
         done = self.tracker.finished
         if done:
             self.tracker.finished = []
+            log = _statement_log(self.conn.proxy)
+            sid = self.conn.rec.id
             for st in done:
-                self.conn.event("statement", st.event())
+                log.add(sid, st.event())
 
     # ---- startup -----------------------------------------------------------------------------
 
@@ -648,15 +693,41 @@ class PostgresHandler(Handler):
         return False
 
     def _judge(self, ops: list[Operation]) -> tuple[list[Decision], asyncio.Future | None]:
+        """Decisions for a statement's operations, and the future of the last one recorded (None
+        when nothing new had to be: see `_known`)."""
         decisions: list[Decision] = []
         last = None
         for op in ops:
-            d, last = self.conn.judge(op)
-            if op.action == "unparseable" and d.verdict is not Verdict.DENY:
-                d = BUILTIN_UNPARSEABLE
-                last = self._record_builtin(op, d)
+            d = self._known(op)
+            if d is None:
+                d, last = self.conn.judge(op)
+                if op.action == "unparseable" and d.verdict is not Verdict.DENY:
+                    d = BUILTIN_UNPARSEABLE
+                    last = self._record_builtin(op, d)
+                elif d.verdict in (Verdict.ALLOW, Verdict.MASK):
+                    self._remember(op, d)
             decisions.append(d)
         return decisions, last
+
+    def _known(self, op: Operation) -> Decision | None:
+        """An allow or mask this session already has on record for the same operation (action,
+        objects, risks) under the same rule of the same policy: it is not written again before
+        the statement runs. Each statement's own record, with its verdict and rule, follows when
+        its result is in. Refusals and holds are always judged and recorded first."""
+        policy = self.conn.proxy.policy.current
+        if self.dest is None:
+            rec = self.conn.rec
+            self.dest = Destination(rec.dst_addr, rec.dst_port, self.conn.names(), rec.protocol)
+        d = policy.decide(self.conn.rec.agent, self.dest, op)
+        if (id(policy), op.protocol, op.action, op.objects, op.risks, d.verdict, d.rule) in self.known:
+            return d
+        return None
+
+    def _remember(self, op: Operation, d: Decision) -> None:
+        if len(self.known) >= MAX_PREPARED:
+            self.known.clear()
+        self.known.add((id(self.conn.proxy.policy.current), op.protocol, op.action, op.objects, op.risks, d.verdict,
+                        d.rule))
 
     def _record_builtin(self, op: Operation, d: Decision) -> asyncio.Future:
         return self.conn.proxy.recorder.decision(self.conn.rec.id, op, d)
@@ -674,11 +745,11 @@ class PostgresHandler(Handler):
         return out
 
     def _query(self, mv: memoryview) -> bool:
-        q = wire.parse_frontend(wire.Frame(b"Q", 0, mv, 5))
+        sql = _query_text(mv)
         self._simple_refusal = True
-        if self._in_window(q.sql, "query text during a settings change"):
+        if self._in_window(sql, "query text during a settings change"):
             return False
-        ops = self.analyzer.analyze(q.sql)
+        ops = self.analyzer.analyze(sql)
         if not ops:
             self.tracker.query([])
             self.sout.append(mv)
@@ -896,6 +967,14 @@ class PostgresHandler(Handler):
             self._record()
         if self.window is not None and self.window not in tr.queue:
             self.window = None  # its ReadyForQuery (and any ParameterStatus before it) is in
+
+
+def _query_text(mv: memoryview) -> str:
+    """A Query message's SQL (what wire.parse_frontend gives, without the message object)."""
+    body = mv[5:].tobytes()
+    if not body.endswith(b"\0") or b"\0" in body[:-1]:
+        raise wire.ProtocolError("Query: the SQL text is not one NUL-terminated string")
+    return body[:-1].decode("utf-8", "surrogateescape")
 
 
 def _join(parts: list) -> bytes:

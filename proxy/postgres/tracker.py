@@ -129,7 +129,7 @@ class PreparedStatement:
     ops: tuple = ()
     decisions: tuple = ()
     param_types: tuple[int, ...] = ()
-    description: wire.RowDescription | None = None
+    description: bytes | None = None  # the RowDescription message, parsed when rows are masked
     described: bool = False  # the client sent Describe(S): a description is on its way
 
 
@@ -138,7 +138,7 @@ class Portal:
     statement: PreparedStatement
     result_formats: tuple[int, ...]
     params: list[str]
-    description: wire.RowDescription | None = None
+    description: bytes | None = None
     described: bool = False
 
 
@@ -285,19 +285,18 @@ class Tracker:
             else:
                 raise wire.ProtocolError(f"CommandComplete while expecting {_NAMES[k]}")
             return msg
-        if t == 0x54:  # T RowDescription
-            desc = wire.parse_backend(wire.Frame(b"T", 0, msg, 5))
+        if t == 0x54:  # T RowDescription (parsed only when its rows are masked)
             if k == QUERY:
                 st = head.current
-                head.masker = RowMasker(desc, st.mask) if st is not None and st.mask is not None else None
+                head.masker = RowMasker(_description(msg), st.mask) if st is not None and st.mask is not None else None
                 return msg
             if k == DESC_S:
                 q.popleft()
-                head.prepared.description = desc
+                head.prepared.description = bytes(msg)
                 return msg
             if k == DESC_P:
                 q.popleft()
-                head.portal.description = desc
+                head.portal.description = bytes(msg)
                 return None if head.injected else msg
             raise wire.ProtocolError(f"RowDescription while expecting {_NAMES[k]}")
         if t == 0x6E:  # n NoData
@@ -353,9 +352,9 @@ class Tracker:
         p = head.portal
         spec = head.stmts[0].mask
         if p.description is not None:
-            return RowMasker(p.description, spec)
+            return RowMasker(_description(p.description), spec)
         if p.statement.description is not None:
-            return RowMasker(p.statement.description, spec, p.result_formats)
+            return RowMasker(_description(p.statement.description), spec, p.result_formats)
         # Fail closed: rows to mask and nothing says which columns they are.
         raise wire.ProtocolError("rows to mask arrived with no description of their columns")
 
@@ -428,6 +427,10 @@ class Tracker:
             rows = True if st is None or st.mask is None else rows
         copy = head.copy_mask is None
         self.stream = (b"D" if rows else b"") + (b"d" if copy else b"")
+
+
+def _description(msg: bytes | memoryview) -> wire.RowDescription:
+    return wire.parse_backend(wire.Frame(b"T", 0, memoryview(msg), 5))
 
 
 def _masked_error(err: wire.ErrorResponse, spec: MaskSpec) -> bytes:
