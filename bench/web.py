@@ -33,8 +33,10 @@ from lab.testing import stop_process, wait_listening
 REPO = Path(__file__).resolve().parent.parent
 MITM_VENV = REPO / ".venv-mitm"
 PATHS = ("direct", "haproxy", "mitmproxy", "interlock")
-PORTS = {"haproxy": (28080, 28443), "mitmproxy": (29080, 29443)}
-PROXY_PORT, DNS_PORT = 15002, 15054  # an instance of its own, next to bench.run's
+# Below 10000: bench.run widens host a's ephemeral range to 10000-65000, and the web servers start
+# after the other groups have run, when any port in that range may be some connection's.
+PORTS = {"haproxy": (8081, 8444), "mitmproxy": (9081, 9444)}
+PROXY_PORT, DNS_PORT = 6002, 6054  # an instance of its own, next to bench.run's
 AGENT = "bench-web"
 CONNECTIONS = 8
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections import OrderedDict
 from pathlib import Path
 
 from policy.engine import Destination
@@ -26,6 +27,10 @@ ALPN = ("http/1.1",)  # what the handler speaks; an agent offering h2 is negotia
 _READ = 256 << 10
 
 _upstream: dict[tuple, ssl.SSLContext] = {}
+# Upstream TLS sessions by (context, name, address, port): a resumed handshake skips the
+# certificate chain, already verified for the session's first connection.
+_sessions: OrderedDict[tuple, ssl.SSLSession] = OrderedDict()
+_SESSIONS_MAX = 1024
 
 
 def _pem_blocks(text: str) -> list[str]:
@@ -93,7 +98,10 @@ class TlsHandler(HttpHandler):
         self.a_tls = proxy.leaves.server_context(name, alpn=ALPN).wrap_bio(self.a_in, self.a_out, server_side=True)
         self.o_in, self.o_out = ssl.MemoryBIO(), ssl.MemoryBIO()
         ctx = upstream_context(proxy.ca, getattr(proxy.config, "tls_trust", None))
-        self.o_tls = ctx.wrap_bio(self.o_in, self.o_out, server_side=False, server_hostname=name)
+        self.session_key = (id(ctx), name, rec.dst_addr, rec.dst_port)
+        self.o_tls = ctx.wrap_bio(self.o_in, self.o_out, server_side=False, server_hostname=name,
+                                  session=_sessions.get(self.session_key))
+        self.session_saved = False
         self.a_ready = self.o_ready = False
         self.o_pending: list[bytes] = []  # plaintext for the service before its handshake is done
         self.o_pending_size = 0
@@ -188,6 +196,12 @@ class TlsHandler(HttpHandler):
             if not self.o_ready:
                 return
         plain = self._drain(self.o_tls, self._flush_origin)
+        if not self.session_saved and self.o_tls.session is not None and self.o_tls.session.has_ticket:
+            self.session_saved = True  # TLS 1.3 tickets come after the handshake, with the first data
+            _sessions[self.session_key] = self.o_tls.session
+            _sessions.move_to_end(self.session_key)
+            while len(_sessions) > _SESSIONS_MAX:
+                _sessions.popitem(last=False)
         if plain:
             self.origin_plain(plain)
         if plain is None and not self.ending:
