@@ -130,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(r.result == 'skip' for r in rows)} skipped")
     if args.doc:
         when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        cmd = "make kernel-matrix KERNELS=\"" + " ".join(specs) + "\""
+        extra = " ".join([*(["--no-host"] if args.no_host else []), *(["--jobs", str(args.jobs)] if args.jobs != 1 else []),
+                          *(["--tolerate-timing"] if args.tolerate_timing else []),
+                          *([f"--suite '{args.suite}'"] if args.suite != "auto" else [])])
+        cmd = "make kernel-matrix KERNELS=\"" + " ".join(specs) + "\"" + (f' MATRIX_ARGS="{extra}"' if extra else "")
         report.update_doc(args.doc, runs, f"Measured {when} by `{cmd}` (suite: {args.suite}; guests: QEMU TCG, "
                                           f"-smp {smp}, {args.mem} MB; host: {os.uname().release}).")
     return 1 if bad else 0
