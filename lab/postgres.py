@@ -50,9 +50,10 @@ class Postgres:
     `close()` also removes the temp dir. Both are safe to call twice and after a failed start."""
 
     def __init__(self, host: Host, port: int = 5432, settings: dict[str, str] | None = None,
-                 bindir: Path = PG_BIN):
+                 bindir: Path = PG_BIN, hba: list[str] | None = None):
         self.host = host
         self.port = port
+        self.hba = hba or []  # pg_hba.conf lines checked before the trust rules (password roles)
         self.bindir = bindir
         self.settings = {**FAST_SETTINGS, **(settings or {})}
         self.dir: Path | None = None
@@ -124,7 +125,7 @@ class Postgres:
         nets = ["127.0.0.1/32", "::1/128",
                 str(ipaddress.ip_interface(f"{self.host.addr4}/24").network),
                 str(ipaddress.ip_interface(f"{self.host.addr6}/64").network)]
-        lines = ["local all all trust"] + [f"host all all {n} trust" for n in nets]
+        lines = ["local all all trust", *self.hba] + [f"host all all {n} trust" for n in nets]
         return "\n".join(lines) + "\n"
 
     def _launch(self) -> None:

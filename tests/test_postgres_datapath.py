@@ -82,16 +82,10 @@ default: allow
 """
 
 
-class AuthPostgres(Postgres):
-    """lab.postgres with password roles: scram, md5 and cleartext logins, and one role that may
-    only log in over TLS; everything else stays trusted."""
-
-    def _hba(self) -> str:
-        base = super()._hba().splitlines()
-        rules = ["host all app_scram all scram-sha-256", "host all app_md5 all md5", "host all app_own all scram-sha-256",
-                 "host all app_plain all password", "hostssl all app_tls all scram-sha-256",
-                 "host all app_tls all reject"]
-        return "\n".join(base[:1] + rules + base[1:]) + "\n"
+# Password roles: scram, md5 and cleartext logins, and one role that may only log in over TLS;
+# everything else stays trusted.
+HBA = ["host all app_scram all scram-sha-256", "host all app_md5 all md5", "host all app_own all scram-sha-256",
+       "host all app_plain all password", "hostssl all app_tls all scram-sha-256", "host all app_tls all reject"]
 
 
 def _server_cert(directory: Path) -> dict[str, str]:
@@ -117,7 +111,7 @@ def _server_cert(directory: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def pg(lab):
-    server = AuthPostgres(lab.b, port=5432)
+    server = Postgres(lab.b, port=5432, hba=HBA)
     try:
         server.start()
         server.psql(
@@ -131,7 +125,6 @@ def pg(lab):
             f" (2, '{EMAILS[1]}', '987-65-4321', 'nothing here');"
             "CREATE TABLE keep (id int); CREATE TABLE holdme (id int); CREATE TABLE items (id int, name text);"
             "GRANT ALL ON ALL TABLES IN SCHEMA public TO PUBLIC;")
-        server.run_sql = server.psql
         yield server
     finally:
         server.close()
@@ -140,7 +133,7 @@ def pg(lab):
 @pytest.fixture(scope="module")
 def pgtls(lab):
     certdir = Path(tempfile.mkdtemp(prefix="interlock-pgtls-cert-"))
-    server = AuthPostgres(lab.b, port=5433, settings=_server_cert(certdir))
+    server = Postgres(lab.b, port=5433, settings=_server_cert(certdir), hba=HBA)
     try:
         server.start()
         server.psql(f"CREATE ROLE app_tls LOGIN PASSWORD '{TLS_PW}'")
