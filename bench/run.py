@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 
+from bench import pg as pg_bench
 from bench import web as web_bench
 from lab.instance import Instance, leftovers
 from lab.netns import Host, Lab
@@ -128,8 +129,7 @@ def parse_conn(out: str) -> Result:
 
 
 BENCHMARKS = (
-    Benchmark("pg_c1", "pg", "pgbench -S, 1 client", "tps", lambda d: d.pg, pgbench_cmd(1), parse_pgbench),
-    Benchmark("pg_c8", "pg", "pgbench -S, 8 clients", "tps", lambda d: d.pg, pgbench_cmd(8), parse_pgbench),
+    # the pg group (pgbench simple/extended, COPY, idle memory; with pgbouncer) lives in bench/pg.py
     Benchmark("iperf", "iperf", "iperf3, 1 stream", "Gbit/s", lambda d: d.iperf, iperf_cmd, parse_iperf),
     Benchmark("conn", "conn", "new TCP connections", "conn/s", lambda d: d.conn, conn_cmd, parse_conn),
 )
@@ -201,7 +201,8 @@ class Bench:
             raise RuntimeError("echo server did not start")
 
     def _start_postgres(self) -> None:
-        self.pg = Postgres(self.b, port=SERVICE_PORT["pg"])
+        # room for bench/pg.py's 500 idle connections through each proxy
+        self.pg = Postgres(self.b, port=SERVICE_PORT["pg"], settings={"max_connections": "700"})
         self.stack.callback(self.pg.close)
         self.pg.start()
         print(f"  pgbench -i -s {PG_SCALE} ...", flush=True)
@@ -327,10 +328,6 @@ class Bench:
         short = Durations(pg=1, iperf=1, conn=0.3, warmup=0)
         for path in PATHS:
             self.measure(conn, path, short)
-        if self.pg is not None:
-            warm = next(b for b in BENCHMARKS if b.key == "pg_c8")
-            for path in PATHS:
-                self.measure(warm, path, Durations(pg=self.d.warmup, iperf=0, conn=0, warmup=0))
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -442,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     d = QUICK if args.quick else FULL
     measured: dict[str, dict[str, Result]] = {}
     web_results: dict[str, dict[str, dict]] = {}
+    pg_results: dict[str, dict[str, dict]] = {}
     started = time.monotonic()
     try:
         with signals_interrupt(), contextlib.ExitStack() as stack:
@@ -465,6 +463,12 @@ def main(argv: list[str] | None = None) -> int:
                     r = ratio(measured[b.key], path)
                     print(f"{fmt(res.value)} {b.unit}" + (f"  ({r:.2f}x direct)" if r and path != "direct" else ""),
                           flush=True)
+            if "pg" in groups:
+                print("PostgreSQL (pgbench, COPY, idle memory; haproxy, pgbouncer, Interlock) ...", flush=True)
+                pgb = pg_bench.Pg(stack, bench.a, bench.b, bench.tmp, bench.pg, (HAPROXY_PORT["pg"], bench.haproxy.pid),
+                                  d.pg, d.warmup, cpu_seconds)
+                pgb.setup()
+                pg_results = pgb.run()
             if "web" in groups:
                 print("HTTP and HTTPS (wrk; nginx, haproxy, mitmproxy, Interlock) ...", flush=True)
                 web = web_bench.Web(stack, bench.a, bench.b, bench.tmp, d.conn, cpu_seconds)
@@ -477,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     if measured:
         print()
         print(table(measured))
+    if pg_results:
+        print()
+        print(pg_bench.table(pg_results))
     if web_results:
         print()
         print(web_bench.table(web_results))
@@ -487,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
            "results": {k: {p: {"value": r.value, "unit": next(b.unit for b in BENCHMARKS if b.key == k),
                                "ratio_to_direct": ratio(v, p), "ops": r.ops, **r.detail}
                            for p, r in v.items()} for k, v in measured.items()},
-           "web": web_results}
+           "postgres": pg_results, "web": web_results}
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"\nresults: {out.relative_to(REPO)} ({doc['elapsed_s']} s)")
     return 0
