@@ -335,3 +335,21 @@ def test_tls_pipes_talk_and_channel_binding_hash():
     assert len(server_end_point_hash(der)) == 32
     with pytest.raises(ssl.SSLError):
         TlsPipe.server(minter.server_context("10.1.2.3", alpn=())).receive(b"\x16\x03\x01\x00\x05garbage")
+
+
+def test_fast_field_access_agrees_with_the_codec():
+    from proxy.postgres.stream import bind_fields, execute_portal, kind_and_name, parse_fields
+
+    p = wire.Parse("s1", "select $1::int, 'é'", (23, 0)).encode()
+    assert parse_fields(memoryview(p)) == ("s1", "select $1::int, 'é'", (23, 0))
+    b = wire.Bind("p", "s1", (1, 0), (b"\x00\x00\x00\x07", None, b"x"), (1,)).encode()
+    assert bind_fields(memoryview(b)) == ("p", "s1", (1, 0), (b"\x00\x00\x00\x07", None, b"x"), (1,))
+    assert kind_and_name(memoryview(wire.Describe("P", "p").encode()), "Describe") == ("P", "p")
+    assert kind_and_name(memoryview(wire.Close("S", "").encode()), "Close") == ("S", "")
+    assert execute_portal(memoryview(wire.Execute("p", 10).encode())) == "p"
+    for bad, fn in ((p[:-2], parse_fields), (b[:-1], bind_fields), (b"E\x00\x00\x00\x07abc", execute_portal),
+                    (wire.Parse("a", "b").encode()[:7] + b"\x00\x00\x00\x01\x00\x00", parse_fields)):
+        with pytest.raises(wire.ProtocolError):
+            fn(memoryview(bad))
+    with pytest.raises(wire.ProtocolError):
+        kind_and_name(memoryview(b"D\x00\x00\x00\x06X\x00"), "Describe")

@@ -39,7 +39,17 @@ from proxy.postgres import startup, wire
 from proxy.postgres.analysis import Analyzer
 from proxy.postgres.masking import MaskSpec
 from proxy.postgres.scram import AuthenticationError, UpstreamAuthenticator
-from proxy.postgres.stream import BYTE, RAW, STARTUP, TYPED, Splitter
+from proxy.postgres.stream import (
+    BYTE,
+    RAW,
+    STARTUP,
+    TYPED,
+    Splitter,
+    bind_fields,
+    execute_portal,
+    kind_and_name,
+    parse_fields,
+)
 from proxy.postgres.tlsbio import TlsPipe, client_context, server_end_point_hash
 from proxy.postgres.tracker import (
     BIND,
@@ -665,18 +675,18 @@ class PostgresHandler(Handler):
         if t == _E:
             return self._execute(mv)
         if t == _D:
-            d = wire.parse_frontend(wire.Frame(b"D", 0, mv, 5))
-            if d.kind == "S":
+            kind, name = kind_and_name(mv, "Describe")
+            if kind == "S":
                 e = self.tracker.push(DESC_S)
-                e.prepared = self.statements.get(d.name) or PreparedStatement("", "", "", None)
+                e.prepared = self.statements.get(name) or PreparedStatement("", "", "", None)
                 e.prepared.described = True
             else:
                 e = self.tracker.push(DESC_P)
-                e.portal = self.portals.get(d.name) or Portal(PreparedStatement("", "", "", None), (), [])
+                e.portal = self.portals.get(name) or Portal(PreparedStatement("", "", "", None), (), [])
                 e.portal.described = True
         elif t == _C:
-            c = wire.parse_frontend(wire.Frame(b"C", 0, mv, 5))
-            (self.statements if c.kind == "S" else self.portals).pop(c.name, None)
+            kind, name = kind_and_name(mv, "Close")
+            (self.statements if kind == "S" else self.portals).pop(name, None)
             self.tracker.push(CLOSE)
         elif t == _S:
             e = self.tracker.push(SYNC_K)
@@ -799,11 +809,11 @@ class PostgresHandler(Handler):
             self.dropping = True
 
     def _parse(self, mv: memoryview) -> bool:
-        p = wire.parse_frontend(wire.Frame(b"P", 0, mv, 5))
+        name, sql, param_types = parse_fields(mv)
         self._simple_refusal = False
-        if self._in_window(p.sql, "statement text during a settings change"):
+        if self._in_window(sql, "statement text during a settings change"):
             return False
-        ops = self.analyzer.register_prepared(p.name, p.sql)
+        ops = self.analyzer.register_prepared(name, sql)
         if not ops:  # an empty statement: nothing runs
             ops = [Operation("postgres", "other", (), (), "", {"statement": "0"})]
         decisions, fut = self._judge(ops)
@@ -813,25 +823,25 @@ class PostgresHandler(Handler):
             self._refuse(ops, decisions, [fut], simple=False,
                          stmts=[Statement(summary, d.verdict.value, d.rule)])
             return False
-        if len(self.statements) >= MAX_PREPARED and p.name not in self.statements:
+        if len(self.statements) >= MAX_PREPARED and name not in self.statements:
             raise wire.ProtocolError(f"more than {MAX_PREPARED} prepared statements")
-        self.statements[p.name] = PreparedStatement(summary, d.verdict.value, d.rule, mask_spec(decisions),
-                                                    tuple(ops), tuple(decisions), p.param_types)
+        self.statements[name] = PreparedStatement(summary, d.verdict.value, d.rule, mask_spec(decisions),
+                                                  tuple(ops), tuple(decisions), param_types)
         self._gate(fut)
         self.tracker.push(PARSE)
         self.sout.append(mv)
         return False
 
     def _bind(self, mv: memoryview) -> bool:
-        b = wire.parse_frontend(wire.Frame(b"B", 0, mv, 5))
-        ps = self.statements.get(b.statement)
+        portal, statement, pformats, params, rformats = bind_fields(mv)
+        ps = self.statements.get(statement)
         if ps is None:
-            ps = self._sql_prepared(b.statement)
+            ps = self._sql_prepared(statement)
             if ps is None:
                 return False  # refused
-        if len(self.portals) >= MAX_PREPARED and b.portal not in self.portals:
+        if len(self.portals) >= MAX_PREPARED and portal not in self.portals:
             raise wire.ProtocolError(f"more than {MAX_PREPARED} portals")
-        self.portals[b.portal] = Portal(ps, b.result_formats, masked_params(b.params, b.param_formats, ps.param_types))
+        self.portals[portal] = Portal(ps, rformats, masked_params(params, pformats, ps.param_types))
         self.tracker.push(BIND)
         self.sout.append(mv)
         return False
@@ -857,12 +867,12 @@ class PostgresHandler(Handler):
         return ps
 
     def _execute(self, mv: memoryview) -> bool:
-        ex = wire.parse_frontend(wire.Frame(b"E", 0, mv, 5))
-        portal = self.portals.get(ex.portal)
+        name = execute_portal(mv)
+        portal = self.portals.get(name)
         if portal is None:
             # A portal this proxy did not see bound (a cursor from SQL DECLARE): refuse rather than
             # run something whose rows it cannot describe.
-            op = Operation("postgres", "unparseable", (), ("unparseable",), f"Execute of unknown portal {ex.portal!r}")
+            op = Operation("postgres", "unparseable", (), ("unparseable",), f"Execute of unknown portal {name!r}")
             self._refuse([op], [BUILTIN_UNPARSEABLE], [self._record_builtin(op, BUILTIN_UNPARSEABLE)], simple=False)
             return False
         ps = portal.statement

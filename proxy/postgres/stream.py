@@ -172,3 +172,98 @@ class Splitter:
             raise ProtocolError(f"startup packet length {ln} is too short")
         if ln > MAX_STARTUP_PACKET:
             raise MessageTooLarge(b"", ln, MAX_STARTUP_PACKET)
+
+
+# ---- relay-speed field access for the client messages every statement carries ------------------
+# wire.parse_frontend builds a message object through a bounds-checked cursor; these read the few
+# fields the relay needs straight from the bytes, with the same validation (ProtocolError).
+
+_I16 = struct.Struct("!h").unpack_from
+_I32 = struct.Struct("!i").unpack_from
+
+
+def _cstr(body: bytes, pos: int, what: str) -> tuple[str, int]:
+    end = body.find(b"\0", pos)
+    if end < 0:
+        raise ProtocolError(f"{what}: unterminated string")
+    return body[pos:end].decode("utf-8", "surrogateescape"), end + 1
+
+
+def _count(body: bytes, pos: int, what: str) -> tuple[int, int]:
+    if pos + 2 > len(body):
+        raise ProtocolError(f"{what}: message truncated")
+    (n,) = _I16(body, pos)
+    if n < 0:
+        raise ProtocolError(f"{what}: negative count")
+    return n, pos + 2
+
+
+def _int16s(body: bytes, pos: int, what: str) -> tuple[tuple[int, ...], int]:
+    n, pos = _count(body, pos, what)
+    end = pos + 2 * n
+    if end > len(body):
+        raise ProtocolError(f"{what}: message truncated")
+    return struct.unpack_from(f"!{n}h", body, pos), end
+
+
+def _done(body: bytes, pos: int, what: str) -> None:
+    if pos != len(body):
+        raise ProtocolError(f"{what}: {len(body) - pos} trailing bytes")
+
+
+def parse_fields(msg: memoryview) -> tuple[str, str, tuple[int, ...]]:
+    """Parse: (statement name, SQL, parameter type OIDs)."""
+    body = msg[5:].tobytes()
+    name, pos = _cstr(body, 0, "Parse")
+    sql, pos = _cstr(body, pos, "Parse")
+    n, pos = _count(body, pos, "Parse")
+    end = pos + 4 * n
+    if end > len(body):
+        raise ProtocolError("Parse: message truncated")
+    types = struct.unpack_from(f"!{n}I", body, pos)
+    _done(body, end, "Parse")
+    return name, sql, types
+
+
+def bind_fields(msg: memoryview) -> tuple[str, str, tuple[int, ...], tuple[bytes | None, ...], tuple[int, ...]]:
+    """Bind: (portal, statement, parameter formats, parameter values, result formats)."""
+    body = msg[5:].tobytes()
+    portal, pos = _cstr(body, 0, "Bind")
+    stmt, pos = _cstr(body, pos, "Bind")
+    pformats, pos = _int16s(body, pos, "Bind")
+    n, pos = _count(body, pos, "Bind")
+    values: list[bytes | None] = []
+    size = len(body)
+    for _ in range(n):
+        if pos + 4 > size:
+            raise ProtocolError("Bind: message truncated")
+        (ln,) = _I32(body, pos)
+        pos += 4
+        if ln == -1:
+            values.append(None)
+            continue
+        if ln < 0 or pos + ln > size:
+            raise ProtocolError("Bind: parameter length invalid")
+        values.append(body[pos:pos + ln])
+        pos += ln
+    rformats, pos = _int16s(body, pos, "Bind")
+    _done(body, pos, "Bind")
+    return portal, stmt, pformats, tuple(values), rformats
+
+
+def kind_and_name(msg: memoryview, what: str) -> tuple[str, str]:
+    """Describe / Close: ('S' or 'P', name)."""
+    body = msg[5:].tobytes()
+    if not body or body[0] not in b"SP":
+        raise ProtocolError(f"{what}: kind must be 'S' or 'P'")
+    name, pos = _cstr(body, 1, what)
+    _done(body, pos, what)
+    return chr(body[0]), name
+
+
+def execute_portal(msg: memoryview) -> str:
+    """Execute: the portal name (the row limit is the server's business)."""
+    body = msg[5:].tobytes()
+    name, pos = _cstr(body, 0, "Execute")
+    _done(body, pos + 4, "Execute")
+    return name

@@ -187,13 +187,15 @@ class Tracker:
     def push(self, kind: int) -> Expect:
         e = Expect(kind)
         self.queue.append(e)
-        self._restream()
+        if len(self.queue) == 1:  # only a new oldest request changes what may stream
+            self._restream()
         return e
 
     def query(self, stmts: list[Statement]) -> Expect:
         e = Expect(QUERY, stmts)
         self.queue.append(e)
-        self._restream()
+        if len(self.queue) == 1:
+            self._restream()
         return e
 
     def execute(self, portal: Portal, stmt: Statement) -> Expect:
@@ -201,7 +203,8 @@ class Tracker:
         e.portal = portal
         e.want_mask = stmt.mask is not None
         self.queue.append(e)
-        self._restream()  # it may be the oldest request already (an Execute continuing a portal)
+        if len(self.queue) == 1:  # the oldest request already (an Execute continuing a portal)
+            self._restream()
         return e
 
     def refusal(self, error: bytes, stmts: list[Statement], simple: bool) -> bytes:
