@@ -3,7 +3,9 @@
 An agent host and a server host are built from network namespaces; a real daemon captures an
 agent's connections with no endpoint change; the policy allows one service, denies another and
 holds a third until a human approves (the demo approves itself and shows the command); then the
-replay, fail-closed and a clean `interlock down`."""
+replay, fail-closed and a clean `interlock down`. Then PostgreSQL (lab.demo_postgres: injected
+credentials, masking, a refused DROP, a held DELETE) and HTTPS/AWS (lab.demo_https: re-signed
+calls, a refused DeleteBucket, a held TerminateInstances)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lab import demo_https, demo_postgres
 from lab.instance import INTERLOCK, Instance
 from lab.netns import Lab
 
@@ -136,6 +139,9 @@ def main() -> int:
             inst.close()
             shutil.rmtree(web, ignore_errors=True)
             shutil.rmtree(policy.parent, ignore_errors=True)
+        # The protocol-aware parts, each with its own daemon on the same two hosts.
+        demo_postgres.demo(lab, say, show)
+        demo_https.demo(lab, say, show)
     print(f"\n{BOLD}demo finished{END}")
     return 0
 
