@@ -728,3 +728,38 @@ def test_settings_that_change_how_sql_reads_end_the_session(inst, lab, pg):
         assert out[name][1] == ["UTF8", "on"], out
         assert "cannot read SQL under" in out[name][-1], out  # a change that sticks ends the session
     assert pg.psql("select count(*) from items where id in (700, 701)") == "0"
+
+
+def test_wire_level_named_portals_suspended_close_and_flush_with_masking(inst, lab):
+    # The messages drivers rarely combine: a named statement described, a named portal read two
+    # rows at a time (PortalSuspended), Close of both, Flush, then Sync; the rows are masked.
+    out = py(inst, """
+        import json, socket
+        from proxy.postgres import wire
+        s = socket.create_connection(("{host}", 5432), timeout=10)
+        r = wire.FrameReader("backend")
+        def until(kind):
+            got = []
+            while not any(isinstance(m, kind) for m in got):
+                r.feed(s.recv(65536)); got += list(r.messages())
+            return got
+        s.sendall(wire.startup_message({{"user": "bot", "database": "postgres"}}))
+        until(wire.ReadyForQuery)
+        s.sendall(wire.Parse("st", "select id, email from people order by id", ()).encode()
+                  + wire.Describe("S", "st").encode() + wire.Bind("po", "st", (), (), (0, 1)).encode()
+                  + wire.Execute("po", 1).encode() + wire.Flush().encode())
+        first = until(wire.PortalSuspended)
+        s.sendall(wire.Execute("po", 1).encode() + wire.Close("P", "po").encode() + wire.Close("S", "st").encode()
+                  + wire.sync())
+        rest = until(wire.ReadyForQuery)
+        rows = [[bytes(v).decode() for v in m.values] for m in first + rest if isinstance(m, wire.DataRow)]
+        kinds = [type(m).__name__ for m in first + rest]
+        s.sendall(wire.Bind("", "st", (), (), ()).encode() + wire.Execute("", 0).encode() + wire.sync())
+        gone = [m.code for m in until(wire.ReadyForQuery) if isinstance(m, wire.ErrorResponse)]
+        print(json.dumps({{"rows": rows, "kinds": kinds, "gone": gone}}))
+    """, host=lab.b.addr4)
+    assert out["rows"] == [["1", "[masked:email]"], ["2", "[masked:email]"]]
+    assert out["kinds"].count("PortalSuspended") == 2 and out["kinds"].count("CloseComplete") == 2
+    assert "ParameterDescription" in out["kinds"] and "RowDescription" in out["kinds"]
+    # the statement was closed: binding it again gets the server's own error
+    assert out["gone"] == ["26000"]
