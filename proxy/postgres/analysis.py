@@ -34,7 +34,8 @@ _shapes: OrderedDict[str, tuple[Operation, ...]] = OrderedDict()
 # thinks (backslash escapes, dollar quotes and $n, comments, quoted identifiers), checked over the
 # whole text, literals included.
 _UNSAFE = re.compile(r"""[\\$"]|--|/\*""")
-_LITERAL = re.compile(r"'(?:[^']|'')*'|(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
+# A string literal not glued to a prefix (E'', U&'', B'', X'', N'') or to another quote, or a number.
+_LITERAL = re.compile(r"(?<![\w&'])'(?:[^']|'')*'|(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
 _SECOND_STATEMENT = re.compile(r";\s*\S")
 
 
@@ -42,16 +43,8 @@ def shape(sql: str) -> str | None:
     """The text with literals blanked, or None when it cannot be computed safely."""
     if len(sql) > MAX_CACHED_TEXT or _UNSAFE.search(sql):
         return None
-    out, pos = [], 0
-    for m in _LITERAL.finditer(sql):
-        s = m.start()
-        if sql[s] == "'" and s and (sql[s - 1].isalnum() or sql[s - 1] in "_&'"):
-            return None  # E'...', U&'...', B'...', X'...' and friends
-        out.append(sql[pos:s])
-        out.append("?")
-        pos = m.end()
-    out.append(sql[pos:])
-    shaped = "".join(out)
+    shaped = _LITERAL.sub("?", sql)
+    # a quote left over belongs to a prefixed or unterminated string: not for a simple scan
     if "'" in shaped or _SECOND_STATEMENT.search(shaped):
         return None
     return shaped
