@@ -30,6 +30,7 @@ import sys
 import time
 import traceback
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from policy.engine import Destination
@@ -248,54 +249,56 @@ class PostgresHandler(Handler):
     # ---- bytes in --------------------------------------------------------------------------
 
     def on_client(self, data: bytes) -> None:
-        if self.phase == DONE:
-            return
+        if self.phase != DONE:
+            self._safely(self._client_bytes, data, "client")
+
+    def on_server(self, data: bytes) -> None:
+        if self.phase != DONE:
+            self._safely(self._server_bytes, data, "server")
+
+    def _safely(self, step: Callable[[bytes], None], data: bytes, side: str) -> None:
+        """One step of the relay; whatever goes wrong ends the connection, telling the agent why."""
         try:
-            if self.ctls is not None:
-                data = self.ctls.receive(data)
-                handshake = self.ctls.outgoing()
-                if handshake:
-                    self.conn.to_client(handshake)
-            self.cs.feed(data)
-            self._pump_client()
+            step(data)
+        except UnsafeSetting as e:
+            self._fatal("0A000", str(e))
         except wire.MessageTooLarge as e:
             self._fatal("54000", f"interlock: {e}")
         except wire.ProtocolError as e:
-            self._fatal("08P01", f"interlock: invalid message from the client: {e}")
+            self._fatal("08P01", f"interlock: invalid message from the {side}: {e}")
+        except AuthenticationError as e:
+            self._fatal(e.code, f"interlock: upstream login failed: {e}")
         except ssl.SSLError as e:
-            self._abort("tls-error", f"agent TLS: {e}")
-            return
+            if side == "client":  # no TLS to tell the agent anything with
+                self._abort("tls-error", f"agent TLS: {e}")
+                return
+            self._fatal("08006", f"interlock: TLS to the server failed: {e}")
         except Exception as e:  # a bug must not leave a half-relayed session: end it
             self._internal(e)
         self._flush()
 
-    def on_server(self, data: bytes) -> None:
-        if self.phase == DONE:
-            return
-        try:
-            if self.utls is not None:
-                data = self.utls.receive(data)
-                pending = self.utls.outgoing()
-                if pending:
-                    self.conn.to_server(pending)
-                if self.phase == UP_TLS and self.utls.handshaken:
-                    self._send_startup()
-            self.ss.feed(data)
-            if self.phase == READY:
-                self._pump_server()
-            else:
-                self._login_server()
-        except UnsafeSetting as e:
-            self._fatal("0A000", str(e))
-        except wire.ProtocolError as e:
-            self._fatal("08P01", f"interlock: invalid message from the server: {e}")
-        except AuthenticationError as e:
-            self._fatal(e.code, f"interlock: upstream login failed: {e}")
-        except ssl.SSLError as e:
-            self._fatal("08006", f"interlock: TLS to the server failed: {e}")
-        except Exception as e:
-            self._internal(e)
-        self._flush()
+    def _client_bytes(self, data: bytes) -> None:
+        if self.ctls is not None:
+            data = self.ctls.receive(data)
+            handshake = self.ctls.outgoing()
+            if handshake:
+                self.conn.to_client(handshake)
+        self.cs.feed(data)
+        self._pump_client()
+
+    def _server_bytes(self, data: bytes) -> None:
+        if self.utls is not None:
+            data = self.utls.receive(data)
+            pending = self.utls.outgoing()
+            if pending:
+                self.conn.to_server(pending)
+            if self.phase == UP_TLS and self.utls.handshaken:
+                self._send_startup()
+        self.ss.feed(data)
+        if self.phase == READY:
+            self._pump_server()
+        else:
+            self._login_server()
 
     def on_client_eof(self) -> bool:
         """Pass the half-close on only after what came before it: statements may still wait for
@@ -939,13 +942,7 @@ class PostgresHandler(Handler):
             d = next(d for d in p.decisions if d.verdict is Verdict.APPROVE)
             self._refuse(p.ops, [d], [], simple=p.kind == _Q, stmts=p.stmts, outcome=outcome)
         self.conn.resume_client()
-        try:
-            self._pump_client()
-        except wire.ProtocolError as e:
-            self._fatal("08P01", f"interlock: invalid message from the client: {e}")
-        except Exception as e:
-            self._internal(e)
-        self._flush()
+        self._safely(lambda _: self._pump_client(), b"", "client")
 
     async def _ask_humans(self, p: _Pending) -> str:
         if p.record is not None:
