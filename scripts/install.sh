@@ -40,7 +40,14 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; 
   rm -rf .venv
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+log=$(mktemp)
+if ! .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' >"$log" 2>&1; then
+  grep -v '^WARNING: Location' "$log" >&2
+  rm -f "$log"
+  echo "install: pip could not install the project into .venv (messages above); fix and run make install again" >&2
+  exit 1
+fi
+rm -f "$log"
 ln -sfn "$PWD/.venv/bin/interlock" /usr/local/bin/interlock
 # The default instance's interception CA (key root-only in /var/lib/interlock/ca), trusted
 # system-wide so HTTPS agents enrolled by selector trust the proxy's leaves too.
