@@ -277,21 +277,23 @@ class PostgresHandler(Handler):
             self._internal(e)
         self._flush()
 
+    @staticmethod
+    def _decrypt(tls: TlsPipe, data: bytes, reply: Callable[[bytes], None]) -> bytes:
+        plain = tls.receive(data)
+        records = tls.outgoing()  # handshake, alerts, key updates: for the same peer
+        if records:
+            reply(records)
+        return plain
+
     def _client_bytes(self, data: bytes) -> None:
         if self.ctls is not None:
-            data = self.ctls.receive(data)
-            handshake = self.ctls.outgoing()
-            if handshake:
-                self.conn.to_client(handshake)
+            data = self._decrypt(self.ctls, data, self.conn.to_client)
         self.cs.feed(data)
         self._pump_client()
 
     def _server_bytes(self, data: bytes) -> None:
         if self.utls is not None:
-            data = self.utls.receive(data)
-            pending = self.utls.outgoing()
-            if pending:
-                self.conn.to_server(pending)
+            data = self._decrypt(self.utls, data, self.conn.to_server)
             if self.phase == UP_TLS and self.utls.handshaken:
                 self._send_startup()
         self.ss.feed(data)
@@ -621,10 +623,7 @@ class PostgresHandler(Handler):
                 self.phase = UP_PARAMS
             return
         if isinstance(msg, wire.ErrorResponse):
-            self.cout.append(mv)
-            self._flush()
-            self.phase = DONE
-            self.conn.close("refused", f"server: {msg.message}", abort=False)
+            self._server_refused(msg, mv)
             return
         if isinstance(msg, wire.AuthenticationSASL):
             # The agent cannot bind to the server's certificate through this proxy.
@@ -635,6 +634,13 @@ class PostgresHandler(Handler):
             self.phase = UP_PARAMS
         self.cout.append(mv)
 
+    def _server_refused(self, msg: wire.ErrorResponse, mv: memoryview) -> None:
+        """The server's own error during login: the agent gets it as is, then both sides close."""
+        self.cout.append(mv)
+        self._flush()
+        self.phase = DONE
+        self.conn.close("refused", f"server: {msg.message}", abort=False)
+
     def _params_message(self, msg: wire.Message, mv: memoryview) -> None:
         if isinstance(msg, wire.BackendKeyData):
             key = secrets.token_bytes(len(msg.key))
@@ -643,10 +649,7 @@ class PostgresHandler(Handler):
             self.cout.append(wire.backend_key_data(msg.pid, key))
             return
         if isinstance(msg, wire.ErrorResponse):
-            self.cout.append(mv)
-            self._flush()
-            self.phase = DONE
-            self.conn.close("refused", f"server: {msg.message}", abort=False)
+            self._server_refused(msg, mv)
             return
         if isinstance(msg, wire.ParameterStatus):
             self.tracker.server(0x53, mv)  # raises UnsafeSetting
