@@ -1,14 +1,14 @@
 """The HTTP/1.1 handler: every request judged, then refused, held, or forwarded (re-signed, with
 credentials added); responses streamed back, or masked when the policy says so.
 
-Glue only: framing is proxy.http.model (h11), the policy view proxy.http.rules, AWS naming,
+Glue only: framing is proxy.http.model (llhttp), the policy view proxy.http.rules, AWS naming,
 re-signing and refusals proxy.aws, masking proxy.http.masking. The TLS handler
 (proxy/tls/handler.py) runs this same class over the bytes it decrypts, by overriding the four
 byte seams (on_client/on_server in, send_agent/send_origin out).
 
 Why one request at a time: the upstream is the single connection the relay opened to the
 original destination, and nothing may reach it before its request has been judged and recorded.
-h11 keeps pipelined requests queued until the current response is finished, so their order is
+The model keeps pipelined requests queued until the current response is finished, so their order is
 kept for free. Bodies stream chunk by chunk; only what must be read whole is buffered, and that
 within limits: an AWS body the identification or the signature depends on, a JSON response to
 mask. Past a limit the request is refused, never passed unjudged."""
@@ -368,6 +368,8 @@ class HttpHandler(Handler):
         kind = cred.get("kind")
         if kind == "aws":
             return self._resign(req, head, cred)
+        if head is req.head:
+            head = head.copy()  # for_origin hands back the agent's own head when it had nothing to drop
         if kind == "bearer":
             head.headers.set("Authorization", f"Bearer {cred['token']}")
         elif kind == "basic":
@@ -408,6 +410,8 @@ class HttpHandler(Handler):
             self._refuse(req, "interlock-resign", f"cannot re-sign: {e}", "refused")
             return
         if req.decision.verdict is Verdict.MASK:
+            if head is req.head:
+                head = head.copy()
             head.headers.set("Accept-Encoding", "identity")  # a compressed body cannot be masked
         req.forwarding = True
         try:
