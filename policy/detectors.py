@@ -33,7 +33,8 @@ class Finding:
 class Detector:
     """pattern finds candidates; group selects the sensitive part (e.g. only the password of a
     URL); validate rejects candidates whose check digits fail; quick is a cheap test that must
-    pass before the regex runs (most values contain no '@', no digit run, no 'eyJ')."""
+    pass before the regex runs (most values contain no '@', no digit run, no 'eyJ'): it must be
+    true of every text the pattern can match in, so it only ever saves work."""
 
     name: str
     pattern: re.Pattern[str]
@@ -94,11 +95,27 @@ def _digits(min_run: int) -> Callable[[str], object]:
 
 
 def _contains(*needles: str) -> Callable[[str], object]:
+    if len(needles) == 1:
+        needle = needles[0]
+        return lambda text: needle in text
     return re.compile("|".join(map(re.escape, needles))).search
 
 
 def _contains_ci(*needles: str) -> Callable[[str], object]:
-    return re.compile("|".join(map(re.escape, needles)), re.IGNORECASE).search
+    search = re.compile("|".join(map(re.escape, needles)), re.IGNORECASE).search
+    low = tuple(n.lower() for n in needles)
+
+    def quick(text: str) -> object:
+        if not text.isascii():  # Unicode case folding: let the regex decide
+            return search(text)
+        folded = text.lower()
+        return any(n in folded for n in low)
+
+    return quick
+
+
+def _pattern(regex: str) -> Callable[[str], object]:
+    return re.compile(regex).search
 
 
 _SECRET_KEY = re.compile(r"(?i)password|passwd|pwd|secret|token|api[_-]?key|apikey|private[_-]?key|access[_-]?key")
@@ -145,20 +162,20 @@ DETECTORS: dict[str, Detector] = {
             r"[A-Za-z]{2,63}(?![\w-])"), quick=_contains("@")),
         Detector("credit_card", re.compile(
             r"(?<![\d-])(?:\d{4}([ -]?)\d{4}\1\d{4}\1\d{4}(?:\1\d{1,3})?|\d{4}([ -]?)\d{6}\2\d{4,5}|\d{13,19})"
-            r"(?![\d-])"), validate=_card_ok, quick=_digits(4)),
+            r"(?![\d-])"), validate=_card_ok, quick=_pattern(r"\d{4}[ -]?\d{4}")),
         Detector("us_ssn", re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}([- ])(?!00)\d{2}\1(?!0000)\d{4}(?![\d-])"),
-                 quick=_digits(3)),
+                 quick=_pattern(r"\d{3}[- ]\d{2}[- ]\d{4}")),
         Detector("uk_nino", re.compile(
             r"(?<![A-Za-z0-9])(?!BG|GB|NK|KN|TN|NT|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]"
-            r" ?\d{2} ?\d{2} ?\d{2} ?[A-D](?![A-Za-z0-9])"), quick=_digits(2)),
+            r" ?\d{2} ?\d{2} ?\d{2} ?[A-D](?![A-Za-z0-9])"), quick=_pattern(r"\d{2} ?\d{2} ?\d{2} ?[A-D]")),
         Detector("es_dni", re.compile(r"(?<![A-Za-z0-9])(?:\d{8}|[XYZ]-?\d{7})-?[A-HJ-NP-TV-Z](?![A-Za-z0-9])"),
                  validate=_es_dni_ok, quick=_digits(7)),
         Detector("iban", re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?"
-                                    r"(?![A-Za-z0-9])"), validate=_iban_ok, quick=_digits(2)),
+                                    r"(?![A-Za-z0-9])"), validate=_iban_ok, quick=_pattern(r"[A-Z]{2}\d{2}")),
         Detector("phone", re.compile(
             r"(?<![\w+])(?:\+[1-9]\d{0,2}(?:[ .-]?\(?\d{1,4}\)?){2,5}"
             r"|\(?[2-9]\d{2}\)?[ .-]\d{3}[ .-]\d{4})(?![\w])"),
-            validate=_phone_ok, quick=_digits(3)),
+            validate=_phone_ok, quick=_pattern(r"\+[1-9]|\d{3}\)?[ .-]\d{3}")),
     )
 }
 
