@@ -1,0 +1,38 @@
+"""Every detector's quick check is a pure optimization: it must be true of any text in which the
+detector finds something, or masking would silently skip values."""
+
+from __future__ import annotations
+
+import string
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policy import detectors
+
+# Texts made of what the patterns look for (digits and their separators, letters, signs), with
+# known positives spliced in so every pattern gets matches to check against.
+ALPHABET = string.digits * 3 + " -.+()@:/=_'\"ABCDXYZabcdkey" + "ſK"
+SAMPLES = ["123-45-6789", "4111 1111 1111 1111", "4111111111111111", "+1 415 555 2671", "(415) 555-2671",
+           "AB 12 34 56 C", "12345678Z", "X-1234567-L", "GB82 WEST 1234 5698 7654 32", "bob@example.com",
+           "password 'x'", "api_key=abc", "PaSsWoRd: y", "https://u:p@h", "AKIAIOSFODNN7EXAMPLE"]
+
+
+def _found_without_quick(d: detectors.Detector, text: str) -> bool:
+    return any(d.validate is None or d.validate(m.group(0)) for m in d.pattern.finditer(text))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(st.text(ALPHABET, max_size=12), st.sampled_from(SAMPLES)), max_size=6))
+def test_quick_checks_never_reject_a_text_the_pattern_matches(parts):
+    text = " ".join(parts)
+    for d in detectors.DETECTORS.values():
+        if d.quick is not None and _found_without_quick(d, text):
+            assert d.quick(text), (d.name, text)
+
+
+def test_the_samples_themselves():
+    for text in SAMPLES:
+        for d in detectors.DETECTORS.values():
+            if d.quick is not None and _found_without_quick(d, text):
+                assert d.quick(text), (d.name, text)
