@@ -311,10 +311,6 @@ class PostgresHandler(Handler):
 
     def on_close(self) -> None:
         self.phase = DONE
-        self._record()
-        log = _statement_logs.get(id(self.conn.proxy))
-        if log is not None and log.pending:
-            log.flush()  # the session row closes now: its statements go with it
         if self.key is not None:
             _cancel_keys.pop(self.key, None)
         if self.hold_task is not None:
@@ -322,6 +318,9 @@ class PostgresHandler(Handler):
         for e in self.tracker.queue:
             self.tracker.finish_all(e, "connection closed")
         self._record()
+        log = _statement_logs.get(id(self.conn.proxy))
+        if log is not None and log.pending:
+            log.flush()  # the session row closes now: its statements go with it
 
     # ---- bytes out -------------------------------------------------------------------------
 
