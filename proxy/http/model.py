@@ -211,14 +211,23 @@ class RequestHead:
             return t.split("?", 1)[1] if "?" in t else ""
         return self._split.query
 
+    _auth = None  # (authority, target, header list, its length): host/port/authority are read often
+
     @property
     def authority(self) -> str:
         """Host[:port] the agent addressed: Host header, else absolute-form or CONNECT target."""
+        items = self.headers._items
+        c = self._auth
+        if c is not None and c[1] is self.target and c[2] is items and c[3] == len(items):
+            return c[0]
         if self.method.upper() == "CONNECT":
-            return self.target
-        if self.target.startswith(("http://", "https://")):
-            return self._split.netloc
-        return (self.headers.get("host") or "").strip()
+            a = self.target
+        elif self.target.startswith(("http://", "https://")):
+            a = self._split.netloc
+        else:
+            a = (self.headers.get("host") or "").strip()
+        self._auth = (a, self.target, items, len(items))
+        return a
 
     @property
     def host(self) -> str:
