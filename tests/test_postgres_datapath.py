@@ -763,3 +763,32 @@ def test_wire_level_named_portals_suspended_close_and_flush_with_masking(inst, l
     assert "ParameterDescription" in out["kinds"] and "RowDescription" in out["kinds"]
     # the statement was closed: binding it again gets the server's own error
     assert out["gone"] == ["26000"]
+
+
+def test_cancel_sent_to_another_address_reaches_the_sessions_server(inst, lab):
+    # The agent's session goes to the server's IPv4 address; it cancels through the IPv6 one with
+    # the key the proxy gave it: the proxy sends the real key to the server the session is on.
+    out = py(inst, """
+        import json, socket, threading, time
+        from proxy.postgres import wire
+        s = socket.create_connection(("{b4}", 5432), timeout=10)
+        r = wire.FrameReader("backend")
+        def until_ready():
+            got = []
+            while not any(isinstance(m, wire.ReadyForQuery) for m in got):
+                r.feed(s.recv(65536)); got += list(r.messages())
+            return got
+        s.sendall(wire.startup_message({{"user": "bot", "database": "postgres"}}))
+        key = next(m for m in until_ready() if isinstance(m, wire.BackendKeyData))
+        def cancel():
+            time.sleep(0.7)
+            c = socket.create_connection(("{b6}", 5432), timeout=10)
+            c.sendall(wire.cancel_request(key.pid, key.key))
+            c.recv(10); c.close()
+        threading.Thread(target=cancel).start()
+        t0 = time.monotonic()
+        s.sendall(wire.query("select pg_sleep(5)"))
+        err = [m.code for m in until_ready() if isinstance(m, wire.ErrorResponse)]
+        print(json.dumps([err, round(time.monotonic() - t0, 1)]))
+    """, b4=lab.b.addr4, b6=lab.b.addr6)
+    assert out[0] == ["57014"] and out[1] < 4
