@@ -749,6 +749,9 @@ class PostgresHandler(Handler):
 
     def _statements(self, ops: list[Operation], decisions: list[Decision]) -> list[Statement]:
         """One record per top-level statement of a query string, with its own verdict."""
+        if len(ops) == 1:  # the common case
+            d = decisions[0]
+            return [Statement(ops[0].summary, d.verdict.value, d.rule, mask=mask_spec(decisions))]
         groups: dict[str, list[int]] = {}
         for i, op in enumerate(ops):
             groups.setdefault(op.attributes.get("statement", "0"), []).append(i)

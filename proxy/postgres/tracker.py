@@ -22,7 +22,7 @@ from __future__ import annotations
 import struct
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from policy import detectors
 from proxy.postgres import wire
@@ -41,21 +41,21 @@ class UnsafeSetting(wire.ProtocolError):
     """The server reports a setting under which the proxy would read SQL differently than the server."""
 
 
-@dataclass(eq=False)
 class Statement:
-    """One statement as recorded: what was asked (masked), what was decided, what came back."""
+    """One statement as recorded: what was asked (masked), what was decided, what came back.
+    (A plain slotted class: one is made per statement, on the relay's hot path.)"""
 
-    summary: str
-    verdict: str
-    rule: str
-    params: list[str] | None = None
-    started: float = field(default_factory=time.monotonic)
-    ended: float | None = None
-    tag: str = ""
-    rows: int | None = None
-    error: str = ""
-    mask: MaskSpec | None = None
-    masked: dict[str, int] = field(default_factory=dict)
+    __slots__ = ("summary", "verdict", "rule", "params", "started", "ended", "tag", "rows", "error", "mask",
+                 "masked")
+
+    def __init__(self, summary: str, verdict: str, rule: str, params: list[str] | None = None, *,
+                 mask: MaskSpec | None = None):
+        self.summary, self.verdict, self.rule, self.params, self.mask = summary, verdict, rule, params, mask
+        self.started = time.monotonic()
+        self.ended: float | None = None
+        self.tag = self.error = ""
+        self.rows: int | None = None
+        self.masked: dict[str, int] = {}
 
     def finish(self, tag: str = "", error: str = "") -> None:
         if self.ended is not None:
