@@ -14,6 +14,9 @@ from pathlib import Path
 from lab.netns import Host
 
 ECHO_PORT = 7000
+# Wall-clock bounds in tests are multiplied by this. Kernel-matrix guests run under software
+# emulation (INTERLOCK_EMULATED is set there), where a CLI call takes ~25x longer than here.
+SLOWDOWN = float(os.environ.get("INTERLOCK_TEST_SLOWDOWN") or (10 if os.environ.get("INTERLOCK_EMULATED") else 1))
 
 
 class EchoServer:
@@ -46,7 +49,8 @@ def instance_name(tag: str) -> str:
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
+    """Poll until `predicate` is truthy or the deadline (scaled by SLOWDOWN) passes."""
+    deadline = time.monotonic() + timeout * SLOWDOWN
     while time.monotonic() < deadline:
         value = predicate()
         if value:

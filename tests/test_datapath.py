@@ -16,7 +16,7 @@ import pytest
 
 from interceptor import bpf_loader
 from lab.instance import Instance, leftovers
-from lab.testing import ECHO_PORT, instance_name, wait_until
+from lab.testing import ECHO_PORT, SLOWDOWN, instance_name, wait_until
 
 pytestmark = pytest.mark.datapath
 
@@ -237,7 +237,7 @@ def test_fail_closed_when_the_nft_table_is_deleted(make_instance, lab, echo):
 
 
 def test_fail_closed_when_the_proxy_dies(make_instance, lab, echo):
-    inst = make_instance("p", proxy_port=15401, dns_port=15453, proxy_restart_delay=3.0)
+    inst = make_instance("p", proxy_port=15401, dns_port=15453, proxy_restart_delay=3.0 * SLOWDOWN)
     os.kill(inst.status()["proxy_pid"], signal.SIGKILL)
     time.sleep(0.3)
     r = _refused(inst, lab, echo)

@@ -11,10 +11,11 @@ import time
 import pytest
 
 from lab.instance import INTERLOCK, Instance
-from lab.testing import ECHO_PORT, EchoServer, instance_name, wait_until
+from lab.testing import ECHO_PORT, SLOWDOWN, EchoServer, instance_name, wait_until
 
 pytestmark = pytest.mark.datapath
 OTHER_PORT = 7100
+HOLD_SECONDS = 3 * SLOWDOWN  # long enough for the CLI calls that answer a hold
 
 
 def policy_text(b4: str, b6: str, allow_echo: bool = True) -> str:
@@ -27,7 +28,7 @@ rules:
   - name: hold-v6
     target: echo-v6
     decision: approve
-    timeout: {"3s"}
+    timeout: {HOLD_SECONDS:g}s
   - name: echo-ok
     target: echo
     decision: {"allow" if allow_echo else "deny"}
@@ -100,7 +101,7 @@ def test_held_connection_waits_for_approval_then_runs(gated, lab, echo):
     assert len(echo.seen()) == before, "nothing reaches the server while the agent is held"
     r = gated.cli("approve", held[0]["id"])
     assert r.returncode == 0, r.stderr
-    out, _ = p.communicate(timeout=20)
+    out, _ = p.communicate(timeout=20 * SLOWDOWN)
     assert json.loads(out.strip().splitlines()[-1])["ok"]
     rows = json.loads(gated.cli("approvals", "--all", "--json").stdout)
     row = next(x for x in rows if x["id"] == held[0]["id"])
@@ -116,14 +117,14 @@ def test_denied_by_a_human_and_timeout(gated, lab, echo):
     p = background_probe(gated, lab.b.addr6)
     held = wait_until(lambda: pending(gated))
     assert gated.cli("deny", held[0]["id"], "--reason", "not today").returncode == 0
-    out, _ = p.communicate(timeout=20)
+    out, _ = p.communicate(timeout=20 * SLOWDOWN)
     assert not json.loads(out.strip().splitlines()[-1])["ok"]
-    # nobody answers: the hold expires after the rule's timeout (3s) and the agent is refused
+    # nobody answers: the hold expires after the rule's timeout and the agent is refused
     t0 = time.monotonic()
     p = background_probe(gated, lab.b.addr6)
-    out, _ = p.communicate(timeout=30)
+    out, _ = p.communicate(timeout=30 * SLOWDOWN)
     assert not json.loads(out.strip().splitlines()[-1])["ok"]
-    assert 2.5 < time.monotonic() - t0 < 15
+    assert HOLD_SECONDS - 0.5 < time.monotonic() - t0 < HOLD_SECONDS + 12 * SLOWDOWN
     rows = json.loads(gated.cli("approvals", "--all", "--json").stdout)
     assert {r["status"] for r in rows} >= {"denied", "expired"}
 
@@ -132,7 +133,7 @@ def test_a_grant_covers_the_same_operation_until_it_expires(gated, lab, echo):
     p = background_probe(gated, lab.b.addr6)
     held = wait_until(lambda: pending(gated))
     assert gated.cli("approve", held[0]["id"], "--for", "10m").returncode == 0
-    p.communicate(timeout=20)
+    p.communicate(timeout=20 * SLOWDOWN)
     r = gated.probe("tcp", lab.b.addr6, str(ECHO_PORT))
     assert r["ok"] and not pending(gated), "the grant let the identical connection through"
     assert any(e["data"].get("by") == "standing grant" for e in gated.events("approval-granted"))
