@@ -53,8 +53,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="guest kernels: series (6.1, 6.12) or releases (6.1.0-47-amd64); default: %(default)s")
     ap.add_argument("--no-host", action="store_true", help="skip the row for the host's own kernel")
     ap.add_argument("--suite", default="auto",
-                    help="auto (datapath once tests/test_datapath.py exists, else smoke), datapath, smoke, "
-                         "or pytest arguments")
+                    help="auto (datapath once tests/test_datapath.py exists, else smoke); datapath (pytest -m "
+                         "datapath tests/); kernel (only tests/test_datapath.py: the capture path); smoke (doctor "
+                         "and program load only); sh:COMMAND; or pytest arguments")
     ap.add_argument("--jobs", type=int, default=int(os.environ.get("MATRIX_JOBS", "1")),
                     help="guests booted side by side (default 1; 2 fits this 2-core machine with -smp 1)")
     ap.add_argument("--smp", type=int, default=0, help="guest CPUs (default: 2 when one guest at a time, else 1)")

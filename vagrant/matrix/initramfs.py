@@ -62,6 +62,9 @@ mount -t cgroup2 cgroup2 $R/sys/fs/cgroup || fail "cgroup2"
 mount -t bpf bpf $R/sys/fs/bpf || fail "bpffs"
 mount -t debugfs debugfs $R/sys/kernel/debug
 mount -t tracefs tracefs $R/sys/kernel/tracing 2>/dev/null
+# the repository (and its .venv) at its host path, also where the guest has tmpfs (/tmp, /root)
+mkdir -p "$R$REPO" 2>/dev/null
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 repo "$R$REPO" || fail "mount repo"
 mkdir -p $R/run/il-job
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 job $R/run/il-job || fail "mount job"
 [ -x $R/run/il-job/stage2.sh ] || fail "no stage2.sh in the job share"
@@ -141,7 +144,7 @@ class _Cpio:
         return self.buf.getvalue()
 
 
-def build(k: Kernel, out: Path) -> Path:
+def build(k: Kernel, out: Path, repo: Path) -> Path:
     if not BUSYBOX.exists():
         raise RuntimeError("busybox missing: apt-get install busybox-static")
     c = _Cpio()
@@ -151,7 +154,7 @@ def build(k: Kernel, out: Path) -> Path:
     c.chardev("dev/null", 1, 3)
     c.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
     c.file("init", INIT.encode(), 0o755)
-    c.file("config", f"REL='{k.release}'\nKMODULES='{k.modules}'\n".encode())
+    c.file("config", f"REL='{k.release}'\nKMODULES='{k.modules}'\nREPO='{repo}'\n".encode())
     loaded = []
     for mod in _closure(k, MODULES):
         name = Path(mod).name.split(".ko")[0] + ".ko"

@@ -98,6 +98,8 @@ def steps(suite: str, junit: str, test_timeout: int = 3000) -> list[Step]:
         return [Step("tests", suite[3:], test_timeout)]
     if suite == "datapath":
         tests = Step("tests", f"{pytest} -m datapath tests/", test_timeout)
+    elif suite == "kernel":  # the capture path itself: hooks, backstop, fail-closed (what CI's budget fits)
+        tests = Step("tests", f"{pytest} -m datapath tests/test_datapath.py", test_timeout)
     elif suite == "smoke":
         tests = Step("tests", f"{pytest} vagrant/matrix/smoke.py", test_timeout)
     else:
@@ -222,6 +224,7 @@ def qemu_argv(k: Kernel, initrd: Path, job: Path, mem: int, smp: int) -> list[st
         "-kernel", str(k.vmlinuz), "-initrd", str(initrd), "-append", cmdline,
         "-device", "virtio-rng-pci",
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        "-virtfs", f"local,path={REPO},mount_tag=repo,security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={job},mount_tag=job,security_model=none,multidevs=remap",
     ]
 
@@ -236,7 +239,7 @@ def run_guest(label: str, k: Kernel, suite: str, mem: int = 1024, smp: int = 1, 
     stage2 = d / "stage2.sh"
     stage2.write_text(STAGE2.format(repo=shlex.quote(str(REPO)), steps=body, env=env))
     stage2.chmod(0o755)
-    initrd = initramfs.build(k, d / "initrd.img")
+    initrd = initramfs.build(k, d / "initrd.img", REPO)
     argv = qemu_argv(k, initrd, d, mem, smp)
     (d / "qemu.argv").write_text(shlex.join(argv) + "\n")
     log(f"{label}: booting {k.release} (-smp {smp}, {mem} MB)")
