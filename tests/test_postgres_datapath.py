@@ -28,7 +28,7 @@ from cryptography.x509.oid import NameOID
 
 from lab.instance import INTERLOCK, Instance
 from lab.postgres import Postgres
-from lab.testing import instance_name, wait_until
+from lab.testing import SLOWDOWN, instance_name, wait_until
 
 pytestmark = pytest.mark.datapath
 REPO = Path(__file__).resolve().parent.parent
@@ -171,14 +171,14 @@ def psql(inst: Instance, lab, sql: str, *, agent: str = "bot", user: str = "bot"
     cmd = ["psql", dsn, "-X", "-A", "-t", "-q", "-f", "-"]
     if env:
         cmd = ["env", *(f"{k}={v}" for k, v in env.items()), *cmd]
-    return inst.agent(cmd, agent=agent, input=sql, timeout=timeout)
+    return inst.agent(cmd, agent=agent, input=sql, timeout=timeout * SLOWDOWN)
 
 
 def py(inst: Instance, code: str, *, agent: str = "bot", timeout: float = 60, **fmt) -> dict:
     """A Python client run as an agent; it prints one JSON line last. The code goes on stdin, so
     the values in it never reach the session's recorded command line."""
     src = textwrap.dedent(code).format(**fmt) if fmt else textwrap.dedent(code)
-    r = inst.agent([sys.executable, "-"], agent=agent, timeout=timeout, cwd=REPO, input=src)
+    r = inst.agent([sys.executable, "-"], agent=agent, timeout=timeout * SLOWDOWN, cwd=REPO, input=src)
     try:
         return json.loads(r.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
@@ -303,7 +303,7 @@ def test_cancel_request_is_mapped_to_the_real_backend_key(inst, lab):
         for how in ("cancel", "cancel_safe", "wrong-key"):
             with psycopg.connect("{dsn}", autocommit=True) as c:
                 def fire():
-                    time.sleep(0.7)
+                    time.sleep(0.7 * {slow})
                     if how == "wrong-key":
                         s = socket.create_connection(("{host}", 5432), timeout=5)
                         s.sendall(wire.cancel_request(c.pgconn.backend_pid, os.urandom(4)))
@@ -313,14 +313,14 @@ def test_cancel_request_is_mapped_to_the_real_backend_key(inst, lab):
                 threading.Thread(target=fire).start()
                 t0 = time.monotonic()
                 try:
-                    c.execute("select pg_sleep(3)")
+                    c.execute(f"select pg_sleep({{3 * {slow}}})")
                     res[how] = ["completed", round(time.monotonic() - t0, 1)]
                 except psycopg.errors.QueryCanceled:
                     res[how] = ["canceled", round(time.monotonic() - t0, 1)]
         print(json.dumps(res))
-    """, dsn=dsn(lab), host=lab.b.addr4)
-    assert out["cancel"][0] == "canceled" and out["cancel"][1] < 2.5
-    assert out["cancel_safe"][0] == "canceled" and out["cancel_safe"][1] < 2.5
+    """, dsn=dsn(lab), host=lab.b.addr4, slow=SLOWDOWN)
+    assert out["cancel"][0] == "canceled" and out["cancel"][1] < 2.5 * SLOWDOWN
+    assert out["cancel_safe"][0] == "canceled" and out["cancel_safe"][1] < 2.5 * SLOWDOWN
     assert out["wrong-key"][0] == "completed", "a key the proxy did not issue cancels nothing"
     cancels = [e["data"] for e in inst.events("decision") if e["data"]["action"] == "cancel"]
     assert len(cancels) >= 3
@@ -542,7 +542,7 @@ def test_delete_without_where_is_held_until_approved(inst, lab, pg):
     time.sleep(0.5)
     assert pg.psql("select count(*) from holdme") == "5", "nothing reaches the server while held"
     assert inst.cli("approve", held[0]["id"]).returncode == 0
-    out, err = p.communicate(timeout=30)
+    out, err = p.communicate(timeout=30 * SLOWDOWN)
     assert p.returncode == 0 and out.strip() == "after", err
     assert pg.psql("select count(*) from holdme") == "0"
     # denied by a human: an error like a refusal, and the session goes on
@@ -550,7 +550,7 @@ def test_delete_without_where_is_held_until_approved(inst, lab, pg):
     p = _background_psql(inst, lab, "delete from holdme;\nselect 'still here';")
     held = wait_until(lambda: pending(inst), timeout=15)
     assert inst.cli("deny", held[0]["id"], "--reason", "not today").returncode == 0
-    out, err = p.communicate(timeout=30)
+    out, err = p.communicate(timeout=30 * SLOWDOWN)
     assert "not approved (denied) under rule 'hold-deletes'" in err and out.strip() == "still here"
     assert pg.psql("select count(*) from holdme") == "1"
 
@@ -568,12 +568,12 @@ def test_held_statement_in_the_extended_protocol_and_an_expired_hold(inst, lab, 
     assert held, p.stderr.read() if p.poll() is not None else "no approval requested"
     assert pg.psql("select count(*) from holdme") == "1"
     inst.cli("approve", held[0]["id"])
-    out, err = p.communicate(timeout=30)
+    out, err = p.communicate(timeout=30 * SLOWDOWN)
     assert json.loads(out.strip().splitlines()[-1]) == {"deleted": 1}, err
     t0 = time.monotonic()
     r = psql(inst, lab, "truncate keep;")  # held under a 2s timeout that nobody answers
     assert "not approved (expired) under rule 'hold-truncate'" in r.stderr
-    assert 1.5 < time.monotonic() - t0 < 15
+    assert 1.5 < time.monotonic() - t0 < 15 * SLOWDOWN
 
 
 def test_function_call_by_oid_is_refused(inst, lab):
@@ -676,7 +676,7 @@ def test_cancel_while_held_gives_up_the_statement(inst, lab, pg):
     out = py(inst, """
         import json, threading, time, psycopg
         with psycopg.connect("{dsn}", autocommit=True) as c:
-            threading.Thread(target=lambda: (time.sleep(1.5), c.cancel())).start()
+            threading.Thread(target=lambda: (time.sleep(1.5 * {slow}), c.cancel())).start()
             t0 = time.monotonic()
             try:
                 c.execute("delete from holdme")
@@ -686,9 +686,9 @@ def test_cancel_while_held_gives_up_the_statement(inst, lab, pg):
             res.append(c.execute("select count(*) from holdme").fetchone()[0])
             res.append(round(time.monotonic() - t0, 1))
         print(json.dumps(res))
-    """, dsn=dsn(lab))
+    """, dsn=dsn(lab), slow=SLOWDOWN)
     assert out[0] == "canceled" and "held for approval under rule 'hold-deletes'" in out[1]
-    assert out[2] >= 1 and out[3] < 10
+    assert out[2] >= 1 and out[3] < 10 * SLOWDOWN
     assert any(e["kind"] == "hold-canceled" for e in inst.events("hold-canceled"))
 
 
@@ -781,14 +781,14 @@ def test_cancel_sent_to_another_address_reaches_the_sessions_server(inst, lab):
         s.sendall(wire.startup_message({{"user": "bot", "database": "postgres"}}))
         key = next(m for m in until_ready() if isinstance(m, wire.BackendKeyData))
         def cancel():
-            time.sleep(0.7)
+            time.sleep(0.7 * {slow})
             c = socket.create_connection(("{b6}", 5432), timeout=10)
             c.sendall(wire.cancel_request(key.pid, key.key))
             c.recv(10); c.close()
         threading.Thread(target=cancel).start()
         t0 = time.monotonic()
-        s.sendall(wire.query("select pg_sleep(5)"))
+        s.sendall(wire.query(f"select pg_sleep({{5 * {slow}}})"))
         err = [m.code for m in until_ready() if isinstance(m, wire.ErrorResponse)]
         print(json.dumps([err, round(time.monotonic() - t0, 1)]))
-    """, b4=lab.b.addr4, b6=lab.b.addr6)
-    assert out[0] == ["57014"] and out[1] < 4
+    """, b4=lab.b.addr4, b6=lab.b.addr6, slow=SLOWDOWN)
+    assert out[0] == ["57014"] and out[1] < 4 * SLOWDOWN
