@@ -13,6 +13,8 @@ import socket
 import sys
 import threading
 
+from lab.testing import SLOWDOWN
+
 
 def tcp(host: str, port: int, v4mapped: bool) -> dict:
     if v4mapped:
@@ -23,7 +25,7 @@ def tcp(host: str, port: int, v4mapped: bool) -> dict:
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         s = socket.socket(fam, socket.SOCK_STREAM)
         target = (host, port)
-    s.settimeout(5)
+    s.settimeout(5 * SLOWDOWN)  # a held connection may wait for a human's CLI call
     try:
         s.connect(target)
         peer = s.getpeername()
@@ -81,7 +83,7 @@ def dns_query(name: str) -> bytes:
 def udp(host: str, port: int, payload: bytes = b"datagram") -> dict:
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_DGRAM)
-    s.settimeout(3)
+    s.settimeout(3 * SLOWDOWN)
     try:
         s.sendto(payload, (host, port))
         data, addr = s.recvfrom(100)
