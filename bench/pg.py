@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.cpu import cpu_figures
 from lab.instance import Instance
 from lab.postgres import PG_USER, Postgres
 from lab.testing import stop_process, wait_listening
@@ -193,8 +194,7 @@ class Pg:
             raise RuntimeError(f"{cmd[0]} via {path} failed ({r.returncode}): {(r.stderr or r.stdout)[-800:]}")
         out = ops_of(r.stdout, wall)
         if cpu0 is not None and cpu1 is not None:
-            out["proxy_cpu_pct"] = round(100 * (cpu1 - cpu0) / wall, 1)
-            out["proxy_cpu_us_per_op"] = round(1e6 * (cpu1 - cpu0) / max(out["ops"], 1), 2)
+            out.update(cpu_figures(cpu1 - cpu0, wall, out["ops"]))
         if path == "interlock":
             time.sleep(0.5)  # the last group commit
             out["recorded_statements"] = self.recorded(since)

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.cpu import cpu_figures
 from lab.https import LabPKI, Nginx
 from lab.instance import Instance
 from lab.testing import stop_process, wait_listening
@@ -204,8 +205,7 @@ class Web:
         rate, total, detail = parse_wrk(r.stdout)
         out = {"value": rate, "ops": total, **detail}
         if cpu0 is not None and cpu1 is not None:
-            out["proxy_cpu_pct"] = round(100 * (cpu1 - cpu0) / seconds, 1)
-            out["proxy_cpu_us_per_op"] = round(1e6 * (cpu1 - cpu0) / max(total, 1), 1)
+            out.update(cpu_figures(cpu1 - cpu0, seconds, total))
         if path == "interlock":
             time.sleep(0.5)  # the last group commit
             out["recorded_requests"] = self.recorded(since)
