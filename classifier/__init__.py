@@ -15,8 +15,7 @@ Per connection the proxy keeps one `Classifier` and owns the sockets and the clo
             r = c.feed(data)
     # r.protocol in LABELS; r.details e.g. {"sni", "alpn"} for tls, {"message", "params"} for postgres
 
-`classify_client` / `classify_server` are the same decisions as pure functions of a byte prefix;
-`classifier.sniff` keeps the older string-returning helpers the relay uses."""
+`classify_client` / `classify_server` are the same decisions as pure functions of a byte prefix."""
 
 from .engine import DEFAULT_MAX_BYTES, Classifier, classify_client, classify_server
 from .verdict import LABELS, NEED_MORE, TCP, NeedMore, Result, Verdict

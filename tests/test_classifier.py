@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from classifier import LABELS, NEED_MORE, Classifier, NeedMore, Verdict, classify_client, classify_server, sniff
+from classifier import LABELS, NEED_MORE, Classifier, NeedMore, Verdict, classify_client, classify_server
 from classifier.client import CLIENT_DETECTORS
 from classifier.server import SERVER_DETECTORS
 from classifier.tls import parse_client_hello
@@ -175,17 +175,6 @@ def test_labels_are_the_proxys_vocabulary() -> None:
     assert set(LABELS) <= set(PROTOCOLS)
 
 
-def test_sniff_compat_on_corpus() -> None:
-    """The relay's string helpers agree with the Classifier on the first read of each side."""
-    for name, i, flow, label, _ in CORPUS:
-        first_side, first = flow.events[0]
-        if first_side == "c":
-            got = sniff.from_client(first)
-        else:
-            got = sniff.from_server(first)
-        assert got == ("unknown" if label == "tcp" else label), f"{name}#{i}"
-
-
 # --- synthetic edge cases ----------------------------------------------------------------------
 
 def _ext(etype: int, body: bytes) -> bytes:
@@ -238,7 +227,6 @@ def test_truncated_hello_still_tls_when_final() -> None:
     assert classify_client(wire[:40]) is NEED_MORE
     v = classify_client(wire[:40], final=True)
     assert isinstance(v, Verdict) and v.protocol == "tls" and v.details.get("truncated")
-    assert sniff.from_client(wire[:40]) == "tls"
 
 
 def test_hello_parse_rejects_lies() -> None:
@@ -372,12 +360,11 @@ def test_gives_up_after_max_bytes() -> None:
     assert isinstance(results[-1], Verdict)
 
 
-def test_garbage_is_tcp_and_sniff_unknown() -> None:
+def test_garbage_is_tcp() -> None:
     v = classify_client(b"\x01\x02\x03\x04 garbage \xff")
     assert isinstance(v, Verdict) and v.protocol == "tcp"
-    assert sniff.from_client(b"\x01\x02\x03") == "unknown"
-    assert sniff.from_client(b"") == "unknown" and sniff.from_server(b"") == "unknown"
-    assert sniff.from_server(b"SSH-2.0-OpenSSH_9.2p1\r\n") == "ssh"
+    v = classify_server(b"SSH-2.0-OpenSSH_9.2p1\r\n", final=True)
+    assert isinstance(v, Verdict) and v.protocol == "ssh"
 
 
 # --- fuzzing -----------------------------------------------------------------------------------
