@@ -89,6 +89,12 @@ class Rule:
     # Request attributes (HTTP method, host, path, query, header.NAME) -> globs, all must match.
     attributes: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
+    @property
+    def whole_connection(self) -> bool:
+        """True when the rule names no operation detail: it matches the connection and every
+        operation on it alike, so one approval of the connection is its one approval."""
+        return self.operations == ("*",) and not self.objects and not self.risks and not self.attributes
+
     def matches(self, agent: Agent, target_names: set[str], op: Operation) -> bool:
         if "*" not in self.agents and agent.name not in self.agents and \
                 not any(f"group:{g}" in self.agents for g in agent.groups):
@@ -140,6 +146,9 @@ class Policy:
             if f"group:{g}" in value:
                 return value[f"group:{g}"]
         return value.get("*")
+
+    def rule(self, name: str) -> Rule | None:
+        return next((r for r in self.rules if r.name == name), None)
 
     def decide(self, agent: str, dest: Destination, op: Operation) -> Decision:
         names = self._attr_names

@@ -82,14 +82,30 @@ class Holds:
         self.loop = loop
         self.waiting: dict[str, tuple[asyncio.Future, float]] = {}
         self._poller: asyncio.Task | None = None
+        # session id -> the rule whose hold a human approved for the connection itself
+        self._connection_approved: OrderedDict[str, str] = OrderedDict()
+
+    def _covered_by_connection_approval(self, rec: SessionRecord, decision: Decision, op: Operation) -> bool:
+        """One operation, one hold: a rule that names no operation detail (`Rule.whole_connection`)
+        holds the connection once; the requests or statements on that connection that the same
+        rule matches again were part of what the human approved."""
+        if op.action == "connect" or self._connection_approved.get(rec.id) != decision.rule:
+            return False
+        rule = self.proxy.policy.current.rule(decision.rule)
+        return rule is not None and rule.whole_connection
 
     async def wait(self, rec: SessionRecord, decision: Decision, op: Operation) -> str:
         """'approved', 'denied' or 'expired'."""
         conn = self.proxy.recorder.conn
+        if self._covered_by_connection_approval(rec, decision, op):
+            self.proxy.recorder.event("approval-granted", {"rule": decision.rule, "by": "the connection's approval",
+                                                            "summary": op.summary}, rec.id)
+            return approvals.APPROVED
         dest = f"{rec.dst_addr}:{rec.dst_port}"
         grant = approvals.granted(conn, rec.agent, dest, op.protocol, op.action, op.objects)
         if grant:
             self.proxy.recorder.event("approval-granted", {"approval": grant, "by": "standing grant"}, rec.id)
+            self._remember(rec, decision, op, approvals.APPROVED)
             return approvals.APPROVED
         timeout = decision.approval_timeout or 300.0
         approval_id = approvals.request(conn, approvals.HeldOperation(
@@ -103,7 +119,14 @@ class Holds:
             self._poller = self.loop.create_task(self._poll())
         outcome, by = await fut
         self.proxy.recorder.event("approval-" + outcome, {"approval": approval_id, "by": by}, rec.id)
+        self._remember(rec, decision, op, outcome)
         return outcome
+
+    def _remember(self, rec: SessionRecord, decision: Decision, op: Operation, outcome: str) -> None:
+        if outcome == approvals.APPROVED and op.action == "connect":
+            self._connection_approved[rec.id] = decision.rule
+            while len(self._connection_approved) > 4096:
+                self._connection_approved.popitem(last=False)
 
     async def _poll(self) -> None:
         conn = self.proxy.recorder.conn

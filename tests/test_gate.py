@@ -15,6 +15,7 @@ from lab.testing import ECHO_PORT, SLOWDOWN, EchoServer, instance_name, wait_unt
 
 pytestmark = pytest.mark.datapath
 OTHER_PORT = 7100
+WEB_PORT = 7180
 HOLD_SECONDS = 3 * SLOWDOWN  # long enough for the CLI calls that answer a hold
 
 
@@ -24,9 +25,10 @@ targets:
   echo: {{address: {b4}, port: {ECHO_PORT}}}
   other: {{address: {b4}, port: {OTHER_PORT}}}
   echo-v6: {{address: "{b6}", port: {ECHO_PORT}}}
+  web-v6: {{address: "{b6}", port: {WEB_PORT}}}
 rules:
   - name: hold-v6
-    target: echo-v6
+    target: [echo-v6, web-v6]
     decision: approve
     timeout: {HOLD_SECONDS:g}s
   - name: echo-ok
@@ -111,6 +113,39 @@ def test_held_connection_waits_for_approval_then_runs(gated, lab, echo):
     assert replay.index("APPROVE") < replay.index("approval-requested") < replay.index("approval-approved")
     tl = json.loads(gated.cli("replay", row["session"], "--json").stdout)
     assert tl["session"]["outcome"] == "closed" and tl["session"]["bytes_down"] > 0
+
+
+@pytest.fixture(scope="module")
+def web6(lab, tmp_path_factory):
+    from lab.testing import stop_process, wait_listening
+
+    root = tmp_path_factory.mktemp("web6")
+    (root / "index.html").write_text("held page\n")
+    log = root.parent / "web6.log"
+    with open(log, "w") as err:
+        srv = lab.b.popen([sys.executable, "-m", "http.server", "--bind", "::", "--directory", str(root), str(WEB_PORT)],
+                          stdout=subprocess.DEVNULL, stderr=err)
+    wait_listening(lab.b, WEB_PORT, srv, log)
+    yield log
+    stop_process(srv)
+
+
+def test_one_approval_releases_an_http_call_held_by_a_whole_connection_rule(gated, lab, web6):
+    """A rule naming no operation detail holds the connection once; the request on it is not held again."""
+    url = f"http://[{lab.b.addr6}]:{WEB_PORT}/index.html"
+    p = gated.host.popen([*INTERLOCK, "run", "--state-dir", str(gated.state_dir), "--agent", "bot", "--",
+                          "curl", "-sS", "--max-time", str(int(30 * SLOWDOWN)), url], stdout=subprocess.PIPE, text=True)
+    held = wait_until(lambda: pending(gated))
+    assert held and held[0]["rule"] == "hold-v6"
+    assert '"GET ' not in web6.read_text(), "nothing reaches the server while held"
+    assert gated.cli("approve", held[0]["id"]).returncode == 0
+    out, _ = p.communicate(timeout=40 * SLOWDOWN)
+    assert p.returncode == 0 and out == "held page\n"
+    assert web6.read_text().count('"GET /index.html') == 1
+    rows = [x for x in json.loads(gated.cli("approvals", "--all", "--json").stdout) if x["session"] == held[0]["session"]]
+    assert len(rows) == 1, rows
+    granted = [e for e in gated.events("approval-granted") if e["session"] == held[0]["session"]]
+    assert granted and granted[0]["data"]["by"] == "the connection's approval"
 
 
 def test_denied_by_a_human_and_timeout(gated, lab, echo):
