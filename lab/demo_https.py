@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from lab.demo_checks import CHECKS
 from lab.https import AWS, AWS_POLICY, MOTO_PORT, WWW, LabDns, LabPKI, Moto, Nginx
 from lab.instance import INTERLOCK, Instance
 from lab.netns import Lab
@@ -48,6 +49,8 @@ def agent(argv: list[str]) -> int:
             s3.put_object(Bucket="reports", Key="q3.txt", Body=b"revenue up\n")
             print("get_object ->", s3.get_object(Bucket="reports", Key="q3.txt")["Body"].read().decode().strip())
             print("whoami     ->", session.client("sts", endpoint_url=ENDPOINT, config=cfg).get_caller_identity()["Arn"])
+        elif argv[0] == "buckets":
+            print("buckets    ->", " ".join(b["Name"] for b in s3.list_buckets()["Buckets"]))
         elif argv[0] == "delete-bucket":
             s3.delete_bucket(Bucket="reports")
             print("bucket deleted")
@@ -97,33 +100,49 @@ def demo(lab: Lab, say: Callable[[str], None], show: Callable[..., subprocess.Co
         print(f"\033[2m$ printf '%s\\n' \"$REAL_SECRET\" | {shown(*store)}\033[0m", flush=True)
         r = inst.cli(*store, input=moto.secret_key + "\n")
         print((r.stdout + r.stderr).strip())
+        CHECKS.succeeded("the real AWS keys are in the credential store", r)
 
         say("HTTPS 3. curl over HTTPS, unchanged: Interlock decrypts, judges and records each request")
-        show(lab.a, as_agent("curl", "-sS", "--max-time", "10", f"https://{WWW}/index.html"),
-             shown("run", "--agent", "demo-bot", "--", "curl", "-sS", f"https://{WWW}/index.html"))
+        r = show(lab.a, as_agent("curl", "-sS", "--max-time", "10", f"https://{WWW}/index.html"),
+                 shown("run", "--agent", "demo-bot", "--", "curl", "-sS", f"https://{WWW}/index.html"))
+        CHECKS.succeeded("curl over HTTPS works unchanged", r)
 
         agent_cmd = [sys.executable, "-m", "lab.demo_https", "agent"]
         say("HTTPS 4. The agent's boto3 calls, signed with placeholder keys, are re-signed with the real ones")
-        show(lab.a, as_agent(*agent_cmd, "work"), shown("run", "--agent", "demo-bot", "--", "python3", "agent.py", "work"),
-             timeout=120)
+        r = show(lab.a, as_agent(*agent_cmd, "work"), shown("run", "--agent", "demo-bot", "--", "python3", "agent.py", "work"),
+                 timeout=120)
+        CHECKS.succeeded("boto3 with placeholder keys works, re-signed", r, "revenue up")
         say("HTTPS 5. s3:DeleteBucket: refused by the policy, as an AccessDenied the SDK understands")
-        show(lab.a, as_agent(*agent_cmd, "delete-bucket"),
-             shown("run", "--agent", "demo-bot", "--", "python3", "agent.py", "delete-bucket"), timeout=120)
+        r = show(lab.a, as_agent(*agent_cmd, "delete-bucket"),
+                 shown("run", "--agent", "demo-bot", "--", "python3", "agent.py", "delete-bucket"), timeout=120)
+        CHECKS.refused("s3:DeleteBucket is refused as AccessDenied", r, "AccessDenied")
+        r = inst.agent([*agent_cmd, "buckets"], agent="demo-bot", timeout=120)
+        CHECKS.succeeded("the bucket is still there (listed by the service)", r, "reports")
 
         say("HTTPS 6. ec2:TerminateInstances waits for a human")
-        instance_id = inst.agent([*agent_cmd, "run"], agent="demo-bot", timeout=120).stdout.strip()
+        r = inst.agent([*agent_cmd, "run"], agent="demo-bot", timeout=120)
+        instance_id = r.stdout.strip()
+        if not CHECKS.succeeded("an instance runs", r, "i-"):
+            raise RuntimeError("RunInstances failed")
         print(f"\033[2m$ {shown('run', '--agent', 'demo-bot', '--', 'python3', 'agent.py', 'terminate', instance_id)} &\033[0m")
         held = lab.a.popen(as_agent(*agent_cmd, "terminate", instance_id), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
         pending = inst.wait_for(lambda: json.loads(inst.cli("approvals", "--json").stdout), timeout=30)
+        if not CHECKS.expect("TerminateInstances is held for a human", bool(pending)):
+            held.kill()
+            raise RuntimeError("the TerminateInstances call was not held")
         show(lab.a, cli("approvals"), shown("approvals"))
         print("(a human would decide now; the demo approves it itself)")
-        show(lab.a, cli("approve", pending[0]["id"]), shown("approve", pending[0]["id"]))
+        CHECKS.succeeded("the approval was taken", show(lab.a, cli("approve", pending[0]["id"]),
+                                                         shown("approve", pending[0]["id"])))
         out, _ = held.communicate(timeout=120)
         print(out.rstrip())
+        CHECKS.expect("once approved, the instance is terminating", held.returncode == 0 and "shutting-down" in out, out)
 
         say("HTTPS 7. The held call, replayed: every request with its decision, status and size")
-        show(lab.a, cli("replay", pending[0]["session"]), shown("replay", pending[0]["session"]))
+        CHECKS.succeeded("the replay shows the approval", show(lab.a, cli("replay", pending[0]["session"]),
+                                                                shown("replay", pending[0]["session"])),
+                         "approval-approved")
     finally:
         if inst is not None:
             inst.close()
@@ -142,7 +161,7 @@ def main() -> int:
 
     with Lab("demohttps") as lab:
         demo(lab, say, show)
-    return 0
+    return CHECKS.summary()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from lab.demo_checks import CHECKS
 from lab.instance import INTERLOCK, Instance
 from lab.netns import Lab
 from lab.postgres import Postgres
@@ -106,40 +107,56 @@ def demo(lab: Lab, say: Callable[[str], None], show: Callable[..., subprocess.Co
         _prompt(f"read -rs PW; printf '%s\\n' \"$PW\" | {shown(*store)}")
         r = lab.a.run(cli(*store), input=password + "\n")
         print((r.stdout + r.stderr).strip())
-        show(lab.a, cli("credentials", "list"), shown("credentials", "list"))
+        CHECKS.succeeded("the password is in the credential store", r)
+        CHECKS.succeeded("the store lists it", show(lab.a, cli("credentials", "list"), shown("credentials", "list")),
+                         "shop-app")
         inst.start()
 
         say("PostgreSQL 3. The agent runs psql with its own user name and no password: Interlock logs in for it")
-        show(lab.a, *psql("select current_user as logged_in_as, count(*) as customers from customers"))
+        r = show(lab.a, *psql("select current_user as logged_in_as, count(*) as customers from customers"))
+        CHECKS.succeeded("the agent is logged in as 'app' with no password of its own", r, " app ")
 
         say("PostgreSQL 4. The agent reads customers: e-mail addresses are masked in the rows it gets")
-        show(lab.a, *psql("select id, name, email, plan from customers order by id"))
+        r = show(lab.a, *psql("select id, name, email, plan from customers order by id"))
+        CHECKS.succeeded("the agent reads the customers", r, "Ada Lovelace")
+        CHECKS.expect("no e-mail address reaches the agent", "@example." not in r.stdout, r.stdout)
 
         say("PostgreSQL 5. DROP TABLE: refused with a PostgreSQL error that names the rule; nothing reaches the server")
-        show(lab.a, *psql("drop table customers"))
+        CHECKS.refused("DROP TABLE is refused, naming the rule", show(lab.a, *psql("drop table customers")), "no-drops")
+        CHECKS.expect("the table is still there (asked on the server)", _query(pg, "select count(*) from customers") == "3")
 
         say("PostgreSQL 6. DELETE without WHERE needs a human: the agent waits, the server has seen nothing")
         argv, text = psql("delete from audit_log")
         _prompt(f"{text} &")
         held = lab.a.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         pending = inst.wait_for(lambda: json.loads(inst.cli("approvals", "--json").stdout), timeout=30)
-        if not pending:
+        if not CHECKS.expect("the DELETE is held for a human", bool(pending)):
             held.kill()
             raise RuntimeError("the DELETE was not held for approval")
         show(lab.a, cli("approvals"), shown("approvals"))
-        print("rows still in audit_log:", _count(pg))
+        rows = _count(pg)
+        print("rows still in audit_log:", rows)
+        CHECKS.expect("while held, the server has deleted nothing", rows == "250", rows)
         print("(a human would decide now; the demo approves it itself)")
-        show(lab.a, cli("approve", pending[0]["id"]), shown("approve", pending[0]["id"]))
+        CHECKS.succeeded("the approval was taken", show(lab.a, cli("approve", pending[0]["id"]),
+                                                         shown("approve", pending[0]["id"])))
         out, _ = held.communicate(timeout=60)
         print(out.rstrip())
-        print("rows left in audit_log:", _count(pg))
+        CHECKS.expect("once approved, the DELETE ran", held.returncode == 0 and "DELETE 250" in out, out)
+        rows = _count(pg)
+        print("rows left in audit_log:", rows)
+        CHECKS.expect("the server deleted the rows after the approval", rows == "0", rows)
 
         say("PostgreSQL 7. The held session, replayed: login, decision, approval, the statement and its result")
-        show(lab.a, cli("replay", pending[0]["session"]), shown("replay", pending[0]["session"]))
+        CHECKS.succeeded("the replay shows the approval and the statement",
+                         show(lab.a, cli("replay", pending[0]["session"]), shown("replay", pending[0]["session"])),
+                         "approval-approved", "delete from audit_log")
         say("PostgreSQL 8. The masked read, replayed: the recording holds no e-mail address either")
         sessions = json.loads(inst.cli("sessions", "--json").stdout)
         masked = [s for s in sessions if s["protocol"] == "postgres"][1]
-        show(lab.a, cli("replay", masked["id"]), shown("replay", masked["id"]))
+        r = show(lab.a, cli("replay", masked["id"]), shown("replay", masked["id"]))
+        CHECKS.succeeded("the masked read is replayed", r, "MASK")
+        CHECKS.expect("the recording holds no e-mail address", "@example." not in r.stdout, r.stdout)
     finally:
         if inst is not None:
             inst.close()
@@ -154,8 +171,12 @@ def _prompt(text: str) -> None:
 
 
 def _count(pg: Postgres) -> str:
-    r = pg.host.run([str(pg.bindir / "psql"), *pg.client_args(), "-d", "shop", "-X", "-A", "-t", "-c",
-                     "select count(*) from audit_log"])
+    return _query(pg, "select count(*) from audit_log")
+
+
+def _query(pg: Postgres, sql: str) -> str:
+    """Asked on the server host as the superuser: the server-side evidence."""
+    r = pg.host.run([str(pg.bindir / "psql"), *pg.client_args(), "-d", "shop", "-X", "-A", "-t", "-c", sql])
     return r.stdout.strip()
 
 
@@ -167,8 +188,7 @@ def main() -> int:
 
     with Lab("demopg") as lab:
         demo(lab, say, show)
-    print("\ndemo finished")
-    return 0
+    return CHECKS.summary()
 
 
 if __name__ == "__main__":
