@@ -27,8 +27,9 @@ class CliError(Exception):
 def _layout(args, cfg: config_mod.Config | None = None) -> Layout:
     if cfg is None:
         cfg = config_mod.load(args.config) if getattr(args, "config", None) else None
-    run_dir = Layout.build(args.state_dir, "default", "interlock").run_dir
-    info_file = run_dir / "instance.json"
+    base = Layout.build(args.state_dir, "default", "interlock")
+    # the running instance's facts, else those of the one that ran here last (after `down`)
+    info_file = base.instance_file if base.instance_file.exists() else base.last_instance_file
     if cfg is None and info_file.exists():
         info = InstanceInfo.load(info_file)
         from interceptor.cgroups import cgroup2_mount
@@ -50,6 +51,11 @@ def _ask(args, op: str, **kw) -> dict:
     if not reply.get("ok"):
         raise CliError(reply.get("error", "the daemon refused the request"))
     return reply
+
+
+def _emit(args, data: dict, text: str) -> None:
+    """One result: `data` as a JSON object under --json, else `text` for a person."""
+    print(json.dumps(data, indent=1) if getattr(args, "json", False) else text)
 
 
 def _need_root(verb: str) -> None:
@@ -90,7 +96,9 @@ def cmd_daemon(args) -> int:
               f"remove it with: interlock down{' --state-dir ' + str(args.state_dir) if args.state_dir else ''}",
               file=sys.stderr)
         return 2
-    print(f"interlock daemon: instance {cfg.instance} ready, proxy on port {cfg.proxy_port}", flush=True)
+    ready = f"interlock daemon: instance {cfg.instance} ready, proxy on port {cfg.proxy_port}"
+    print(json.dumps({"event": "ready", "instance": cfg.instance, "proxy_port": cfg.proxy_port, "message": ready})
+          if args.json else ready, flush=True)
     d.run()
     return 0
 
@@ -100,20 +108,25 @@ def cmd_down(args) -> int:
     from interceptor.daemon import teardown
 
     lay = _layout(args)
+    lines = []
     try:
         request(lay.control_socket, "down", timeout=30)
         deadline = time.monotonic() + 30
         while lay.instance_file.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        print(f"interlock down: the daemon of instance {lay.instance} stopped its proxy and removed its BPF programs, "
-              f"nft table, cgroups and pinned maps")
+        was_running = True
+        lines.append(f"interlock down: the daemon of instance {lay.instance} stopped its proxy and removed its BPF programs, "
+                     f"nft table, cgroups and pinned maps")
     except DaemonUnavailable:
-        print(f"interlock down: no daemon running for instance {lay.instance}; removing what it left")
+        was_running = False
+        lines.append(f"interlock down: no daemon running for instance {lay.instance}; removing what it left")
     done = teardown(lay, lay.instance)
     left = [k.replace("_", " ") for k, v in done.items() if v]
     if left:
-        print(f"interlock down: also removed: {', '.join(left)}")
-    print(f"interlock down: recordings kept in {lay.db}")
+        lines.append(f"interlock down: also removed: {', '.join(left)}")
+    lines.append(f"interlock down: recordings kept in {lay.db}")
+    _emit(args, {"ok": True, "instance": lay.instance, "daemon_was_running": was_running, "also_removed": left,
+                 "recordings": str(lay.db)}, "\n".join(lines))
     return 0
 
 
@@ -146,13 +159,13 @@ def _agent_name(exe: str) -> str:
 
 def cmd_enroll(args) -> int:
     reply = _ask(args, "enroll", pid=args.pid, agent=args.agent or "default", tree=True)
-    print(f"enrolled {len(reply['pids'])} process(es) as agent {reply['agent']}: {' '.join(map(str, reply['pids']))}")
+    _emit(args, reply, f"enrolled {len(reply['pids'])} process(es) as agent {reply['agent']}: {' '.join(map(str, reply['pids']))}")
     return 0
 
 
 def cmd_rearm(args) -> int:
     reply = _ask(args, "rearm")
-    print(f"re-armed (lockdown was: {reply['was'] or 'not set'})")
+    _emit(args, reply, f"re-armed (lockdown was: {reply['was'] or 'not set'})")
     return 0
 
 
@@ -166,11 +179,12 @@ def cmd_sessions(args) -> int:
     if not rows:
         print("no sessions recorded yet")
         return 0
-    print(f"{'started':19}  {'agent':12} {'pid':>7}  {'exe':24} {'destination':28} {'proto':8} {'up':>8} {'down':>8}  outcome")
+    print(f"{'session':21}  {'started':19}  {'agent':12} {'pid':>7}  {'exe':24} {'destination':28} {'proto':8} {'up':>8} "
+          f"{'down':>8}  outcome")
     for r in rows:
         dst = f"[{r['dst_addr']}]:{r['dst_port']}" if ":" in (r["dst_addr"] or "") else f"{r['dst_addr']}:{r['dst_port']}"
         started = datetime.fromtimestamp(r["started"]).strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{started:19}  {r['agent'][:12]:12} {r['tgid']:>7}  {(r['exe'] or r['comm'])[-24:]:24} {dst:28} "
+        print(f"{r['id']:21}  {started:19}  {r['agent'][:12]:12} {r['tgid']:>7}  {(r['exe'] or r['comm'])[-24:]:24} {dst:28} "
               f"{r['protocol'][:8]:8} {r['bytes_up']:>8} {r['bytes_down']:>8}  {r['outcome']}"
               + (f" ({r['detail']})" if r["detail"] else ""))
     return 0
@@ -208,11 +222,15 @@ def cmd_doctor(args) -> int:
     from interceptor import doctor
 
     checks = doctor.run_checks(quick=False)
+    bad = [c for c in checks if not c.ok and c.fatal]
+    if args.json:
+        print(json.dumps({"ok": not bad, "checks": [{"name": c.name, "ok": c.ok, "fatal": c.fatal, "detail": c.detail,
+                                                     "fix": c.fix} for c in checks]}, indent=1))
+        return 1 if bad else 0
     width = max(len(c.name) for c in checks)
     for c in checks:
         mark = "ok  " if c.ok else ("FAIL" if c.fatal else "warn")
         print(f"{mark}  {c.name:{width}}  {c.detail}" + ("" if c.ok else f"\n      fix: {c.fix}"))
-    bad = [c for c in checks if not c.ok and c.fatal]
     print(f"\n{len(checks) - len(bad)} of {len(checks)} checks passed" + ("" if not bad else "; the daemon will refuse to start"))
     return 1 if bad else 0
 
@@ -232,11 +250,16 @@ def cmd_policy(args) -> int:
         try:
             pol = load(args.file)
         except PolicyError as e:
+            if args.json:
+                print(json.dumps({"ok": False, "file": str(args.file), "problems": e.problems}, indent=1))
+                return 1
             print("\n".join(e.problems), file=sys.stderr)
             print(f"{args.file}: {len(e.problems)} problem(s); the policy in force stays unchanged until this file is valid",
                   file=sys.stderr)
             return 1
-        print(f"{args.file}: valid: {len(pol.agents)} agent(s), {len(pol.targets)} target(s), {len(pol.rules)} rule(s), "
+        _emit(args, {"ok": True, "file": str(args.file), "agents": len(pol.agents), "targets": len(pol.targets),
+                     "rules": len(pol.rules), "default": pol.default.value},
+              f"{args.file}: valid: {len(pol.agents)} agent(s), {len(pol.targets)} target(s), {len(pol.rules)} rule(s), "
               f"default {pol.default.value}")
         return 0
     try:
@@ -255,6 +278,10 @@ def cmd_policy(args) -> int:
         dest = Destination(host.strip("[]"), int(port), (), args.protocol or "tcp")
     op = Operation(args.protocol or dest.protocol, args.op, tuple(args.object or ()), tuple(args.risk or ()))
     d = pol.decide(args.agent, dest, op)
+    if args.json:
+        print(json.dumps({"verdict": d.verdict.value, "rule": d.rule, "reason": d.reason, "mask": list(d.mask),
+                          "approval_timeout": d.approval_timeout}, indent=1))
+        return 0
     print(f"{d.verdict.value.upper()}  rule: {d.rule}  ({d.reason})" + (f"  mask: {', '.join(d.mask)}" if d.mask else "")
           + (f"  approval timeout: {d.approval_timeout:g}s" if d.verdict.value == "approve" else ""))
     return 0
@@ -291,7 +318,7 @@ def cmd_approve(args) -> int:
     except ApprovalError as e:
         raise CliError(str(e)) from None
     extra = f"; identical operations are granted until {datetime.fromtimestamp(r['grant_until']):%H:%M:%S}" if r["grant_until"] else ""
-    print(f"approved {args.id} as {r['by']}{extra}")
+    _emit(args, {"ok": True, "id": args.id, **r}, f"approved {args.id} as {r['by']}{extra}")
     return 0
 
 
@@ -299,10 +326,10 @@ def cmd_deny(args) -> int:
     from recorder.approvals import ApprovalError, decide
 
     try:
-        decide(_layout(args).db, args.id, False, _who(), note=args.reason)
+        r = decide(_layout(args).db, args.id, False, _who(), note=args.reason)
     except ApprovalError as e:
         raise CliError(str(e)) from None
-    print(f"denied {args.id}: {args.reason}")
+    _emit(args, {"ok": True, "id": args.id, "reason": args.reason, **r}, f"denied {args.id}: {args.reason}")
     return 0
 
 
@@ -336,7 +363,7 @@ def cmd_credentials(args) -> int:
         elif args.cred_verb == "rm":
             if not store.delete(args.name):
                 raise CliError(f"no credential '{args.name}'")
-            print(f"removed {args.name}")
+            _emit(args, {"ok": True, "removed": args.name}, f"removed {args.name}")
         else:
             fields = dict(kv.split("=", 1) for kv in args.field or [])
             secret_field = {"postgres": "password", "basic": "password", "bearer": "token", "aws": "secret_access_key"}[args.kind]
@@ -346,7 +373,8 @@ def cmd_credentials(args) -> int:
                                f"  read -rs S; printf '%s\\n' \"$S\" | interlock credentials set {args.name} --kind {args.kind} ...")
             fields[secret_field] = secret
             store.put(args.name, args.kind, fields)
-            print(f"stored {args.kind} credential '{args.name}' (fields: {', '.join(sorted(fields))})")
+            _emit(args, {"ok": True, "stored": args.name, "kind": args.kind, "fields": sorted(fields)},
+                  f"stored {args.kind} credential '{args.name}' (fields: {', '.join(sorted(fields))})")
     except CredentialError as e:
         raise CliError(str(e)) from None
     except ValueError:
@@ -357,14 +385,17 @@ def cmd_credentials(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="interlock", description="Transparent guardrails between AI agents and the services they use.")
+    ap.add_argument("--version", action="version", version=f"interlock {_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state-dir", type=Path, help="instance state (default /var/lib/interlock and /run/interlock)")
     common.add_argument("--config", type=Path, help="YAML configuration (default: embedded defaults)")
+    common.add_argument("--json", action="store_true", help="machine-readable output (errors too)")
     # The same options after a second-level verb (interlock policy check --state-dir …); SUPPRESS
     # so they do not reset what was given before it.
     inner = argparse.ArgumentParser(add_help=False)
     inner.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS)
     inner.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    inner.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     sub.add_parser("daemon", parents=[common], help="load the capture and run the proxy").set_defaults(fn=cmd_daemon)
@@ -380,10 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sessions", parents=[common], help="list recorded sessions")
     p.add_argument("--agent")
     p.add_argument("--limit", type=int, default=200)
-    p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_sessions)
     p = sub.add_parser("status", parents=[common], help="what is attached, listening and enrolled")
-    p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_status)
     sub.add_parser("doctor", parents=[common], help="check this host's kernel and tools").set_defaults(fn=cmd_doctor)
     sub.add_parser("rearm", parents=[common], help="lift a tamper lockdown").set_defaults(fn=cmd_rearm)
@@ -402,7 +431,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_policy)
     p = sub.add_parser("approvals", parents=[common], help="operations waiting for a human")
     p.add_argument("--all", action="store_true", help="include decided and expired ones")
-    p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_approvals)
     p = sub.add_parser("approve", parents=[common], help="let a held operation run")
     p.add_argument("id")
@@ -421,32 +449,48 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--kind", required=True, choices=["postgres", "aws", "bearer", "basic"])
     cs.add_argument("--field", action="append", metavar="NAME=VALUE",
                     help="non-secret fields: user=…, access_key_id=…, placeholder_access_key_id=…")
-    cl = csub.add_parser("list", parents=[inner], help="names, kinds and non-secret fields")
-    cl.add_argument("--json", action="store_true")
+    csub.add_parser("list", parents=[inner], help="names, kinds and non-secret fields")
     cr = csub.add_parser("rm", parents=[inner], help="delete a credential")
     cr.add_argument("name")
     p.set_defaults(fn=cmd_credentials)
     p = sub.add_parser("replay", parents=[common], help="a session as a timeline")
     p.add_argument("session")
-    p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_replay)
     return ap
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("interlock")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `interlock sessions --json | head`: the reader went away; say nothing more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "cmd", None) and args.cmd[0] == "--":
         args.cmd = args.cmd[1:]
     try:
         return args.fn(args)
-    except (CliError, config_mod.ConfigError, CgroupError) as e:
+    except (CliError, config_mod.ConfigError, CgroupError, OSError, sqlite3.Error) as e:
+        if getattr(args, "json", False):
+            print(json.dumps({"ok": False, "verb": args.verb, "error": str(e)}, indent=1))
         print(f"interlock {args.verb}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    except (OSError, sqlite3.Error) as e:
-        print(f"interlock {args.verb}: {e}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

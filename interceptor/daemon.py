@@ -212,14 +212,16 @@ class Daemon:
             return None
 
     def _publish(self) -> None:
-        InstanceInfo(
+        info = InstanceInfo(
             instance=self.config.instance, daemon_pid=os.getpid(),
             proxy_pid=self.proxy.pid if self.proxy else 0, proxy_port=self.config.proxy_port,
             dns_port=self.config.dns_port, cgroup_root=str(self.layout.cgroup_root),
             capture_cgroup=str(self.layout.capture_cgroup),
             netns=netns_id(), state_dir=str(self.layout.state_dir),
             ca_cert=str(self.layout.ca_cert), ca_bundle=str(self.layout.ca_bundle),
-        ).save(self.layout.instance_file)
+        )
+        info.save(self.layout.instance_file)
+        info.save(self.layout.last_instance_file)
 
     # ---- watching -----------------------------------------------------------------------
 

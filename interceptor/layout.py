@@ -55,6 +55,12 @@ class Layout:
         return self.run_dir / "instance.json"
 
     @property
+    def last_instance_file(self) -> Path:
+        """The same facts kept in the state dir after `down`, so the CLI still names the
+        instance that ran here (the run dir's copy is removed with the daemon)."""
+        return self.state_dir / "instance.json"
+
+    @property
     def ca_cert(self) -> Path:
         """Public copies of the CA certificate and the trust bundle, readable by agents of any uid
         (the state dir is root-only)."""

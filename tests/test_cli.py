@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +85,53 @@ def test_explain_with_a_malformed_target(sd):
     r = run("policy", "explain", "--agent", "a", "--target", "nonsense", "--op", "connect")
     no_traceback(r)
     assert r.returncode == 2 and "ADDRESS:PORT" in r.stderr
+
+
+def _recorded_sessions(sd: str, n: int) -> list[str]:
+    from recorder.store import Recorder, SessionRecord, new_session_id
+
+    rec = Recorder(Path(sd) / "recorder.db")
+    ids = []
+    for i in range(n):
+        s = SessionRecord(id=new_session_id(), agent="bot", pid=100 + i, tgid=100 + i, uid=1000, gid=1000, comm="curl",
+                          exe="/usr/bin/curl", cmdline="curl x", cgroup_id=1, dst_addr="10.0.0.2", dst_port=80, family="ipv4")
+        rec.session_open(s)
+        ids.append(s.id)
+    rec.close()
+    return ids
+
+
+def test_version():
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.startswith("interlock ")
+
+
+def test_sessions_lists_the_id_replay_needs(sd):
+    ids = _recorded_sessions(sd, 2)
+    out = run("sessions", "--state-dir", sd).stdout
+    assert out.splitlines()[0].startswith("session")
+    assert all(i in out for i in ids)
+    assert run("replay", "--state-dir", sd, ids[0]).returncode == 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["doctor"], ["policy", "check", "/nonexistent.yaml"], ["policy", "explain", "--agent", "a", "--target", "1.2.3.4:5",
+                                                            "--op", "connect"],
+    ["approvals"], ["approve", "deadbeef"], ["deny", "deadbeef", "--reason", "no"], ["sessions"], ["status"],
+    ["replay", "nope"], ["rearm"], ["enroll", "--pid", "999999999"], ["run", "--", "true"],
+])
+def test_every_verb_takes_json_and_answers_in_json(sd, argv):
+    """Success or failure, --json puts one JSON document on stdout (a failure also says why on stderr)."""
+    verb, rest = argv[0], argv[1:]
+    args = [verb, *rest[:1], "--state-dir", sd, *rest[1:], "--json"] if verb == "policy" else \
+        [verb, "--state-dir", sd, "--json", *rest]
+    r = run(*args)
+    no_traceback(r)
+    json.loads(r.stdout)
+
+
+def test_a_closed_pipe_is_not_an_error_message(sd):
+    _recorded_sessions(sd, 3000)
+    p = subprocess.run(f"{' '.join(CLI)} sessions --state-dir {sd} --json --limit 3000 | head -c 10",
+                       shell=True, capture_output=True, text=True, timeout=60)
+    assert "Broken pipe" not in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -6,6 +6,7 @@ endpoint change; the session rows and the server's own log say what happened."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import sys
@@ -264,6 +265,9 @@ def test_down_leaves_nothing_behind(make_instance, lab, echo):
     assert not inst.cgroup_root.exists()
     # the recordings stay: they are the audit trail
     assert (inst.state_dir / "recorder.db").exists()
+    # and status names the instance that ran here, not the default one
+    st = inst.cli("status", "--json")
+    assert st.returncode == 3 and json.loads(st.stdout)["instance"] == inst.name, st.stdout
 
 
 def test_a_daemon_that_cannot_start_says_why_and_harms_no_other_instance(make_instance, lab, echo):
