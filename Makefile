@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint bench kernel-matrix clean
+.PHONY: install demo test lint bench deb kernel-matrix clean
 
 install:
 	@scripts/install.sh
@@ -19,6 +19,10 @@ lint: install
 bench: install
 	@$(PY) -m bench.run
 
+# A Debian package (dpkg-deb): venv in /opt/interlock, CLI on PATH, systemd unit, default config.
+deb:
+	@pkg/build-deb.sh dist
+
 # Boot each Debian kernel under QEMU (no network device), run `interlock doctor` and the datapath
 # suite inside, plus the same on the host kernel; a table, and non-zero on any failure.
 # KERNELS: series (6.1 6.12) or releases (6.1.0-47-amd64); MATRIX_ARGS: e.g. --jobs 2 --keep
@@ -29,4 +33,4 @@ kernel-matrix: install
 	@$(PY) -m vagrant.matrix --kernels "$(KERNELS)" $(MATRIX_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache dist
