@@ -6,6 +6,7 @@ The BPF programs attach to the tree's top, so they see the agents and never the 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 
@@ -13,14 +14,37 @@ class CgroupError(RuntimeError):
     pass
 
 
-def cgroup2_mount(mounts: str = "/proc/mounts") -> Path:
-    """Where cgroup v2 is mounted: /sys/fs/cgroup on unified hosts, …/unified on hybrid ones."""
+# Where Interlock mounts the cgroup2 hierarchy itself when none is visible in its mount namespace.
+PRIVATE_CGROUP2 = Path("/run/interlock-cgroup2")
+
+
+def _mounted_cgroup2(mounts: str) -> Path | None:
     with open(mounts) as f:
         for line in f:
             parts = line.split()
             if len(parts) > 2 and parts[2] == "cgroup2":
                 return Path(parts[1])
-    raise CgroupError("no cgroup2 filesystem is mounted; mount one: mount -t cgroup2 none /sys/fs/cgroup")
+    return None
+
+
+def cgroup2_mount(mounts: str = "/proc/mounts") -> Path:
+    """Where cgroup v2 is mounted: /sys/fs/cgroup on unified hosts, …/unified on hybrid ones.
+
+    Where this mount namespace shows none (`ip netns exec` remounts /sys without it; some
+    containers), root mounts the hierarchy itself at PRIVATE_CGROUP2: cgroup v2 has a single
+    hierarchy, so every mount of it shows the same cgroups, ids and files."""
+    found = _mounted_cgroup2(mounts)
+    if found is not None:
+        return found
+    if mounts == "/proc/mounts" and os.geteuid() == 0:
+        PRIVATE_CGROUP2.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["mount", "-t", "cgroup2", "cgroup2", str(PRIVATE_CGROUP2)], capture_output=True, text=True)
+        if r.returncode == 0 or _mounted_cgroup2(mounts) is not None:
+            return _mounted_cgroup2(mounts) or PRIVATE_CGROUP2
+        raise CgroupError(f"no cgroup2 filesystem is visible here and mounting one at {PRIVATE_CGROUP2} failed "
+                          f"({r.stderr.strip()}); the kernel needs cgroup v2 (CONFIG_CGROUPS, cgroup_no_v1 is not needed)")
+    raise CgroupError("no cgroup2 filesystem is visible here; run as root (interlock mounts it itself) or enter the "
+                      "host's mount namespace (nsenter --net=/run/netns/NAME instead of ip netns exec)")
 
 
 def cgroup_id(path: Path) -> int:

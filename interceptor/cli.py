@@ -32,11 +32,17 @@ def _layout(args, cfg: config_mod.Config | None = None) -> Layout:
     info_file = base.instance_file if base.instance_file.exists() else base.last_instance_file
     if cfg is None and info_file.exists():
         info = InstanceInfo.load(info_file)
-        from interceptor.cgroups import cgroup2_mount
+        from interceptor.cgroups import PRIVATE_CGROUP2, cgroup2_mount
 
         mount = cgroup2_mount()
-        return Layout.build(args.state_dir, info.instance, str(Path(info.cgroup_root).relative_to(mount)),
-                            str(Path(info.capture_cgroup).relative_to(mount)))
+
+        def below_mount(path: str) -> str:
+            # the daemon may have seen the hierarchy at another mount point than we do
+            p = Path(path)
+            base = next((b for b in (mount, PRIVATE_CGROUP2) if p.is_relative_to(b)), Path("/"))
+            return str(p.relative_to(base))
+
+        return Layout.build(args.state_dir, info.instance, below_mount(info.cgroup_root), below_mount(info.capture_cgroup))
     cfg = cfg or config_mod.finish(config_mod.Config())
     return Layout.build(args.state_dir, cfg.instance, cfg.cgroup_root, cfg.capture_cgroup)
 

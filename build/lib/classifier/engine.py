@@ -1,0 +1,157 @@
+"""Combining the detectors: the pure classify functions and the incremental Classifier.
+
+The proxy owns the sockets and the clock; this module only decides. A connection is judged from
+the client's first bytes; when the client stays silent (MySQL, SMTP, an SSH client waiting on the
+server), the proxy calls timeout(), connects upstream and feeds the server's greeting instead."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .client import CLIENT_DETECTORS, Detector
+from .server import SERVER_DETECTORS
+from .verdict import DECISIVE, NEED_MORE, TCP, NeedMore, Result, Verdict, tcp_verdict
+
+DEFAULT_MAX_BYTES = 16384
+"""Enough for a post-quantum TLS ClientHello or an HTTP header block; beyond it, guess and stop."""
+
+
+def _combine(data: bytes, final: bool, detectors: Iterable[Detector], side: str) -> tuple[Result, list[Detector]]:
+    """Best verdict over `detectors`, and the detectors that did not rule themselves out."""
+    best: Verdict | None = None
+    pending = False
+    alive: list[Detector] = []
+    for detect in detectors:
+        try:
+            r = detect(data, final)
+        except Exception:  # noqa: BLE001 - a detector bug must cost a label, never the relay
+            r = None
+        if r is None:
+            continue
+        alive.append(detect)
+        if isinstance(r, NeedMore):
+            pending = not final or pending
+        elif best is None or r.confidence > best.confidence:
+            best = r
+    if best is not None and (best.confidence >= DECISIVE or not pending):
+        return best, alive
+    if pending:
+        return NEED_MORE, alive
+    return tcp_verdict(side), alive
+
+
+def classify_client(data: bytes, final: bool = False) -> Result:
+    """Judge the first bytes a client sent. NEED_MORE means "could still be several things".
+
+    With final=True (no more bytes will come: limit reached, client silent or closed) the answer
+    is always a Verdict, "tcp" when nothing fits."""
+    data = bytes(data)
+    if not data:
+        return tcp_verdict("client") if final else NEED_MORE
+    return _combine(data, final, CLIENT_DETECTORS, "client")[0]
+
+
+def classify_server(data: bytes, final: bool = False) -> Result:
+    """Judge a server greeting read while the client stayed silent; same contract as classify_client."""
+    data = bytes(data)
+    if not data:
+        return tcp_verdict("server") if final else NEED_MORE
+    v = _combine(data, final, SERVER_DETECTORS, "server")[0]
+    if isinstance(v, Verdict) and v.side != "server":
+        return Verdict(v.protocol, v.confidence, v.details, "server")
+    return v
+
+
+class Classifier:
+    """Incremental, sans-IO classification of one connection.
+
+    Feed client bytes with feed(); when nothing arrived within `wait` seconds call timeout(),
+    read the server and feed_server() its greeting; when the server is also silent for `wait`
+    seconds call timeout() again. Each call returns NEED_MORE or the final Verdict, which then
+    sticks. An empty feed means that side closed. At most `max_bytes` per side are examined."""
+
+    __slots__ = ("max_bytes", "client_silence", "server_wait", "_client", "_server", "_phase", "_verdict",
+                 "_alive")
+
+    def __init__(self, *, max_bytes: int = DEFAULT_MAX_BYTES, client_silence: float = 0.25,
+                 server_wait: float = 2.0) -> None:
+        self.max_bytes = max(1, max_bytes)
+        self.client_silence = client_silence
+        self.server_wait = server_wait
+        self._client = bytearray()
+        self._server = bytearray()
+        self._phase = "client"  # "client": waiting for the client; "server": waiting for a greeting
+        self._verdict: Verdict | None = None
+        # Client detectors not yet ruled out: a hostile client dribbling one byte per read then
+        # costs one or two detector runs per byte, not all of them.
+        self._alive: list[Detector] = list(CLIENT_DETECTORS)
+
+    @property
+    def verdict(self) -> Verdict | None:
+        """The decision once made, else None."""
+        return self._verdict
+
+    @property
+    def done(self) -> bool:
+        return self._verdict is not None
+
+    @property
+    def wait(self) -> float | None:
+        """Seconds the proxy should wait for bytes before calling timeout(); None once decided."""
+        if self._verdict is not None:
+            return None
+        return self.client_silence if self._phase == "client" else self.server_wait
+
+    @property
+    def waiting_for_server(self) -> bool:
+        """True after the client stayed silent: the proxy should connect and read the greeting."""
+        return self._verdict is None and self._phase == "server"
+
+    def _decide(self, r: Result) -> Result:
+        if isinstance(r, Verdict):
+            self._verdict = r
+            self._client.clear()
+            self._server.clear()
+        return r
+
+    def feed(self, data: bytes) -> Result:
+        """Client bytes (b"" = client closed)."""
+        if self._verdict is not None:
+            return self._verdict
+        if not data:
+            return self._decide(classify_client(self._client, final=True))
+        room = self.max_bytes - len(self._client)
+        self._client += data[:room]
+        full = len(self._client) >= self.max_bytes
+        if full:
+            return self._decide(classify_client(self._client, final=True))
+        r, self._alive = _combine(bytes(self._client), False, self._alive, "client")
+        return self._decide(r)
+
+    def feed_server(self, data: bytes) -> Result:
+        """Server bytes (b"" = server closed). Bytes a client already sent take precedence."""
+        if self._verdict is not None:
+            return self._verdict
+        if self._client:
+            v = classify_client(self._client, final=True)
+            if isinstance(v, Verdict) and v.protocol != TCP:
+                return self._decide(v)
+        if not data:
+            return self._decide(classify_server(self._server, final=True))
+        room = self.max_bytes - len(self._server)
+        self._server += data[:room]
+        full = len(self._server) >= self.max_bytes
+        return self._decide(classify_server(self._server, final=full))
+
+    def timeout(self) -> Result:
+        """The side we waited for stayed silent for `wait` seconds."""
+        if self._verdict is not None:
+            return self._verdict
+        if self._client:
+            return self._decide(classify_client(self._client, final=True))
+        if self._phase == "client":
+            self._phase = "server"
+            return NEED_MORE
+        if self._server:
+            return self._decide(classify_server(self._server, final=True))
+        return self._decide(tcp_verdict("none", silent=True))

@@ -1,0 +1,134 @@
+"""The daemon's configuration: YAML on disk, every key optional, defaults embedded.
+
+Errors name the key and say what would be valid, so `interlock daemon` can refuse a bad file
+with a message an operator can act on."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from interceptor.layout import valid_name
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class AgentSelector:
+    """Processes enrolled at exec as this agent, with no window before the first connect."""
+
+    name: str
+    exe: list[str] = field(default_factory=list)
+    uid: list[int] = field(default_factory=list)
+    cgroup: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    instance: str = "default"
+    cgroup_root: str = "interlock"
+    # Where the hooks attach: the instance's own tree by default; a wider cgroup ("/" for the
+    # whole host) lets exe/uid selectors enroll processes that start anywhere below it.
+    capture_cgroup: str | None = None
+    proxy_port: int = 15001
+    dns_port: int = 15053
+    # The socket mark the nft backstop matches agents by; derived from the instance name when
+    # unset, so instances sharing a network namespace do not judge each other's agents.
+    mark: int | None = None
+    dns_upstream: str | None = None
+    proxy_restart_delay: float = 1.0
+    connect_timeout: float = 10.0
+    watch_interval: float = 0.2
+    # How long a silent client may wait before its connection is judged as plain tcp.
+    first_byte_timeout: float = 0.25
+    policy: str | None = None  # policy file; the embedded default when unset
+    tls_trust: str | None = None  # CAs the proxy trusts for services (default: the system store)
+    splice: bool = True  # move bulk opaque connections to kernel splice threads
+    agents: list[AgentSelector] = field(default_factory=list)
+    source: str | None = None
+
+
+_SCALARS = {"instance": str, "cgroup_root": str, "capture_cgroup": str, "proxy_port": int, "dns_port": int, "mark": int,
+            "dns_upstream": str, "proxy_restart_delay": float, "connect_timeout": float,
+            "watch_interval": float, "first_byte_timeout": float, "policy": str, "tls_trust": str,
+            "splice": bool}
+
+
+def load(path: Path | None) -> Config:
+    if path is None:
+        return finish(Config())
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    cfg = Config(source=str(path))
+    for key, value in raw.items():
+        if key == "agents":
+            cfg.agents = _agents(path, value)
+        elif key in _SCALARS:
+            typ = _SCALARS[key]
+            if typ is float and isinstance(value, int):
+                value = float(value)
+            if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
+                raise ConfigError(f"{path}: '{key}' must be {typ.__name__}, got {value!r}")
+            setattr(cfg, key, value)
+        else:
+            raise ConfigError(f"{path}: unknown key '{key}' (known: {', '.join([*_SCALARS, 'agents'])})")
+    if cfg.policy and not Path(cfg.policy).is_absolute():
+        cfg.policy = str((Path(path).parent / cfg.policy).resolve())
+    _check(path, cfg)
+    return finish(cfg)
+
+
+def finish(cfg: Config) -> Config:
+    if cfg.mark is None:
+        cfg.mark = 0x494C0000 | (zlib.crc32(cfg.instance.encode()) & 0xFFFF)
+    return cfg
+
+
+def _agents(path: Path, value) -> list[AgentSelector]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: 'agents' must be a list of {{name, exe, uid, cgroup}}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or not valid_name(str(item.get("name", ""))):
+            raise ConfigError(f"{path}: agents[{i}] needs a 'name' of lowercase letters, digits, - or _")
+        unknown = set(item) - {"name", "exe", "uid", "cgroup"}
+        if unknown:
+            raise ConfigError(f"{path}: agents[{i}]: unknown key(s) {sorted(unknown)}")
+        sel = AgentSelector(item["name"], list(item.get("exe", [])), list(item.get("uid", [])),
+                            list(item.get("cgroup", [])))
+        for exe in sel.exe:
+            if not str(exe).startswith("/") or len(str(exe)) >= 256:
+                raise ConfigError(f"{path}: agents[{i}].exe: '{exe}' must be an absolute path under 256 bytes")
+        if not all(isinstance(u, int) for u in sel.uid):
+            raise ConfigError(f"{path}: agents[{i}].uid must be a list of numbers")
+        out.append(sel)
+    return out
+
+
+def _check(path: Path, cfg: Config) -> None:
+    if not valid_name(cfg.instance):
+        raise ConfigError(f"{path}: 'instance' must be lowercase letters, digits, - or _ (≤31)")
+    for key in ("proxy_port", "dns_port"):
+        if not 1 <= getattr(cfg, key) <= 65535:
+            raise ConfigError(f"{path}: '{key}' must be a port number 1..65535")
+    if cfg.proxy_port == cfg.dns_port:
+        raise ConfigError(f"{path}: 'proxy_port' and 'dns_port' must differ")
+    root = cfg.cgroup_root.strip("/")
+    if root in ("", ".") or ".." in cfg.cgroup_root:
+        raise ConfigError(f"{path}: 'cgroup_root' must name a cgroup below the cgroup2 mount")
+    if cfg.capture_cgroup is not None:
+        scope = cfg.capture_cgroup.strip("/")
+        if ".." in scope or (scope and root != scope and not root.startswith(scope + "/")):
+            raise ConfigError(f"{path}: 'capture_cgroup' ({cfg.capture_cgroup}) must contain 'cgroup_root' "
+                              f"({cfg.cgroup_root}), or the agents would be outside the hooks")

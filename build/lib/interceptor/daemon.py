@@ -1,0 +1,459 @@
+"""The daemon: sets up the capture, supervises the proxy, watches for tampering.
+
+Everything it installs outlives it on purpose (cgroup attachments, pinned maps, the nft table):
+a dead daemon means agents' connections hit a closed port, never the network. A restarted
+daemon adopts what is there; `interlock down` is the only thing that removes it."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from interceptor import bpf_loader, cgroups, firewall
+from interceptor.bpf_types import ExecEvent, Settings
+from interceptor.bpf_types import Path as BpfPath
+from interceptor.config import Config
+from interceptor.control import peer_credentials
+from interceptor.layout import InstanceInfo, Layout, valid_name
+from recorder.store import Recorder
+
+
+class DaemonError(RuntimeError):
+    pass
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it, from /proc (parents before children)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def proc_uid(pid: int) -> int:
+    return os.stat(f"/proc/{pid}").st_uid
+
+
+def netns_id() -> str:
+    return os.readlink("/proc/self/ns/net")
+
+
+class Daemon:
+    def __init__(self, config: Config, layout: Layout):
+        self.config = config
+        self.layout = layout
+        self.lock = threading.RLock()
+        self.recorder: Recorder | None = None
+        self.datapath: bpf_loader.Datapath | None = None
+        self.proxy: subprocess.Popen | None = None
+        self.proxy_restart_at: float | None = None
+        self.lockdown_reason: str | None = None
+        self.stopping = threading.Event()
+        self.teardown_requested = False
+        self.backstop: firewall.Backstop | None = None
+        self.agent_ids: dict[str, int] = {}
+        self.server: socketserver.BaseServer | None = None
+
+    # ---- setup -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        lay, cfg = self.layout, self.config
+        for d in (lay.state_dir, lay.run_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o755)
+        os.chmod(lay.state_dir, 0o700)
+        cgroups.ensure(lay.agents_cgroup)
+        cgroups.ensure(lay.daemon_cgroup)
+        cgroups.move(os.getpid(), lay.daemon_cgroup)
+        self.recorder = Recorder(lay.db)
+        self.recorder.db["agents"].create({"id": int, "name": str}, pk="id", if_not_exists=True)
+        self.agent_ids = {r["name"]: r["id"] for r in self.recorder.db["agents"].rows}
+        self.lockdown_reason = self._saved_lockdown()
+
+        self.datapath = bpf_loader.Datapath(lay.pin_dir, lay.capture_cgroup)
+        self.datapath.compile()
+        self._write_settings()
+        for name in {p.name for p in lay.agents_cgroup.iterdir() if p.is_dir()} | {a.name for a in cfg.agents}:
+            self.ensure_agent(name)
+        self._load_selectors()
+        self.datapath.attach()
+        if any(a.exe or a.uid for a in cfg.agents):
+            try:
+                self.datapath.attach_lineage()
+            except (RuntimeError, OSError) as e:
+                raise DaemonError(f"cannot enroll by exe/uid selector: {e}") from None
+        self._adopt_enrolled()
+
+        mount = cgroups.cgroup2_mount()
+        self.backstop = firewall.Backstop(
+            table=lay.nft_table, agents_cgroup=lay.agents_cgroup,
+            cgroup_level=len(lay.agents_cgroup.relative_to(mount).parts), mark=cfg.mark,
+            proxy_port=cfg.proxy_port, dns_port=cfg.dns_port)
+        firewall.install(self.backstop)
+        self.datapath.open_exec_events(self._on_exec)
+        self._start_proxy()
+        self._publish()
+        self.recorder.event("daemon-start", {"pid": os.getpid(), "instance": cfg.instance,
+                                             "lockdown": self.lockdown_reason})
+
+    def _write_settings(self) -> None:
+        cfg = self.config
+        bpf_loader.write_settings(self.layout.pin_dir, Settings(
+            proxy_port=_be16(cfg.proxy_port), dns_port=_be16(cfg.dns_port), mark=cfg.mark,
+            lockdown=1 if self.lockdown_reason else 0))
+
+    def _saved_lockdown(self) -> str | None:
+        f = self.layout.state_dir / "lockdown"
+        return f.read_text().strip() or "unknown" if f.exists() else None
+
+    def ensure_agent(self, name: str) -> int:
+        """An agent's id, cgroup and map entry, created on first use."""
+        if not valid_name(name):
+            raise DaemonError(f"agent name '{name}' must be lowercase letters, digits, - or _ (≤31)")
+        with self.lock:
+            if name not in self.agent_ids:
+                self.agent_ids[name] = self.recorder.db["agents"].insert({"name": name}).last_pk
+            agent_id = self.agent_ids[name]
+            path = cgroups.ensure(self.layout.agent_cgroup(name))
+            m = bpf_loader.PinnedMap(self.layout.pin_dir / "agent_cgroups")
+            try:
+                m.update(ctypes.c_uint64(cgroups.cgroup_id(path)), ctypes.c_uint32(agent_id))
+            finally:
+                m.close()
+            return agent_id
+
+    def _load_selectors(self) -> None:
+        mount = cgroups.cgroup2_mount()
+        exe = bpf_loader.PinnedMap(self.layout.pin_dir / "exe_selectors")
+        uid = bpf_loader.PinnedMap(self.layout.pin_dir / "uid_selectors")
+        cg = bpf_loader.PinnedMap(self.layout.pin_dir / "agent_cgroups")
+        try:
+            for sel in self.config.agents:
+                agent_id = ctypes.c_uint32(self.ensure_agent(sel.name))
+                for path in sel.exe:
+                    exe.update(BpfPath(s=path.encode()), agent_id)
+                for u in sel.uid:
+                    uid.update(ctypes.c_uint32(u), agent_id)
+                for rel in sel.cgroup:
+                    target = mount / rel.strip("/")
+                    if target.is_dir():
+                        cg.update(ctypes.c_uint64(cgroups.cgroup_id(target)), agent_id)
+        finally:
+            for m in (exe, uid, cg):
+                m.close()
+
+    def _adopt_enrolled(self) -> None:
+        """Processes enrolled at exec while no daemon ran: give them their agent cgroup now."""
+        names = {i: n for n, i in self.agent_ids.items()}
+        tgids = bpf_loader.PinnedMap(self.layout.pin_dir / "agent_tgids")
+        try:
+            for key in tgids.keys(ctypes.c_uint32):
+                agent_id = ctypes.c_uint32()
+                if not tgids.lookup(key, agent_id) or agent_id.value not in names:
+                    continue
+                here = cgroups.cgroup_of(key.value, cgroups.cgroup2_mount())
+                target = self.layout.agent_cgroup(names[agent_id.value])
+                if here is not None and here != target:
+                    try:
+                        cgroups.move(key.value, target)
+                        self.recorder.event("enrolled", {"pid": key.value, "agent": names[agent_id.value],
+                                                         "via": "adopted-at-start"})
+                    except OSError:
+                        pass
+        finally:
+            tgids.close()
+
+    # ---- the proxy ----------------------------------------------------------------------
+
+    def _start_proxy(self) -> None:
+        info = self._previous_info()
+        if info and info.proxy_pid and _alive(info.proxy_pid) and info.daemon_pid != os.getpid():
+            # A proxy from a previous daemon run: it dies with its parent, so this one is stale.
+            _kill(info.proxy_pid)
+        r, w = os.pipe()
+        cmd = [sys.executable, "-m", "proxy.server", "--ready-fd", str(w)]
+        if self.config.source:
+            cmd += ["--config", self.config.source]
+        if self.layout.state_dir != Path("/var/lib/interlock"):
+            cmd += ["--state-dir", str(self.layout.state_dir)]
+        self.proxy = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL)
+        os.close(w)
+        with os.fdopen(r, "rb") as ready:
+            line = ready.readline()
+        if line.strip() != b"ready":
+            code = self.proxy.wait(timeout=5)
+            raise DaemonError(f"the proxy failed to start (exit {code}); see the messages above")
+        self.recorder.event("proxy-start", {"pid": self.proxy.pid})
+
+    def _previous_info(self) -> InstanceInfo | None:
+        try:
+            return InstanceInfo.load(self.layout.instance_file)
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _publish(self) -> None:
+        info = InstanceInfo(
+            instance=self.config.instance, daemon_pid=os.getpid(),
+            proxy_pid=self.proxy.pid if self.proxy else 0, proxy_port=self.config.proxy_port,
+            dns_port=self.config.dns_port, cgroup_root=str(self.layout.cgroup_root),
+            capture_cgroup=str(self.layout.capture_cgroup),
+            netns=netns_id(), state_dir=str(self.layout.state_dir),
+            ca_cert=str(self.layout.ca_cert), ca_bundle=str(self.layout.ca_bundle),
+        )
+        info.save(self.layout.instance_file)
+        info.save(self.layout.last_instance_file)
+
+    # ---- watching -----------------------------------------------------------------------
+
+    def lockdown(self, reason: str) -> None:
+        """Refuse every agent connect until an operator re-arms: tampering is never silent."""
+        with self.lock:
+            first = self.lockdown_reason is None
+            self.lockdown_reason = self.lockdown_reason or reason
+            (self.layout.state_dir / "lockdown").write_text(self.lockdown_reason + "\n")
+            self._write_settings()
+            self.recorder.event("lockdown", {"reason": reason, "first": first})
+
+    def rearm(self, by: str) -> dict:
+        with self.lock:
+            was = self.lockdown_reason
+            self.lockdown_reason = None
+            (self.layout.state_dir / "lockdown").unlink(missing_ok=True)
+            self._write_settings()
+            self.recorder.event("rearm", {"by": by, "was": was})
+            return {"ok": True, "was": was}
+
+    def check_once(self) -> None:
+        with self.lock:
+            if not firewall.intact(self.backstop):
+                self.lockdown("nftables table removed or altered")
+                firewall.install(self.backstop)
+                self.recorder.event("tamper", {"what": "nft", "action": "reinstalled"})
+            missing = [h for h, n in bpf_loader.attached(self.layout.capture_cgroup).items() if not n]
+            if missing:
+                self.lockdown(f"BPF programs detached: {', '.join(missing)}")
+                self.datapath.attach()
+                self.recorder.event("tamper", {"what": "bpf", "missing": missing, "action": "reattached"})
+            if self.proxy is not None and self.proxy.poll() is not None:
+                self.recorder.event("proxy-exit", {"pid": self.proxy.pid, "code": self.proxy.returncode})
+                self.proxy = None
+                self.proxy_restart_at = time.monotonic() + self.config.proxy_restart_delay
+            if self.proxy is None and self.proxy_restart_at and time.monotonic() >= self.proxy_restart_at:
+                self.proxy_restart_at = None
+                self._start_proxy()
+                self._publish()
+
+    def _on_exec(self, cpu, data, size) -> None:
+        ev = ctypes.cast(data, ctypes.POINTER(ExecEvent)).contents
+        name = next((n for n, i in self.agent_ids.items() if i == ev.agent_id), None)
+        if name is None:
+            return
+        moved = True
+        try:
+            cgroups.move(ev.tgid, self.layout.agent_cgroup(name))
+        except OSError:
+            moved = False  # exited already, or a kernel thread
+        self.recorder.event("enrolled", {"pid": ev.tgid, "agent": name, "via": "exec-selector",
+                                         "comm": ev.comm.decode(errors="replace"), "moved": moved})
+
+    def run(self) -> None:
+        self.server = _ControlServer(str(self.layout.control_socket), self)
+        os.chmod(self.layout.control_socket, 0o666)
+        threading.Thread(target=self.server.serve_forever, daemon=True, name="control").start()
+        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.proxy and self.proxy.send_signal(signal.SIGHUP))
+        interval_ms = int(self.config.watch_interval * 1000)
+        while not self.stopping.is_set():
+            self.datapath.poll(interval_ms)
+            try:
+                self.check_once()
+            except Exception as e:  # the watcher must outlive any single failure
+                self.recorder.event("watch-error", {"error": repr(e)})
+                time.sleep(self.config.watch_interval)
+        self.server.shutdown()
+        self.layout.control_socket.unlink(missing_ok=True)
+        if self.teardown_requested:
+            teardown(self.layout, self.config.instance, proxy=self.proxy)
+        elif self.proxy is not None:
+            self.proxy.terminate()
+        self.recorder.event("daemon-stop", {"teardown": self.teardown_requested})
+
+    # ---- control requests ---------------------------------------------------------------
+
+    def handle(self, req: dict, cred: tuple[int, int, int]) -> dict:
+        op = req.get("op")
+        _, uid, _ = cred
+        if op == "ping":
+            return {"ok": True, "instance": self.config.instance, "pid": os.getpid()}
+        if op == "status":
+            return {"ok": True, **self.status()}
+        if op == "enroll":
+            return self.enroll(int(req["pid"]), str(req.get("agent") or ""), uid, bool(req.get("tree", True)))
+        if uid != 0:
+            return {"ok": False, "error": f"'{op}' needs root"}
+        if op == "rearm":
+            return self.rearm(by=f"uid {uid}")
+        if op == "down":
+            self.teardown_requested = True
+            self.stopping.set()
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown request '{op}'"}
+
+    def enroll(self, pid: int, agent: str, uid: int, tree: bool) -> dict:
+        if not agent:
+            return {"ok": False, "error": "an agent name is required"}
+        try:
+            if uid != 0 and proc_uid(pid) != uid:
+                return {"ok": False, "error": f"pid {pid} belongs to another user"}
+            agent_id = self.ensure_agent(agent)
+            target = self.layout.agent_cgroup(agent)
+            pids = descendants(pid) if tree else [pid]
+            for p in pids:
+                try:
+                    cgroups.move(p, target)
+                except ProcessLookupError:
+                    pass
+        except FileNotFoundError:
+            return {"ok": False, "error": f"no process {pid}"}
+        except (DaemonError, OSError) as e:
+            return {"ok": False, "error": str(e)}
+        self.recorder.event("enrolled", {"pid": pid, "agent": agent, "via": "request", "pids": pids})
+        return {"ok": True, "agent": agent, "agent_id": agent_id, "pids": pids}
+
+    def status(self) -> dict:
+        lay = self.layout
+        progs = bpf_loader.attached(lay.capture_cgroup)
+        agents = {}
+        for name in sorted(self.agent_ids):
+            agents[name] = cgroups.procs(lay.agent_cgroup(name))
+        return {
+            "instance": self.config.instance,
+            "daemon_pid": os.getpid(),
+            "proxy_pid": self.proxy.pid if self.proxy else None,
+            "proxy_listening": self.proxy is not None and self.proxy.poll() is None,
+            "proxy_port": self.config.proxy_port,
+            "dns_port": self.config.dns_port,
+            "programs": progs,
+            "programs_attached": all(progs.values()),
+            "nft_table": lay.nft_table,
+            "nft_intact": firewall.intact(self.backstop),
+            "lockdown": self.lockdown_reason,
+            "cgroup_root": str(lay.cgroup_root),
+            "capture_cgroup": str(lay.capture_cgroup),
+            "enrolled": agents,
+            "selectors": [vars(a) for a in self.config.agents],
+        }
+
+
+class _ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: str, daemon: Daemon):
+        if os.path.exists(path):
+            os.unlink(path)
+        self.il = daemon
+        super().__init__(path, _ControlHandler)
+
+
+class _ControlHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        try:
+            req = json.loads(self.rfile.readline(65536) or b"{}")
+            reply = self.server.il.handle(req, peer_credentials(self.request))
+        except (ValueError, KeyError, TypeError) as e:
+            reply = {"ok": False, "error": f"bad request: {e}"}
+        self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+
+def _be16(port: int) -> int:
+    return ((port & 0xFF) << 8) | (port >> 8)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _kill(pid: int, timeout: float = 5.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.05)
+    if _alive(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def teardown(layout: Layout, instance: str, proxy: subprocess.Popen | None = None) -> dict:
+    """Remove every trace of an instance: proxy, attachments, nft table, cgroups, pins, run files.
+
+    The recordings in the state dir stay: they are the audit trail, not machinery."""
+    done: dict[str, object] = {}
+    info = None
+    try:
+        info = InstanceInfo.load(layout.instance_file)
+    except (OSError, ValueError, TypeError):
+        pass
+    if proxy is not None:
+        proxy.terminate()
+        try:
+            proxy.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+    elif info and info.proxy_pid and _alive(info.proxy_pid) and _is_our_proxy(info.proxy_pid):
+        _kill(info.proxy_pid)
+    done["programs_detached"] = bpf_loader.detach_all(layout.capture_cgroup)
+    done["nft_table_removed"] = firewall.remove(layout.nft_table)
+    if layout.cgroup_root.exists():
+        cgroups.remove_tree(layout.cgroup_root, layout.cgroup_root.parent)
+        done["cgroups_removed"] = True
+    if layout.pin_dir.exists():
+        for pin in layout.pin_dir.iterdir():
+            pin.unlink()
+        layout.pin_dir.rmdir()
+        try:
+            layout.pin_dir.parent.rmdir()
+        except OSError:
+            pass
+        done["pins_removed"] = True
+    for f in (layout.instance_file, layout.control_socket, layout.state_dir / "lockdown"):
+        f.unlink(missing_ok=True)
+    return done
+
+
+def _is_our_proxy(pid: int) -> bool:
+    try:
+        return b"proxy.server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

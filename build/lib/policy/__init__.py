@@ -1,0 +1,1 @@
+"""One policy model for every protocol: identity × destination × operation → decision."""

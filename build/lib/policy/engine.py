@@ -1,0 +1,334 @@
+"""The policy: agents, targets and rules, and the one function every protocol asks.
+
+decide(agent, destination, operation) walks the rules in file order and the first that matches
+wins; nothing matching means the file's `default` (deny unless the file says otherwise). File
+order is what an operator reads top to bottom, so it is what decides."""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from policy.document import LineDict, PolicyError, read
+from policy.model import Decision, Operation, Verdict
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
+DEFAULT_APPROVAL_TIMEOUT = 300.0
+
+
+def parse_duration(text: str | int | float) -> float:
+    m = _DURATION.match(str(text).strip())
+    if not m:
+        raise ValueError(f"'{text}' is not a duration (examples: 30s, 5m, 2h)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a connection goes, as the proxy knows it: address, port, names, protocol."""
+
+    address: str
+    port: int
+    names: tuple[str, ...] = ()  # SNI, Host header, names the agent resolved to this address
+    protocol: str = "tcp"
+
+
+@dataclass
+class Agent:
+    name: str
+    groups: tuple[str, ...] = ()
+
+
+@dataclass
+class Target:
+    name: str
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    hostnames: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+    protocol: str | None = None
+    # The stored credential the proxy logs in with, and the role it logs in as: one value, or a
+    # mapping from agent name, group:NAME or "*" to a value (see Policy.for_agent).
+    credentials: str | dict[str, str] | None = None
+    upstream_user: str | dict[str, str] | None = None
+    tls: str = "intercept"  # or "passthrough": not decrypted (pinned certificates), judged by SNI
+
+    def matches(self, dest: Destination) -> bool:
+        if self.ports and dest.port not in self.ports:
+            return False
+        if self.protocol and self.protocol != dest.protocol:
+            return False
+        if not self.networks and not self.hostnames:
+            return True
+        try:
+            ip = ipaddress.ip_address(dest.address)
+        except ValueError:
+            ip = None
+        if ip is not None and any(ip in net for net in self.networks if net.version == ip.version):
+            return True
+        return any(fnmatch.fnmatch(n.lower(), h) for n in dest.names for h in self.hostnames)
+
+
+@dataclass
+class Rule:
+    name: str
+    line: int
+    verdict: Verdict
+    agents: tuple[str, ...] = ("*",)
+    targets: tuple[str, ...] = ("*",)
+    operations: tuple[str, ...] = ("*",)
+    objects: tuple[str, ...] = ()
+    risks: tuple[str, ...] = ()
+    protocols: tuple[str, ...] = ()
+    timeout: float | None = None
+    mask: tuple[str, ...] = ()
+    reason: str = ""
+    # Request attributes (HTTP method, host, path, query, header.NAME) -> globs, all must match.
+    attributes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @property
+    def whole_connection(self) -> bool:
+        """True when the rule names no operation detail: it matches the connection and every
+        operation on it alike, so one approval of the connection is its one approval."""
+        return self.operations == ("*",) and not self.objects and not self.risks and not self.attributes
+
+    def matches(self, agent: Agent, target_names: set[str], op: Operation) -> bool:
+        if "*" not in self.agents and agent.name not in self.agents and \
+                not any(f"group:{g}" in self.agents for g in agent.groups):
+            return False
+        if "*" not in self.targets and not target_names.intersection(self.targets):
+            return False
+        if self.protocols and op.protocol not in self.protocols:
+            return False
+        if not any(fnmatch.fnmatchcase(op.action.lower(), pat) for pat in self.operations):
+            return False
+        if self.objects and not any(fnmatch.fnmatchcase(o.lower(), pat) for o in op.objects for pat in self.objects):
+            return False
+        if self.risks and not set(self.risks).intersection(op.risks):
+            return False
+        for name, pats in self.attributes:
+            value = op.attributes.get(name)
+            if value is None:
+                return False
+            folded = value if name in _CASE_SENSITIVE else value.lower()
+            if not any(fnmatch.fnmatchcase(folded, p) for p in pats):
+                return False
+        return True
+
+
+@dataclass
+class Policy:
+    source: str
+    agents: dict[str, Agent] = field(default_factory=dict)
+    targets: dict[str, Target] = field(default_factory=dict)
+    rules: list[Rule] = field(default_factory=list)
+    default: Verdict = Verdict.DENY
+    # decide() is a pure function of its inputs and the (never mutated) loaded policy, and a
+    # protocol handler asks it the same question for every statement or request: remember answers.
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+    _attr_names: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+
+    def targets_for(self, dest: Destination) -> list[Target]:
+        return [t for t in self.targets.values() if t.matches(dest)]
+
+    def for_agent(self, value: str | dict[str, str] | None, agent: str) -> str | None:
+        """A per-agent target setting: the value itself, or the mapping's entry for the agent's
+        name, else its first group (as group:NAME), else "*"."""
+        if value is None or isinstance(value, str):
+            return value
+        if agent in value:
+            return value[agent]
+        who = self.agents.get(agent)
+        for g in who.groups if who else ():
+            if f"group:{g}" in value:
+                return value[f"group:{g}"]
+        return value.get("*")
+
+    def rule(self, name: str) -> Rule | None:
+        return next((r for r in self.rules if r.name == name), None)
+
+    def decide(self, agent: str, dest: Destination, op: Operation) -> Decision:
+        names = self._attr_names
+        if names is None:
+            names = self._attr_names = tuple(sorted({n for r in self.rules for n, _ in r.attributes}))
+        key = (agent, dest, op.protocol, op.action, op.objects, op.risks, *(op.attributes.get(n) for n in names))
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._decide(agent, dest, op)
+            if len(self._memo) >= 8192:
+                self._memo.clear()
+            self._memo[key] = hit
+        return hit
+
+    def _decide(self, agent: str, dest: Destination, op: Operation) -> Decision:
+        who = self.agents.get(agent) or Agent(agent)
+        names = {t.name for t in self.targets_for(dest)}
+        for rule in self.rules:
+            if rule.matches(who, names, op):
+                return Decision(rule.verdict, rule.name, rule.reason or f"rule '{rule.name}' ({self.source}:{rule.line})",
+                                mask=rule.mask, approval_timeout=rule.timeout or (
+                                    DEFAULT_APPROVAL_TIMEOUT if rule.verdict is Verdict.APPROVE else None))
+        return Decision(self.default, "default", f"no rule matched; the policy's default is {self.default.value}")
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+_RULE_KEYS = {"name", "agent", "target", "operation", "object", "risk", "protocol", "decision", "timeout", "mask", "reason",
+              "method", "host", "path", "query", "header"}
+_TARGET_KEYS = {"address", "cidr", "hostname", "port", "protocol", "credentials", "upstream_user", "tls"}
+_TLS_MODES = ("intercept", "passthrough")
+# Rule keys over request attributes; path and query compare as written, the rest case-folded.
+_ATTRIBUTE_KEYS = ("method", "host", "path", "query")
+_CASE_SENSITIVE = frozenset({"path", "query"})
+_AGENT_KEYS = {"groups", "exe", "uid", "cgroup"}
+
+
+def _strings(value, where: str, problems: list[str]) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for v in items:
+        if not isinstance(v, str | int) or isinstance(v, bool):
+            problems.append(f"{where}: expected text, got {v!r}")
+        else:
+            out.append(str(v))
+    return tuple(out)
+
+
+def _per_agent(spec: dict, key: str, target: str, where: str, problems: list[str]) -> str | dict[str, str] | None:
+    """A target key that is text, or a mapping from agent name / group:NAME / * to text."""
+    value = spec.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return dict(value)
+    problems.append(f"{where}: target '{target}': '{key}' must be text or map agent names, group:NAME or * to text")
+    return None
+
+
+def load(path: Path | str, text: str | None = None) -> Policy:
+    """Parse and validate a policy; raise PolicyError listing every problem with its line."""
+    doc = read(path, text)
+    src = str(path)
+    problems: list[str] = []
+    pol = Policy(source=src)
+
+    def at(node, fallback: int = 1) -> str:
+        return f"{src}:{getattr(node, 'line', fallback)}"
+
+    for key in doc:
+        if key not in ("agents", "targets", "rules", "default"):
+            problems.append(f"{at(doc)}: unknown top-level key '{key}' (known: agents, targets, rules, default)")
+    default = doc.get("default", "deny")
+    if default not in ("allow", "deny"):
+        problems.append(f"{at(doc)}: 'default' must be allow or deny, got {default!r}")
+    else:
+        pol.default = Verdict(default)
+
+    agents = doc.get("agents") or {}
+    if not isinstance(agents, dict):
+        problems.append(f"{at(agents)}: 'agents' must map agent names to settings")
+        agents = {}
+    for name, spec in agents.items():
+        spec = spec or LineDict()
+        if not isinstance(spec, dict):
+            problems.append(f"{at(agents)}: agent '{name}' must be a mapping")
+            continue
+        for k in set(spec) - _AGENT_KEYS:
+            problems.append(f"{at(spec, agents.line)}: agent '{name}': unknown key '{k}' (known: {', '.join(sorted(_AGENT_KEYS))})")
+        pol.agents[name] = Agent(name, _strings(spec.get("groups"), at(spec, agents.line), problems))
+
+    targets = doc.get("targets") or {}
+    if not isinstance(targets, dict):
+        problems.append(f"{at(targets)}: 'targets' must map target names to settings")
+        targets = {}
+    for name, spec in targets.items():
+        if not isinstance(spec, dict):
+            problems.append(f"{at(targets)}: target '{name}' must be a mapping")
+            continue
+        where = at(spec)
+        for k in set(spec) - _TARGET_KEYS:
+            problems.append(f"{where}: target '{name}': unknown key '{k}' (known: {', '.join(sorted(_TARGET_KEYS))})")
+        nets = []
+        for a in _strings(spec.get("address"), where, problems) + _strings(spec.get("cidr"), where, problems):
+            try:
+                nets.append(ipaddress.ip_network(a, strict=False))
+            except ValueError:
+                problems.append(f"{where}: target '{name}': '{a}' is not an address or CIDR")
+        ports = []
+        for p in _strings(spec.get("port"), where, problems):
+            if not p.isdigit() or not 1 <= int(p) <= 65535:
+                problems.append(f"{where}: target '{name}': port '{p}' is not 1..65535")
+            else:
+                ports.append(int(p))
+        tls = spec.get("tls", "intercept")
+        if tls not in _TLS_MODES:
+            problems.append(f"{where}: target '{name}': 'tls' must be intercept or passthrough, got {tls!r}")
+            tls = "intercept"
+        pol.targets[name] = Target(
+            name, tuple(nets), tuple(h.lower() for h in _strings(spec.get("hostname"), where, problems)),
+            tuple(ports), spec.get("protocol"), _per_agent(spec, "credentials", name, where, problems),
+            _per_agent(spec, "upstream_user", name, where, problems), tls)
+
+    rules = doc.get("rules") or []
+    if not isinstance(rules, list):
+        problems.append(f"{at(rules)}: 'rules' must be a list")
+        rules = []
+    seen: set[str] = set()
+    for i, spec in enumerate(rules):
+        if not isinstance(spec, dict):
+            problems.append(f"{at(rules)}: rules[{i}] must be a mapping")
+            continue
+        where = at(spec)
+        name = str(spec.get("name") or f"rule-{i + 1}")
+        if name in seen:
+            problems.append(f"{where}: rule name '{name}' is used twice")
+        seen.add(name)
+        for k in set(spec) - _RULE_KEYS:
+            problems.append(f"{where}: rule '{name}': unknown key '{k}' (known: {', '.join(sorted(_RULE_KEYS))})")
+        verdict = spec.get("decision")
+        if verdict not in {v.value for v in Verdict}:
+            problems.append(f"{where}: rule '{name}': 'decision' must be allow, deny, approve or mask, got {verdict!r}")
+            continue
+        timeout = None
+        if "timeout" in spec:
+            try:
+                timeout = parse_duration(spec["timeout"])
+            except ValueError as e:
+                problems.append(f"{where}: rule '{name}': timeout: {e}")
+        rule_targets = _strings(spec.get("target"), where, problems) or ("*",)
+        for t in rule_targets:
+            if t != "*" and t not in pol.targets:
+                problems.append(f"{where}: rule '{name}': unknown target '{t}' (defined: {', '.join(pol.targets) or 'none'})")
+        rule_agents = _strings(spec.get("agent"), where, problems) or ("*",)
+        attributes = [(k, tuple(v if k in _CASE_SENSITIVE else v.lower() for v in _strings(spec.get(k), where, problems)))
+                      for k in _ATTRIBUTE_KEYS if k in spec]
+        headers = spec.get("header") or {}
+        if not isinstance(headers, dict):
+            problems.append(f"{where}: rule '{name}': 'header' must map header names to globs")
+            headers = {}
+        attributes += [(f"header.{str(h).lower()}", tuple(v.lower() for v in _strings(v, where, problems)))
+                       for h, v in headers.items()]
+        pol.rules.append(Rule(
+            name=name, line=getattr(spec, "line", 0), verdict=Verdict(verdict), agents=rule_agents,
+            targets=rule_targets,
+            operations=tuple(o.lower() for o in _strings(spec.get("operation"), where, problems)) or ("*",),
+            objects=tuple(o.lower() for o in _strings(spec.get("object"), where, problems)),
+            risks=_strings(spec.get("risk"), where, problems),
+            protocols=_strings(spec.get("protocol"), where, problems),
+            timeout=timeout, mask=_strings(spec.get("mask"), where, problems),
+            reason=str(spec.get("reason") or ""), attributes=tuple(attributes)))
+    if problems:
+        raise PolicyError(problems)
+    return pol
+
+
+EMBEDDED_DEFAULT = Path(__file__).with_name("default.yaml")
+
+
+def load_default() -> Policy:
+    return load(EMBEDDED_DEFAULT)

@@ -1,0 +1,143 @@
+"""What the proxy consults before it lets an operation through: the policy in force, the names
+an address is known by, and the approvals being waited on."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from policy.engine import Policy, PolicyError, load, load_default
+from policy.model import Decision, Operation
+from recorder import approvals
+from recorder.store import Recorder, SessionRecord
+
+if TYPE_CHECKING:
+    from proxy.server import Proxy
+
+APPROVAL_POLL = 0.1
+
+
+class PolicyHolder:
+    """The policy in force. A reload that fails validation keeps the old one and says why."""
+
+    def __init__(self, path: str | None, recorder: Recorder):
+        self.path = path
+        self.recorder = recorder
+        self.current: Policy = load(path) if path else load_default()
+        self._mtime = self._stat()
+
+    def _stat(self) -> float | None:
+        try:
+            return os.stat(self.path).st_mtime if self.path else None
+        except OSError:
+            return None
+
+    def reload(self) -> bool:
+        if not self.path:
+            return False
+        try:
+            new = load(self.path)
+        except PolicyError as e:
+            self.recorder.event("policy-rejected", {"file": self.path, "problems": e.problems})
+            return False
+        self.current = new
+        self.recorder.event("policy-loaded", {"file": self.path, "rules": len(new.rules)})
+        return True
+
+    async def watch(self, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            m = self._stat()
+            if m is not None and m != self._mtime:
+                self._mtime = m
+                self.reload()
+
+
+class NameCache:
+    """Address → names the agents resolved it from (through our resolver), for hostname targets."""
+
+    def __init__(self, size: int = 4096):
+        self._names: OrderedDict[str, set[str]] = OrderedDict()
+        self.size = size
+
+    def add(self, address: str, name: str) -> None:
+        names = self._names.pop(address, set())
+        names.add(name.lower().rstrip("."))
+        self._names[address] = names
+        while len(self._names) > self.size:
+            self._names.popitem(last=False)
+
+    def names(self, address: str) -> tuple[str, ...]:
+        return tuple(sorted(self._names.get(address, ())))
+
+
+class Holds:
+    """Operations waiting for a human. One poller reads the answers for all of them."""
+
+    def __init__(self, proxy: Proxy, loop: asyncio.AbstractEventLoop):
+        self.proxy = proxy
+        self.loop = loop
+        self.waiting: dict[str, tuple[asyncio.Future, float]] = {}
+        self._poller: asyncio.Task | None = None
+        # session id -> the rule whose hold a human approved for the connection itself
+        self._connection_approved: OrderedDict[str, str] = OrderedDict()
+
+    def _covered_by_connection_approval(self, rec: SessionRecord, decision: Decision, op: Operation) -> bool:
+        """One operation, one hold: a rule that names no operation detail (`Rule.whole_connection`)
+        holds the connection once; the requests or statements on that connection that the same
+        rule matches again were part of what the human approved."""
+        if op.action == "connect" or self._connection_approved.get(rec.id) != decision.rule:
+            return False
+        rule = self.proxy.policy.current.rule(decision.rule)
+        return rule is not None and rule.whole_connection
+
+    async def wait(self, rec: SessionRecord, decision: Decision, op: Operation) -> str:
+        """'approved', 'denied' or 'expired'."""
+        conn = self.proxy.recorder.conn
+        if self._covered_by_connection_approval(rec, decision, op):
+            self.proxy.recorder.event("approval-granted", {"rule": decision.rule, "by": "the connection's approval",
+                                                            "summary": op.summary}, rec.id)
+            return approvals.APPROVED
+        dest = f"{rec.dst_addr}:{rec.dst_port}"
+        grant = approvals.granted(conn, rec.agent, dest, op.protocol, op.action, op.objects)
+        if grant:
+            self.proxy.recorder.event("approval-granted", {"approval": grant, "by": "standing grant"}, rec.id)
+            self._remember(rec, decision, op, approvals.APPROVED)
+            return approvals.APPROVED
+        timeout = decision.approval_timeout or 300.0
+        approval_id = approvals.request(conn, approvals.HeldOperation(
+            rec.id, rec.agent, dest, op.protocol, op.action, op.objects, op.summary, decision.rule,
+            decision.reason, timeout))
+        self.proxy.recorder.event("approval-requested", {"approval": approval_id, "rule": decision.rule,
+                                                          "summary": op.summary, "timeout": timeout}, rec.id)
+        fut = self.loop.create_future()
+        self.waiting[approval_id] = (fut, time.monotonic() + timeout)
+        if self._poller is None or self._poller.done():
+            self._poller = self.loop.create_task(self._poll())
+        outcome, by = await fut
+        self.proxy.recorder.event("approval-" + outcome, {"approval": approval_id, "by": by}, rec.id)
+        self._remember(rec, decision, op, outcome)
+        return outcome
+
+    def _remember(self, rec: SessionRecord, decision: Decision, op: Operation, outcome: str) -> None:
+        if outcome == approvals.APPROVED and op.action == "connect":
+            self._connection_approved[rec.id] = decision.rule
+            while len(self._connection_approved) > 4096:
+                self._connection_approved.popitem(last=False)
+
+    async def _poll(self) -> None:
+        conn = self.proxy.recorder.conn
+        while self.waiting:
+            await asyncio.sleep(APPROVAL_POLL)
+            now = time.monotonic()
+            for approval_id, (status, by) in approvals.statuses(conn, list(self.waiting)).items():
+                fut, deadline = self.waiting[approval_id]
+                if status == approvals.PENDING and now >= deadline and approvals.expire(conn, approval_id):
+                    status, by = approvals.EXPIRED, "timeout"
+                if status != approvals.PENDING:
+                    del self.waiting[approval_id]
+                    if not fut.done():
+                        fut.set_result((status, by))

@@ -1,0 +1,417 @@
+"""The TCP relay: two asyncio Protocols joined back to back, behind the connection gate.
+
+A connection is classified from the client's first bytes (or, when the client stays silent,
+from the server's greeting) and judged by the policy before anything goes upstream: allow
+connects, deny closes, approve holds the agent until a human answers. A connection whose
+decision cannot depend on the protocol was judged at accept and connects upstream at once.
+Once allowed, connected and classified, bytes flow either through the protocol's handler
+(proxy/handler.py) or, for protocols without one, straight across: one write per read,
+backpressure by pausing the other side, half-closes passed on; past SPLICE_AFTER bytes such an
+opaque connection moves to kernel splice threads (proxy/splice.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from classifier import Classifier
+from classifier import Verdict as Classified
+from policy.engine import Destination
+from policy.model import Decision, Operation, Verdict
+from proxy.handler import HANDLERS, Handler
+from proxy.splice import SPLICE_AFTER, Splice
+from proxy.splice import available as splice_available
+from recorder.store import SessionRecord
+
+if TYPE_CHECKING:
+    from proxy.server import Proxy
+
+MAX_PENDING_CHUNKS = 64
+SPLICE_ENABLED = splice_available()
+
+
+class AgentSide(asyncio.Protocol):
+    """The redirected agent connection, accepted on the proxy listener."""
+
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.upstream: UpstreamSide | None = None
+        self.rec: SessionRecord | None = None
+        self.handler: Handler | None = None
+        self.classifier: Classifier | None = None
+        self.details: dict[str, Any] = {}
+        self.pending: list[bytes] = []  # client bytes not yet handed on
+        self.server_pending: list[bytes] = []  # server bytes that arrived before classification
+        self.classified = False
+        self.decided = False  # a decision exists (it may still be on its way to disk)
+        self.allowed = False
+        self.flowing = False  # allowed, connected, classified: bytes go across
+        self.eof_in = False
+        self.eof_pending = False
+        self.closed_sides = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.splice_ok = SPLICE_ENABLED and proxy.config.splice
+        self.splicing = False
+
+    # ---- accept, classify, judge ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.rec = self.proxy.admit(transport)
+        if self.rec is None:
+            transport.abort()
+            return
+        self.classifier = Classifier(client_silence=self.proxy.config.first_byte_timeout)
+        if self.rec.verdict:
+            # Judged at accept (the answer cannot depend on the protocol) and on the session row:
+            # connect now, in parallel with the client's first write.
+            self.decided = self.allowed = True
+            self.proxy.loop.create_task(self._connect())
+            return  # the first bytes arm the silence timer if they do not decide at once
+        self._arm()
+
+    def _arm(self) -> None:
+        wait = self.classifier.wait
+        if wait is not None:
+            self.timer = self.proxy.loop.call_later(wait, self._silence)
+
+    def _silence(self) -> None:
+        self.timer = None
+        if self.classified or self.transport.is_closing():
+            return
+        r = self.classifier.timeout()
+        if r:
+            self._classified(r)
+            return
+        if not self.decided:
+            # The client waits for a server greeting. Nothing may reach the server before a
+            # decision, so this connection is judged as plain tcp.
+            self._judge()
+        self._arm()
+
+    def _feed(self, data: bytes) -> None:
+        r = self.classifier.feed(data)
+        if r:
+            self._classified(r)
+        elif self.timer is None and data:
+            self._arm()  # a client that stops mid-way is classified on silence, never left hanging
+
+    def _classified(self, v: Classified) -> None:
+        self.classified = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.rec.protocol = v.protocol
+        self.details = v.details
+        if not self.decided:
+            self._judge()
+        else:
+            self._start_flow()
+
+    def names(self) -> tuple[str, ...]:
+        """What the agent called the destination: SNI or Host, and names it resolved."""
+        extra = tuple(str(self.details[k]).lower() for k in ("sni", "host") if self.details.get(k))
+        return extra + self.proxy.names.names(self.rec.dst_addr)
+
+    def _judge(self) -> None:
+        self.decided = True
+        if self.rec.protocol == "unknown":
+            self.rec.protocol = "tcp"
+        decision, written = self.proxy.judge(self.rec, names=self.names())
+        self.rec.verdict, self.rec.rule = decision.verdict.value, decision.rule
+        self.proxy.loop.create_task(self._act(decision, written))
+
+    async def _act(self, decision: Decision, written: asyncio.Future) -> None:
+        """Act on a decision once it is on record; a recorder failure refuses the connection."""
+        try:
+            await written
+        except Exception as e:  # no record, no connection
+            self.close("recorder-error", str(e))
+            return
+        if self.transport.is_closing():
+            return
+        if decision.verdict is Verdict.DENY:
+            self.close("denied", f"{decision.rule}: {decision.reason}")
+            return
+        if decision.verdict is Verdict.APPROVE:
+            outcome = await self.proxy.hold(self.rec, decision)
+            if self.transport.is_closing():
+                return
+            if outcome != "approved":
+                self.close(outcome, f"{decision.rule}: approval {outcome}")
+                return
+        self.allowed = True
+        await self._connect()
+
+    async def _connect(self) -> None:
+        rec = self.rec
+        try:
+            async with asyncio.timeout(self.proxy.config.connect_timeout):
+                _, up = await self.proxy.loop.create_connection(lambda: UpstreamSide(self), rec.dst_addr, rec.dst_port)
+        except (TimeoutError, OSError) as e:
+            self.close("upstream-error", str(e) or type(e).__name__)
+            return
+        if self.transport.is_closing():
+            up.transport.close()
+            return
+        self.upstream = up
+        self._start_flow()
+
+    def _start_flow(self) -> None:
+        """Once allowed, connected and classified: hand the buffered bytes on."""
+        if self.flowing or not (self.allowed and self.upstream is not None and self.classified):
+            return
+        self.flowing = True
+        handler_cls = HANDLERS.get(self.rec.protocol)
+        pending, self.pending = self.pending, []
+        server_pending, self.server_pending = self.server_pending, []
+        if handler_cls is not None:
+            self.handler = handler_cls(self, self.details)
+            self.handler.start()
+            for chunk in pending:
+                self.handler.on_client(chunk)
+            for chunk in server_pending:
+                self.handler.on_server(chunk)
+        else:
+            if pending:
+                self.upstream.transport.writelines(pending)
+            if server_pending:
+                self.transport.writelines(server_pending)
+        self.transport.resume_reading()
+        self.upstream.transport.resume_reading()
+        if self.eof_pending:
+            self._client_eof_now()
+
+    # ---- bytes --------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.rec.bytes_up += len(data)
+        if self.flowing:
+            if self.handler is None:
+                self.upstream.transport.write(data)
+                if self.rec.bytes_up > SPLICE_AFTER and self.splice_ok:
+                    self._begin_splice()
+            else:
+                self.handler.on_client(data)
+            return
+        self.pending.append(data)
+        if not self.classified:
+            self._feed(data)
+        if len(self.pending) > MAX_PENDING_CHUNKS and not self.flowing:
+            self.transport.pause_reading()
+
+    def server_data(self, data: bytes) -> None:
+        if self.flowing:
+            if self.handler is None:
+                self.transport.write(data)
+                if self.rec.bytes_down > SPLICE_AFTER and self.splice_ok:
+                    self._begin_splice()
+            else:
+                self.handler.on_server(data)
+            return
+        self.server_pending.append(data)
+        if not self.classified:
+            r = self.classifier.feed_server(data)
+            if r:
+                self._classified(r)
+        if len(self.server_pending) > MAX_PENDING_CHUNKS and not self.flowing:
+            self.upstream.transport.pause_reading()
+
+    # ---- bulk: hand an opaque connection to the kernel -----------------------------------
+
+    def _begin_splice(self) -> None:
+        self.splice_ok = False
+        self.splicing = True
+        self.transport.pause_reading()
+        self.upstream.transport.pause_reading()
+        self._try_splice()
+
+    def _try_splice(self) -> None:
+        up = self.upstream.transport
+        if self.transport.is_closing() or up.is_closing():
+            return
+        if self.transport.get_write_buffer_size() or up.get_write_buffer_size():
+            self.proxy.loop.call_later(0.001, self._try_splice)  # let both buffers drain first
+            return
+        if self.eof_in or self.upstream.eof_in:
+            self.splicing = False
+            self.transport.resume_reading()  # half-closed already: finish on the loop
+            up.resume_reading()
+            return
+        self.event("splice", {"after_up": self.rec.bytes_up, "after_down": self.rec.bytes_down})
+        Splice(self.proxy.loop, self.transport.get_extra_info("socket").fileno(),
+               up.get_extra_info("socket").fileno(), self._spliced)
+
+    def _spliced(self, up: int, down: int, error: str | None) -> None:
+        self.rec.bytes_up += up
+        self.rec.bytes_down += down
+        if error and self.rec.outcome == "open":
+            self.rec.detail = error
+        self.upstream.transport.close()
+        self.transport.close()
+
+    def eof_received(self) -> bool:
+        """Pass the half-close on; once both directions have ended, close."""
+        self.eof_in = True
+        if not self.classified:
+            self._feed(b"")
+        if not self.flowing:
+            self.eof_pending = True
+            return True
+        return self._client_eof_now()
+
+    def _client_eof_now(self) -> bool:
+        if self.handler is not None:
+            keep = self.handler.on_client_eof()
+        else:
+            self.server_eof()
+            keep = True
+        return keep and not self.upstream.eof_in
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        # Never while spliced: a loop read would race the splice thread for the same socket.
+        if self.upstream is not None and not self.splicing:
+            self.upstream.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.rec is None:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.upstream is not None:
+            self.upstream.transport.close()
+        self.side_done(exc)
+
+    def side_done(self, exc: Exception | None) -> None:
+        self.closed_sides += 1
+        if exc is not None and self.rec.outcome == "open":
+            self.rec.detail = str(exc)
+        if self.closed_sides == 2 or self.upstream is None:
+            self.finish()
+
+    def finish(self) -> None:
+        rec = self.rec
+        if rec.ended is not None:
+            return
+        if self.handler is not None:
+            self.handler.on_close()
+        rec.ended = time.time()
+        if rec.outcome == "open":
+            rec.outcome = "closed"
+        self.proxy.recorder.session_close(rec)
+
+    # ---- for handlers -------------------------------------------------------------------
+
+    def to_server(self, data: bytes) -> None:
+        self.upstream.transport.write(data)
+
+    def to_client(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def server_eof(self) -> None:
+        if self.upstream.transport.can_write_eof():
+            self.upstream.transport.write_eof()
+
+    def client_eof(self) -> None:
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def pause_client(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_client(self) -> None:
+        self.transport.resume_reading()
+
+    def targets(self) -> list:
+        """The policy's targets this connection goes to (for credentials, upstream user, …)."""
+        dest = Destination(self.rec.dst_addr, self.rec.dst_port, self.names(), self.rec.protocol)
+        return self.proxy.policy.current.targets_for(dest)
+
+    def credential(self) -> dict | None:
+        """The stored secret the first matching target names, if any (never shown to the agent)."""
+        policy = self.proxy.policy.current
+        for t in self.targets():
+            name = policy.for_agent(t.credentials, self.rec.agent)
+            if name:
+                return self.proxy.credentials.get(name)
+        return None
+
+    def judge(self, op: Operation) -> tuple[Decision, asyncio.Future]:
+        """The policy's answer for one operation, and a future that resolves once it is on record
+        (durably, for refusals and holds): act only after it."""
+        return self.proxy.judge(self.rec, op, names=self.names())
+
+    async def hold(self, op: Operation, decision: Decision) -> str:
+        """Wait for a human: 'approved', 'denied' or 'expired'."""
+        return await self.proxy.hold(self.rec, decision, op)
+
+    def event(self, kind: str, data: dict) -> None:
+        self.proxy.recorder.event(kind, data, self.rec.id)
+
+    def spawn(self, coro) -> asyncio.Task:
+        return self.proxy.loop.create_task(coro)
+
+    def close(self, outcome: str, detail: str, abort: bool = True) -> None:
+        """End the connection with an outcome for the record; abort sends a reset."""
+        if self.rec.outcome == "open":
+            self.rec.outcome, self.rec.detail = outcome, detail
+        if abort:
+            self.transport.abort()
+        else:
+            self.transport.close()
+        if self.upstream is not None:
+            self.upstream.transport.close()
+
+
+class UpstreamSide(asyncio.Protocol):
+    """The proxy's own connection to the original destination (never captured: not an agent)."""
+
+    __slots__ = ("agent", "transport", "eof_in")
+
+    def __init__(self, agent: AgentSide):
+        self.agent = agent
+        self.transport: asyncio.Transport | None = None
+        self.eof_in = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.agent.rec.bytes_down += len(data)
+        self.agent.server_data(data)
+
+    def eof_received(self) -> bool:
+        self.eof_in = True
+        agent = self.agent
+        if not agent.flowing:
+            if not agent.classified:
+                r = agent.classifier.feed_server(b"")
+                if r:
+                    agent._classified(r)
+            if not agent.flowing:
+                return False
+        if agent.handler is not None:
+            keep = agent.handler.on_server_eof()
+        else:
+            agent.client_eof()
+            keep = True
+        return keep and not agent.eof_in
+
+    def pause_writing(self) -> None:
+        self.agent.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.agent.splicing:
+            self.agent.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        handler = self.agent.handler
+        if handler is None or not handler.on_server_lost():
+            self.agent.transport.close()
+        self.agent.side_done(exc)

@@ -1,0 +1,1 @@
+"""Where every session and every decision is written, and read back for review."""
