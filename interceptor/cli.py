@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -73,17 +74,21 @@ def _need_root(verb: str) -> None:
 
 def cmd_daemon(args) -> int:
     _need_root("daemon")
-    from interceptor import doctor
+    from interceptor import doctor, logs
     from interceptor.bpf_loader import HookLoadError
     from interceptor.daemon import Daemon, DaemonError
     from interceptor.firewall import FirewallError
     from policy.engine import PolicyError, load
 
     cfg = config_mod.load(args.config)
+    logs.setup(args.log_format or cfg.log_format, "daemon")
+    log = logging.getLogger("interlock.daemon")
     if cfg.policy:
         try:
             load(cfg.policy)
         except PolicyError as e:
+            log.error("policy-rejected", extra={"event": "policy-rejected", "data": {"file": cfg.policy,
+                                                                                    "problems": e.problems}})
             print("\n".join(e.problems), file=sys.stderr)
             print(f"interlock daemon: cannot start: the policy {cfg.policy} is invalid (check it with: "
                   f"interlock policy check {cfg.policy})", file=sys.stderr)
@@ -105,6 +110,7 @@ def cmd_daemon(args) -> int:
     ready = f"interlock daemon: instance {cfg.instance} ready, proxy on port {cfg.proxy_port}"
     print(json.dumps({"event": "ready", "instance": cfg.instance, "proxy_port": cfg.proxy_port, "message": ready})
           if args.json else ready, flush=True)
+    log.info("ready", extra={"event": "ready", "data": {"instance": cfg.instance, "proxy_port": cfg.proxy_port}})
     d.run()
     return 0
 
@@ -404,7 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     inner.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    sub.add_parser("daemon", parents=[common], help="load the capture and run the proxy").set_defaults(fn=cmd_daemon)
+    p = sub.add_parser("daemon", parents=[common], help="load the capture and run the proxy")
+    p.add_argument("--log-format", choices=["text", "json"], help="operator log on stderr (default: the config's, text)")
+    p.set_defaults(fn=cmd_daemon)
     sub.add_parser("down", parents=[common], help="remove everything the daemon installed").set_defaults(fn=cmd_down)
     p = sub.add_parser("run", parents=[common], help="run a command enrolled as an agent")
     p.add_argument("--agent", help="agent name (default: the command's name)")

@@ -49,6 +49,8 @@ class Config:
     policy: str | None = None  # policy file; the embedded default when unset
     tls_trust: str | None = None  # CAs the proxy trusts for services (default: the system store)
     splice: bool = True  # move bulk opaque connections to kernel splice threads
+    metrics_address: str | None = None  # HOST:PORT for Prometheus metrics (loopback); off when unset
+    log_format: str = "text"  # or "json": one JSON object per log line (stderr / journald)
     agents: list[AgentSelector] = field(default_factory=list)
     source: str | None = None
 
@@ -56,7 +58,7 @@ class Config:
 _SCALARS = {"instance": str, "cgroup_root": str, "capture_cgroup": str, "proxy_port": int, "dns_port": int, "mark": int,
             "dns_upstream": str, "proxy_restart_delay": float, "connect_timeout": float,
             "watch_interval": float, "first_byte_timeout": float, "policy": str, "tls_trust": str,
-            "splice": bool}
+            "splice": bool, "metrics_address": str, "log_format": str}
 
 
 def load(path: Path | None) -> Config:
@@ -124,6 +126,12 @@ def _check(path: Path, cfg: Config) -> None:
             raise ConfigError(f"{path}: '{key}' must be a port number 1..65535")
     if cfg.proxy_port == cfg.dns_port:
         raise ConfigError(f"{path}: 'proxy_port' and 'dns_port' must differ")
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError(f"{path}: 'log_format' must be text or json, got {cfg.log_format!r}")
+    if cfg.metrics_address is not None:
+        host, _, port = cfg.metrics_address.rpartition(":")
+        if not port.isdigit() or not 1 <= int(port) <= 65535 or not host:
+            raise ConfigError(f"{path}: 'metrics_address' must be HOST:PORT (e.g. 127.0.0.1:9464), got {cfg.metrics_address!r}")
     root = cfg.cgroup_root.strip("/")
     if root in ("", ".") or ".." in cfg.cgroup_root:
         raise ConfigError(f"{path}: 'cgroup_root' must name a cgroup below the cgroup2 mount")

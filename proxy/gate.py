@@ -7,6 +7,7 @@ import asyncio
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from policy.engine import Policy, PolicyError, load, load_default
@@ -23,11 +24,17 @@ APPROVAL_POLL = 0.1
 class PolicyHolder:
     """The policy in force. A reload that fails validation keeps the old one and says why."""
 
-    def __init__(self, path: str | None, recorder: Recorder):
+    def __init__(self, path: str | None, recorder: Recorder, on_load: Callable[[int], None] | None = None):
         self.path = path
         self.recorder = recorder
+        self.on_load = on_load
         self.current: Policy = load(path) if path else load_default()
         self._mtime = self._stat()
+        self._loaded()
+
+    def _loaded(self) -> None:
+        if self.on_load is not None:
+            self.on_load(len(self.current.rules))
 
     def _stat(self) -> float | None:
         try:
@@ -44,6 +51,7 @@ class PolicyHolder:
             self.recorder.event("policy-rejected", {"file": self.path, "problems": e.problems})
             return False
         self.current = new
+        self._loaded()
         self.recorder.event("policy-loaded", {"file": self.path, "rules": len(new.rules)})
         return True
 
@@ -81,6 +89,7 @@ class Holds:
         self.proxy = proxy
         self.loop = loop
         self.waiting: dict[str, tuple[asyncio.Future, float]] = {}
+        self.since: dict[str, float] = {}  # approval id -> when it was held (monotonic)
         self._poller: asyncio.Task | None = None
         # session id -> the rule whose hold a human approved for the connection itself
         self._connection_approved: OrderedDict[str, str] = OrderedDict()
@@ -115,6 +124,7 @@ class Holds:
                                                           "summary": op.summary, "timeout": timeout}, rec.id)
         fut = self.loop.create_future()
         self.waiting[approval_id] = (fut, time.monotonic() + timeout)
+        self.since[approval_id] = time.monotonic()
         if self._poller is None or self._poller.done():
             self._poller = self.loop.create_task(self._poll())
         outcome, by = await fut
@@ -128,6 +138,11 @@ class Holds:
             while len(self._connection_approved) > 4096:
                 self._connection_approved.popitem(last=False)
 
+    def oldest_age(self) -> float:
+        """Seconds the longest-waiting hold has waited (0 with none); read by the metrics thread."""
+        since = list(self.since.values())
+        return time.monotonic() - min(since) if since else 0.0
+
     async def _poll(self) -> None:
         conn = self.proxy.recorder.conn
         while self.waiting:
@@ -139,5 +154,6 @@ class Holds:
                     status, by = approvals.EXPIRED, "timeout"
                 if status != approvals.PENDING:
                     del self.waiting[approval_id]
+                    self.since.pop(approval_id, None)
                     if not fut.done():
                         fut.set_result((status, by))

@@ -18,11 +18,13 @@ import uvloop
 import proxy.protocols  # noqa: F401  (registers the protocol handlers)
 from classifier import LABELS
 from credentials.store import CredentialStore
+from interceptor import logs
 from interceptor.config import Config, load
 from interceptor.layout import Layout
 from policy.engine import Destination
 from policy.model import Decision, Operation, Verdict
 from proxy.gate import Holds, NameCache, PolicyHolder
+from proxy.metrics import ProxyMetrics
 from proxy.origins import Origins
 from proxy.relay import AgentSide
 from proxy.resolver import Resolver, system_nameserver
@@ -42,7 +44,11 @@ class Proxy:
         self.origins = Origins(layout.pin_dir)
         self.recorder = Recorder(layout.db, loop)
         approvals.ensure_schema(self.recorder.db)
-        self.policy = PolicyHolder(config.policy, self.recorder)
+        self.metrics = ProxyMetrics()
+        self.recorder.writer.on_commit = self.metrics.committed
+        self.recorder.on_session_close = lambda r: self.metrics.session_closed(r.agent, r.protocol, r.outcome,
+                                                                               r.bytes_up, r.bytes_down)
+        self.policy = PolicyHolder(config.policy, self.recorder, on_load=self.metrics.policy_loaded)
         self.names = NameCache()
         self.credentials = CredentialStore(layout.state_dir)
         # Our interception CA (state_dir/ca, key 0600) and the leaf certificates it mints per
@@ -53,6 +59,11 @@ class Proxy:
         write_bundle(self.ca, layout.ca_bundle)
         write_bundle(self.ca, layout.ca_cert, system_bundle=None)  # ours alone: NODE_EXTRA_CA_CERTS
         self.holds = Holds(self, loop)
+        self.metrics.watch(holds_pending=lambda: len(self.holds.waiting), hold_oldest=self.holds.oldest_age,
+                           recorder_queue=lambda: len(self.recorder.writer.batch),
+                           lockdown_file=layout.state_dir / "lockdown")
+        if config.metrics_address:
+            self.metrics.serve(config.metrics_address)
         self._agent_names: dict[int, str] = {}
         self._early: dict[tuple, Decision | None] = {}
         self._own = {self.config.proxy_port, self.config.dns_port}
@@ -64,6 +75,7 @@ class Proxy:
         op = op or _connect_op(rec)
         dest = Destination(rec.dst_addr, rec.dst_port, names or self.names.names(rec.dst_addr), rec.protocol)
         decision = self.policy.current.decide(rec.agent, dest, op)
+        self.metrics.operation(rec.agent, op.protocol, decision.verdict.value)
         return decision, self.recorder.decision(rec.id, op, decision)
 
     def early_decision(self, rec: SessionRecord) -> Decision | None:
@@ -120,6 +132,7 @@ class Proxy:
         early = self.early_decision(rec)
         if early is not None:
             rec.verdict, rec.rule = early.verdict.value, early.rule
+            self.metrics.operation(rec.agent, "tcp", early.verdict.value)
         self.recorder.session_open(rec)
         return rec
 
@@ -195,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.getppid() == 1:
         return 1  # the daemon is already gone: do not serve unsupervised
     config = load(args.config)
+    logs.setup(os.environ.get(logs.ENV, config.log_format), "proxy")
     layout = Layout.build(args.state_dir, config.instance, config.cgroup_root)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sqlite3
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -26,6 +27,20 @@ SESSION_COLUMNS = {
     "bytes_down": int, "outcome": str, "detail": str, "verdict": str, "rule": str,
 }
 EVENT_COLUMNS = {"id": int, "at": float, "kind": str, "session": str, "data": str}
+
+# Events an operator's log shows as well (logging, to stderr/journald; JSON with --log-format json),
+# with their level. Per-operation events (decisions, statements, requests, DNS) stay in the
+# recorder only: they are the audit trail, and logging them would tax the data path.
+_events_log = logging.getLogger("interlock.events")
+LOGGED_EVENTS = {
+    "daemon-start": logging.INFO, "daemon-stop": logging.INFO, "proxy-start": logging.INFO,
+    "proxy-exit": logging.WARNING, "policy-loaded": logging.INFO, "policy-rejected": logging.ERROR,
+    "enrolled": logging.INFO, "unenrolled": logging.INFO, "enroll-refused": logging.WARNING,
+    "lockdown": logging.CRITICAL, "tamper": logging.CRITICAL, "rearm": logging.WARNING,
+    "watch-error": logging.ERROR, "recorder-failed": logging.CRITICAL, "recorder-recovered": logging.WARNING,
+    "approval-requested": logging.INFO, "approval-approved": logging.INFO, "approval-denied": logging.INFO,
+    "approval-expired": logging.INFO, "approval-granted": logging.INFO, "hold-canceled": logging.INFO,
+}
 
 
 def new_session_id() -> str:
@@ -75,6 +90,7 @@ class GroupWriter:
         self.conn, self.loop = conn, loop
         self.batch: list[tuple] = []
         self.scheduled = False
+        self.on_commit: Callable[[float, int], None] | None = None  # (seconds, rows): for metrics
 
     def submit(self, sql: str, params: tuple, durable: bool = False, wait: bool = False) -> asyncio.Future | None:
         fut = self.loop.create_future() if (wait or durable) else None
@@ -92,6 +108,7 @@ class GroupWriter:
         conn = self.conn
         durable = any(b[2] for b in batch)
         error: Exception | None = None
+        started = time.perf_counter()
         try:
             if durable:
                 conn.execute("PRAGMA synchronous=FULL")
@@ -101,7 +118,7 @@ class GroupWriter:
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             error = e
-            print(f"interlock recorder: write failed: {e}", file=sys.stderr)
+            _events_log.error("recorder write failed: %s", e, extra={"event": "recorder-write-failed"})
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
@@ -109,6 +126,8 @@ class GroupWriter:
         finally:
             if durable:
                 conn.execute("PRAGMA synchronous=NORMAL")
+        if self.on_commit is not None and error is None:
+            self.on_commit(time.perf_counter() - started, len(batch))
         for _, _, _, fut in batch:
             if fut is not None and not fut.done():
                 if error is None:
@@ -153,6 +172,7 @@ class Recorder:
             self.db["events"].create(EVENT_COLUMNS, pk="id", if_not_exists=True)
             self.db["events"].create_index(["session"], if_not_exists=True)
         self.writer = GroupWriter(conn, loop) if loop is not None else None
+        self.on_session_close: Callable[[SessionRecord], None] | None = None  # for metrics
 
     def _write(self, sql: str, params: tuple, durable: bool = False, wait: bool = False) -> asyncio.Future | None:
         if self.writer is not None:
@@ -170,11 +190,16 @@ class Recorder:
         self._write(_OPEN_SQL, rec.row())
 
     def session_close(self, rec: SessionRecord) -> None:
+        if self.on_session_close is not None:
+            self.on_session_close(rec)
         self._write(_CLOSE_SQL, (rec.ended or time.time(), rec.bytes_up, rec.bytes_down, rec.outcome, rec.detail,
                                  rec.protocol, rec.verdict, rec.rule, rec.id))
 
     def event(self, kind: str, data: dict, session: str | None = None, durable: bool = False,
               wait: bool = False) -> asyncio.Future | None:
+        level = LOGGED_EVENTS.get(kind)
+        if level is not None:
+            _events_log.log(level, kind, extra={"event": kind, "session": session, "data": data})
         return self._write(_EVENT_SQL, (time.time(), kind, session, json.dumps(data, sort_keys=True)), durable, wait)
 
     def decision(self, session: str, op, decision) -> asyncio.Future | None:

@@ -1,0 +1,71 @@
+"""The proxy's Prometheus metrics (prometheus-client), served on the loopback address the config
+names (`metrics_address`, off when unset).
+
+What a fleet watches: connections and bytes by agent and protocol, operations by decision, holds
+waiting and the oldest one's age, recorder commit latency and queue, the policy generation, the
+lockdown state, and the proxy process's own CPU and memory (prometheus-client's process
+collector). Counters are bumped on the loop thread; the exposition runs on prometheus-client's
+own HTTP thread, and the gauges it computes at scrape time only read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+
+
+class ProxyMetrics:
+    def __init__(self) -> None:
+        self.registry = reg = CollectorRegistry()
+        ProcessCollector(registry=reg)  # process_cpu_seconds_total, process_resident_memory_bytes, …
+        self.connections = Counter("interlock_connections_total", "Agent connections closed, by outcome",
+                                   ["agent", "protocol", "outcome"], registry=reg)
+        self.bytes = Counter("interlock_bytes_total", "Bytes relayed for agents (up: agent to service)",
+                             ["agent", "protocol", "direction"], registry=reg)
+        self.operations = Counter("interlock_operations_total", "Operations judged, by decision",
+                                  ["agent", "protocol", "decision"], registry=reg)
+        self.commit_seconds = Histogram("interlock_recorder_commit_seconds", "Recorder group-commit latency",
+                                        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5),
+                                        registry=reg)
+        self.commit_rows = Counter("interlock_recorder_rows_total", "Rows the recorder committed", registry=reg)
+        self.policy_generation = Gauge("interlock_policy_generation", "Policies loaded since the proxy started",
+                                       registry=reg)
+        self.policy_rules = Gauge("interlock_policy_rules", "Rules in the policy in force", registry=reg)
+        self.holds_pending = Gauge("interlock_holds_pending", "Operations waiting for a human", registry=reg)
+        self.hold_oldest = Gauge("interlock_hold_oldest_seconds", "Age of the oldest operation waiting for a human",
+                                 registry=reg)
+        self.recorder_queue = Gauge("interlock_recorder_queue", "Writes waiting for the next group commit",
+                                    registry=reg)
+        self.lockdown = Gauge("interlock_lockdown", "1 while the instance is locked down (tamper seen)", registry=reg)
+
+    def watch(self, holds_pending: Callable[[], float], hold_oldest: Callable[[], float],
+              recorder_queue: Callable[[], float], lockdown_file: Path) -> None:
+        """Gauges computed when scraped, from the proxy's own state."""
+        self.holds_pending.set_function(holds_pending)
+        self.hold_oldest.set_function(hold_oldest)
+        self.recorder_queue.set_function(recorder_queue)
+        self.lockdown.set_function(lambda: 1.0 if lockdown_file.exists() else 0.0)
+
+    def policy_loaded(self, rules: int) -> None:
+        self.policy_generation.inc()
+        self.policy_rules.set(rules)
+
+    def operation(self, agent: str, protocol: str, decision: str) -> None:
+        self.operations.labels(agent, protocol, decision).inc()
+
+    def session_closed(self, agent: str, protocol: str, outcome: str, up: int, down: int) -> None:
+        self.connections.labels(agent, protocol, outcome).inc()
+        if up:
+            self.bytes.labels(agent, protocol, "up").inc(up)
+        if down:
+            self.bytes.labels(agent, protocol, "down").inc(down)
+
+    def committed(self, seconds: float, rows: int) -> None:
+        self.commit_seconds.observe(seconds)
+        self.commit_rows.inc(rows)
+
+    def serve(self, address: str) -> None:
+        """Expose /metrics on HOST:PORT (a loopback address: the data is the fleet's, not the agents')."""
+        host, _, port = address.rpartition(":")
+        start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=self.registry)
