@@ -358,6 +358,42 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_events(args) -> int:
+    from recorder.store import read_events
+
+    rows = read_events(_layout(args).db, args.kind, limit=args.limit)
+    if args.session:
+        rows = [r for r in rows if r["session"] == args.session]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no events recorded" + (f" of kind {args.kind}" if args.kind else ""))
+        return 0
+    for r in rows:
+        at = datetime.fromtimestamp(r["at"]).strftime("%Y-%m-%d %H:%M:%S")
+        data = json.dumps(r["data"], sort_keys=True, ensure_ascii=True)  # agent text stays escaped
+        print(f"{at}  {r['kind']:20} {r['session'] or '-':21}  {data}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from policy.engine import parse_duration
+    from recorder.store import prune
+
+    _need_root("prune")
+    try:
+        age = parse_duration(args.older_than)
+    except ValueError as e:
+        raise CliError(f"--older-than: {e}") from None
+    lay = _layout(args)
+    done = prune(lay.db, time.time() - age)
+    _emit(args, {"ok": True, "older_than_seconds": age, "deleted": done},
+          f"pruned recordings older than {args.older_than} from {lay.db}: {done['sessions']} session(s), "
+          f"{done['events']} event(s), {done['approvals']} decided approval(s); open sessions and pending holds stay")
+    return 0
+
+
 def cmd_credentials(args) -> int:
     from credentials.store import KINDS, OPTIONAL, CredentialError, CredentialStore
 
@@ -467,6 +503,14 @@ def build_parser() -> argparse.ArgumentParser:
     cr = csub.add_parser("rm", parents=[inner], help="delete a credential")
     cr.add_argument("name")
     p.set_defaults(fn=cmd_credentials)
+    p = sub.add_parser("events", parents=[common], help="recorded events: policy, tamper, lockdown, enrolment, approvals…")
+    p.add_argument("--kind", help="only this kind (e.g. policy-rejected, tamper, lockdown, enrolled)")
+    p.add_argument("--session", help="only this session's")
+    p.add_argument("--limit", type=int, default=200)
+    p.set_defaults(fn=cmd_events)
+    p = sub.add_parser("prune", parents=[common], help="delete recordings older than a duration")
+    p.add_argument("--older-than", required=True, metavar="DURATION", help="e.g. 30d, 12h")
+    p.set_defaults(fn=cmd_prune)
     p = sub.add_parser("replay", parents=[common], help="a session as a timeline")
     p.add_argument("session")
     p.set_defaults(fn=cmd_replay)

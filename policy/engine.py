@@ -15,15 +15,15 @@ from pathlib import Path
 from policy.document import LineDict, PolicyError, read
 from policy.model import Decision, Operation, Verdict
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 DEFAULT_APPROVAL_TIMEOUT = 300.0
 
 
 def parse_duration(text: str | int | float) -> float:
     m = _DURATION.match(str(text).strip())
     if not m:
-        raise ValueError(f"'{text}' is not a duration (examples: 30s, 5m, 2h)")
+        raise ValueError(f"'{text}' is not a duration (examples: 30s, 5m, 2h, 30d)")
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 

@@ -238,3 +238,31 @@ def read_events(path: Path, kind: str | None = None, limit: int = 1000) -> list[
     for r in rows:
         r["data"] = json.loads(r["data"])
     return list(reversed(rows))
+
+
+def prune(path: Path, before: float) -> dict[str, int]:
+    """Delete what ended before `before` (epoch seconds): closed sessions with their events,
+    events of no session, and decided approvals; open sessions and pending holds stay.
+    Returns rows deleted per table. The space is given back to the file system (VACUUM)."""
+    if not path.exists():
+        return {"sessions": 0, "events": 0, "approvals": 0}
+    conn = _connect(path)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        done = {"sessions": 0, "events": 0, "approvals": 0}
+        conn.execute("BEGIN IMMEDIATE")
+        if "sessions" in tables:
+            old = "SELECT id FROM sessions WHERE ended IS NOT NULL AND ended < ?"
+            if "events" in tables:
+                done["events"] += conn.execute(f"DELETE FROM events WHERE session IN ({old})", (before,)).rowcount
+            done["sessions"] = conn.execute("DELETE FROM sessions WHERE ended IS NOT NULL AND ended < ?", (before,)).rowcount
+        if "events" in tables:
+            done["events"] += conn.execute("DELETE FROM events WHERE session IS NULL AND at < ?", (before,)).rowcount
+        if "approvals" in tables:
+            done["approvals"] = conn.execute("DELETE FROM approvals WHERE status != 'pending' AND created < ?",
+                                             (before,)).rowcount
+        conn.execute("COMMIT")
+        conn.execute("VACUUM")
+        return done
+    finally:
+        conn.close()

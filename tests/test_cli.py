@@ -135,3 +135,42 @@ def test_a_closed_pipe_is_not_an_error_message(sd):
     p = subprocess.run(f"{' '.join(CLI)} sessions --state-dir {sd} --json --limit 3000 | head -c 10",
                        shell=True, capture_output=True, text=True, timeout=60)
     assert "Broken pipe" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_events_verb_lists_and_filters(sd):
+    from recorder.store import Recorder
+
+    rec = Recorder(Path(sd) / "recorder.db")
+    rec.event("policy-rejected", {"file": "p.yaml", "problems": ["line 3: bad \x1b[2J"]})
+    rec.event("tamper", {"what": "nft"})
+    rec.close()
+    out = run("events", "--state-dir", sd).stdout
+    assert "policy-rejected" in out and "tamper" in out and "\x1b" not in out
+    rows = json.loads(run("events", "--state-dir", sd, "--kind", "tamper", "--json").stdout)
+    assert [r["kind"] for r in rows] == ["tamper"]
+
+
+def test_prune_deletes_only_what_ended_before_the_cutoff(sd):
+    import sqlite3
+    import time
+
+    from recorder.store import Recorder, SessionRecord, new_session_id
+
+    rec = Recorder(Path(sd) / "recorder.db")
+    old = SessionRecord(id=new_session_id(), agent="bot", pid=1, tgid=1, uid=0, gid=0, comm="c", exe="/c", cmdline="c",
+                        cgroup_id=1, dst_addr="10.0.0.2", dst_port=80, family="ipv4", started=time.time() - 90000,
+                        ended=time.time() - 90000, outcome="closed")
+    still_open = SessionRecord(id=new_session_id(), agent="bot", pid=2, tgid=2, uid=0, gid=0, comm="c", exe="/c",
+                               cmdline="c", cgroup_id=1, dst_addr="10.0.0.2", dst_port=80, family="ipv4",
+                               started=time.time() - 90000)
+    fresh = SessionRecord(id=new_session_id(), agent="bot", pid=3, tgid=3, uid=0, gid=0, comm="c", exe="/c", cmdline="c",
+                          cgroup_id=1, dst_addr="10.0.0.2", dst_port=80, family="ipv4", ended=time.time(), outcome="closed")
+    for s in (old, still_open, fresh):
+        rec.session_open(s)
+    rec.close()
+    r = run("prune", "--state-dir", sd, "--older-than", "1d", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["deleted"]["sessions"] == 1
+    left = {row[0] for row in sqlite3.connect(Path(sd) / "recorder.db").execute("SELECT id FROM sessions")}
+    assert left == {still_open.id, fresh.id}
+    assert run("prune", "--state-dir", sd, "--older-than", "soon").returncode == 2
