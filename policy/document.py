@@ -17,6 +17,11 @@ class PolicyError(ValueError):
 
 class LineDict(dict):
     line: int = 0
+    key_lines: dict | None = None  # key -> the line the key itself is on
+
+    def line_of(self, key) -> int:
+        """The line of `key` (where a problem with its value is reported), else the mapping's."""
+        return (self.key_lines or {}).get(key, self.line)
 
 
 class LineList(list):
@@ -30,6 +35,10 @@ class _Loader(yaml.SafeLoader):
 def _mapping(loader: _Loader, node: yaml.MappingNode) -> LineDict:
     d = LineDict(loader.construct_mapping(node, deep=True))
     d.line = node.start_mark.line + 1
+    d.key_lines = {}
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode):
+            d.key_lines.setdefault(loader.construct_object(key_node), key_node.start_mark.line + 1)
     return d
 
 

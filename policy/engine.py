@@ -220,18 +220,22 @@ def load(path: Path | str, text: str | None = None) -> Policy:
     def at(node, fallback: int = 1) -> str:
         return f"{src}:{getattr(node, 'line', fallback)}"
 
+    def at_key(node, key) -> str:
+        """FILE:LINE of `key` in a mapping: each problem names the line it is on."""
+        return f"{src}:{node.line_of(key)}" if isinstance(node, LineDict) else at(node)
+
     for key in doc:
         if key not in ("agents", "targets", "rules", "default"):
-            problems.append(f"{at(doc)}: unknown top-level key '{key}' (known: agents, targets, rules, default)")
+            problems.append(f"{at_key(doc, key)}: unknown top-level key '{key}' (known: agents, targets, rules, default)")
     default = doc.get("default", "deny")
     if default not in ("allow", "deny"):
-        problems.append(f"{at(doc)}: 'default' must be allow or deny, got {default!r}")
+        problems.append(f"{at_key(doc, 'default')}: 'default' must be allow or deny, got {default!r}")
     else:
         pol.default = Verdict(default)
 
     agents = doc.get("agents") or {}
     if not isinstance(agents, dict):
-        problems.append(f"{at(agents)}: 'agents' must map agent names to settings")
+        problems.append(f"{at_key(doc, 'agents')}: 'agents' must map agent names to settings")
         agents = {}
     for name, spec in agents.items():
         spec = spec or LineDict()
@@ -244,15 +248,15 @@ def load(path: Path | str, text: str | None = None) -> Policy:
 
     targets = doc.get("targets") or {}
     if not isinstance(targets, dict):
-        problems.append(f"{at(targets)}: 'targets' must map target names to settings")
+        problems.append(f"{at_key(doc, 'targets')}: 'targets' must map target names to settings")
         targets = {}
     for name, spec in targets.items():
         if not isinstance(spec, dict):
             problems.append(f"{at(targets)}: target '{name}' must be a mapping")
             continue
         where = at(spec)
-        for k in set(spec) - _TARGET_KEYS:
-            problems.append(f"{where}: target '{name}': unknown key '{k}' (known: {', '.join(sorted(_TARGET_KEYS))})")
+        for k in sorted(set(spec) - _TARGET_KEYS):
+            problems.append(f"{at_key(spec, k)}: target '{name}': unknown key '{k}' (known: {', '.join(sorted(_TARGET_KEYS))})")
         nets = []
         for a in _strings(spec.get("address"), where, problems) + _strings(spec.get("cidr"), where, problems):
             try:
@@ -276,7 +280,7 @@ def load(path: Path | str, text: str | None = None) -> Policy:
 
     rules = doc.get("rules") or []
     if not isinstance(rules, list):
-        problems.append(f"{at(rules)}: 'rules' must be a list")
+        problems.append(f"{at_key(doc, 'rules')}: 'rules' must be a list")
         rules = []
     seen: set[str] = set()
     for i, spec in enumerate(rules):
@@ -288,22 +292,32 @@ def load(path: Path | str, text: str | None = None) -> Policy:
         if name in seen:
             problems.append(f"{where}: rule name '{name}' is used twice")
         seen.add(name)
-        for k in set(spec) - _RULE_KEYS:
-            problems.append(f"{where}: rule '{name}': unknown key '{k}' (known: {', '.join(sorted(_RULE_KEYS))})")
+        for k in sorted(set(spec) - _RULE_KEYS):
+            problems.append(f"{at_key(spec, k)}: rule '{name}': unknown key '{k}' (known: {', '.join(sorted(_RULE_KEYS))})")
+        # Every problem of a rule is reported, not only the first: go on after each one.
         verdict = spec.get("decision")
-        if verdict not in {v.value for v in Verdict}:
-            problems.append(f"{where}: rule '{name}': 'decision' must be allow, deny, approve or mask, got {verdict!r}")
-            continue
+        valid_verdict = verdict in {v.value for v in Verdict}
+        if not valid_verdict:
+            problems.append(f"{at_key(spec, 'decision')}: rule '{name}': 'decision' must be allow, deny, approve or mask, "
+                            f"got {verdict!r}")
         timeout = None
         if "timeout" in spec:
             try:
                 timeout = parse_duration(spec["timeout"])
             except ValueError as e:
-                problems.append(f"{where}: rule '{name}': timeout: {e}")
+                problems.append(f"{at_key(spec, 'timeout')}: rule '{name}': timeout: {e}")
+            if valid_verdict and verdict != Verdict.APPROVE.value:
+                problems.append(f"{at_key(spec, 'timeout')}: rule '{name}': 'timeout' is for decision: approve only")
+        if verdict == Verdict.MASK.value and not spec.get("mask"):
+            problems.append(f"{at_key(spec, 'decision')}: rule '{name}': decision mask needs a 'mask:' list "
+                            f"(detectors such as email, or column:NAME / JSON field names)")
+        if "mask" in spec and valid_verdict and verdict != Verdict.MASK.value:
+            problems.append(f"{at_key(spec, 'mask')}: rule '{name}': 'mask' is for decision: mask only")
         rule_targets = _strings(spec.get("target"), where, problems) or ("*",)
         for t in rule_targets:
             if t != "*" and t not in pol.targets:
-                problems.append(f"{where}: rule '{name}': unknown target '{t}' (defined: {', '.join(pol.targets) or 'none'})")
+                problems.append(f"{at_key(spec, 'target')}: rule '{name}': unknown target '{t}' "
+                                f"(defined: {', '.join(pol.targets) or 'none'})")
         rule_agents = _strings(spec.get("agent"), where, problems) or ("*",)
         attributes = [(k, tuple(v if k in _CASE_SENSITIVE else v.lower() for v in _strings(spec.get(k), where, problems)))
                       for k in _ATTRIBUTE_KEYS if k in spec]
@@ -313,6 +327,8 @@ def load(path: Path | str, text: str | None = None) -> Policy:
             headers = {}
         attributes += [(f"header.{str(h).lower()}", tuple(v.lower() for v in _strings(v, where, problems)))
                        for h, v in headers.items()]
+        if not valid_verdict:
+            continue
         pol.rules.append(Rule(
             name=name, line=getattr(spec, "line", 0), verdict=Verdict(verdict), agents=rule_agents,
             targets=rule_targets,

@@ -89,10 +89,32 @@ def test_errors_name_their_lines():
     with pytest.raises(PolicyError) as e:
         load("bad.yaml", bad)
     text = str(e.value)
-    assert "bad.yaml:2: rule 'a': 'decision' must be" in text
-    assert "bad.yaml:4: rule 'b': unknown target 'nowhere'" in text
-    assert "bad.yaml:7: rule 'c': timeout:" in text
+    assert "bad.yaml:3: rule 'a': 'decision' must be" in text
+    assert "bad.yaml:5: rule 'b': unknown target 'nowhere'" in text
+    assert "bad.yaml:9: rule 'c': timeout:" in text
     assert "bad.yaml:12: target 't': port '99999'" in text
+
+
+def test_every_problem_of_a_rule_is_reported_on_its_own_line():
+    bad = ("rules:\n  - name: a\n    target: nowhere\n    decision: maybe\n    timeout: soon\n    bogus: 1\n"
+           "  - name: b\n    decision: mask\n  - name: c\n    decision: deny\n    timeout: 5m\n    mask: [email]\n")
+    with pytest.raises(PolicyError) as e:
+        load("bad.yaml", bad)
+    assert e.value.problems == [
+        "bad.yaml:6: rule 'a': unknown key 'bogus' (known: " + e.value.problems[0].split("(known: ")[1],
+        "bad.yaml:4: rule 'a': 'decision' must be allow, deny, approve or mask, got 'maybe'",
+        "bad.yaml:5: rule 'a': timeout: 'soon' is not a duration (examples: 30s, 5m, 2h, 30d)",
+        "bad.yaml:3: rule 'a': unknown target 'nowhere' (defined: none)",
+        "bad.yaml:8: rule 'b': decision mask needs a 'mask:' list (detectors such as email, or column:NAME / JSON field names)",
+        "bad.yaml:11: rule 'c': 'timeout' is for decision: approve only",
+        "bad.yaml:12: rule 'c': 'mask' is for decision: mask only",
+    ]
+
+
+def test_a_daemon_config_checked_as_a_policy_names_each_keys_line():
+    with pytest.raises(PolicyError) as e:
+        load("config.yaml", "instance: default\nproxy_port: 15001\n")
+    assert [p.split(": unknown")[0] for p in e.value.problems] == ["config.yaml:1", "config.yaml:2"]
 
 
 def test_yaml_syntax_errors_have_a_line():
