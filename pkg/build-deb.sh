@@ -15,8 +15,13 @@ trap 'rm -rf "$stage"' EXIT
 venv="$stage$prefix/venv"
 
 /usr/bin/python3 -m venv --system-site-packages "$venv"
+# Build from a copy, so setuptools' build/ never lands in the work tree.
+src="$stage.src"
+trap 'rm -rf "$stage" "$src"' EXIT
+mkdir -p "$src"
+tar --exclude=./.venv --exclude=./.git --exclude=./dist --exclude=./build --exclude='*.egg-info' -cf - . | tar -xf - -C "$src"
 log=$(mktemp)
-if ! "$venv/bin/pip" install -q --disable-pip-version-check --no-compile . >"$log" 2>&1; then
+if ! "$venv/bin/pip" install -q --disable-pip-version-check --no-compile "$src" >"$log" 2>&1; then
   cat "$log" >&2; rm -f "$log"
   echo "build-deb: pip could not install the project into the package's venv (messages above)" >&2
   exit 1

@@ -1,1 +1,0 @@
-"""Kernel side of Interlock: BPF programs, nftables backstop, cgroups, the daemon and its CLI."""

@@ -1,1 +1,0 @@
-"""One policy model for every protocol: identity × destination × operation → decision."""

@@ -1,1 +1,0 @@
-"""Where every session and every decision is written, and read back for review."""
