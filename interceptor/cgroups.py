@@ -80,6 +80,32 @@ def cgroup_of(pid: int, mount: Path) -> Path | None:
     return None
 
 
+INSTANCE_XATTR = "trusted.interlock.instance"
+
+
+def mark_instance(root: Path, instance: str) -> bool:
+    """Label an instance's cgroup root with its name (a trusted.* xattr: only root can set or
+    read it), so any daemon can tell that a process belongs to some Interlock instance."""
+    try:
+        os.setxattr(root, INSTANCE_XATTR, instance.encode())
+        return True
+    except OSError:
+        return False
+
+
+def instance_of(cgroup: Path, mount: Path) -> tuple[str, Path] | None:
+    """(instance name, its cgroup root) when `cgroup` is inside an instance's tree, else None."""
+    path = cgroup
+    while True:
+        try:
+            return os.getxattr(path, INSTANCE_XATTR).decode(errors="replace"), path
+        except OSError:
+            pass
+        if path == mount or mount not in path.parents:
+            return None
+        path = path.parent
+
+
 def remove_tree(path: Path, park: Path) -> None:
     """Remove a cgroup tree bottom-up, parking any process still inside in `park`."""
     if not path.exists():
