@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from interceptor import cgroups, presockets
-from interceptor.procinfo import NoSuchProcess, descendants, facts
+from interceptor.procinfo import NoSuchProcess, ProcFacts, descendants, facts
 
 MAX_PASSES = 20
 
@@ -43,14 +43,22 @@ def check_target(pid: int, scope: Scope) -> None:
         f = facts(pid)
     except NoSuchProcess:
         raise Refused(f"no process {pid}") from None
-    if pid == 1:
-        raise Refused("pid 1 is the host's init: enrolling it would put every process on the host under the agent")
-    if f.kthread or pid == 2:
-        raise Refused(f"pid {pid} ({f.comm}) is a kernel thread: it makes no connections of its own to capture")
-    if f.ns_pid == 1:
-        raise Refused(f"pid {pid} ({f.comm}) is PID 1 of its own PID namespace (a container's init): "
-                      f"enrol the process inside it instead")
+    why = target_refusal(f)
+    if why:
+        raise Refused(why)
     check_member(pid, scope, f.comm)
+
+
+def target_refusal(f: ProcFacts) -> str | None:
+    """Why a process is never an agent by its nature (init, kernel thread), or None."""
+    if f.pid == 1:
+        return "pid 1 is the host's init: enrolling it would put every process on the host under the agent"
+    if f.kthread or f.pid == 2:
+        return f"pid {f.pid} ({f.comm}) is a kernel thread: it makes no connections of its own to capture"
+    if f.ns_pid == 1:
+        return (f"pid {f.pid} ({f.comm}) is PID 1 of its own PID namespace (a container's init): "
+                f"enrol the process inside it instead")
+    return None
 
 
 def check_member(pid: int, scope: Scope, comm: str = "") -> None:
