@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -78,6 +80,29 @@ def cgroup_of(pid: int, mount: Path) -> Path | None:
         if line.startswith("0::"):
             return mount / line[3:].lstrip("/")
     return None
+
+
+@contextmanager
+def frozen(path: Path, timeout: float = 5.0):
+    """Freeze every process of a cgroup for the duration (cgroup v2 freezer, Linux 5.2), and yield
+    whether they all stopped in time. The previous freeze state comes back afterwards."""
+    knob = path / "cgroup.freeze"
+    try:
+        was = knob.read_text().strip()
+        knob.write_text("1")
+    except OSError:
+        yield False
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        done = False
+        while not done and time.monotonic() < deadline:
+            done = "frozen 1" in (path / "cgroup.events").read_text()
+            if not done:
+                time.sleep(0.005)
+        yield done
+    finally:
+        knob.write_text(was or "0")
 
 
 INSTANCE_XATTR = "trusted.interlock.instance"

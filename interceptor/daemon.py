@@ -412,14 +412,16 @@ class Daemon:
             except DaemonError as e:
                 raise enrolment.Refused(str(e)) from None
             moved = enrolment.move_tree(pid, self.layout.agent_cgroup(agent), tree, scope)
-            sockets = enrolment.neutralise_or_restore(pid, moved, self.config.mark)
+            sockets, still = enrolment.neutralise_or_restore(pid, moved, self.config.mark,
+                                                             self.layout.agent_cgroup(agent))
             for p, origin in moved.items():
                 if self.layout.agents_cgroup not in origin.parents:
                     self.origins[p] = origin
             pids = sorted(moved) if tree else [pid]
             self.recorder.event("enrolled", {"pid": pid, "agent": agent, "via": "request", "pids": pids,
                                              "relabelled_from": was, "by_uid": caller.uid, "by_pid": caller.pid,
-                                             "sockets": [s.as_dict() for s in sockets]}, durable=True)
+                                             "sockets": [s.as_dict() for s in sockets], "frozen": still},
+                                durable=True)
         return {"ok": True, "agent": agent, "agent_id": agent_id, "pids": pids, "relabelled_from": was,
                 "sockets": [s.as_dict() for s in sockets]}
 

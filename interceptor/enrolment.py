@@ -7,8 +7,9 @@ cgroup, so their children too), any process of another Interlock instance (a cgr
 root labelled with another instance's name), and a tree that contains any of these.
 
 The move is repeated until the tree is stable (a child forked while its parent was being moved
-would otherwise stay behind); then the tree's sockets from before the move are neutralised
-(`presockets`). If one cannot be, every moved process goes back where it was."""
+would otherwise stay behind); then, with the agent cgroup frozen, the tree's sockets from before
+the move are neutralised (`presockets`). If one cannot be, every moved process goes back where it
+was."""
 
 from __future__ import annotations
 
@@ -135,14 +136,17 @@ def restore(moved: dict[int, Path]) -> None:
             pass
 
 
-def neutralise_or_restore(pid: int, moved: dict[int, Path], mark: int) -> list[presockets.PreSocket]:
+def neutralise_or_restore(pid: int, moved: dict[int, Path], mark: int, target: Path) -> tuple[list[presockets.PreSocket], bool]:
     """After the move: make the tree's earlier inet sockets harmless, or undo the enrol.
 
-    Refused (the tree back where it was) when any socket could not be marked."""
-    found = presockets.neutralise(list(moved) or [pid], mark)
+    The target cgroup is frozen meanwhile, so no process of the tree can pass a socket to one
+    already looked at. Returns (the sockets, whether the freeze took). Refused (the tree back
+    where it was) when any socket could not be marked."""
+    with cgroups.frozen(target) as still:
+        found = presockets.neutralise(list(moved) or [pid], mark)
     failed = [s for s in found if s.action == "failed"]
     if failed:
         restore(moved)
         raise Refused(f"pid {pid} not enrolled: {len(failed)} socket(s) it opened before cannot be closed: "
                       + "; ".join(s.line() for s in failed))
-    return found
+    return found, still

@@ -13,7 +13,9 @@ enrolment, and it has no agent mark. For every inet socket the tree holds after 
 Marking comes first, so a process that re-connects the aborted socket at once still meets the
 backstop. A socket that is already an agent socket of this instance (it carries the mark) is
 left alone. A socket in another network namespace than the daemon's cannot be judged by this
-instance's nft table: the enrol is refused with the list."""
+instance's nft table, and a socket of the tree's uid that no process holds (in flight in an
+SCM_RIGHTS message, or hidden in io_uring) cannot be reached at all: either way the enrol is
+refused with the list."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import ipaddress
 import os
 import socket
 import struct
+import sys
 from dataclasses import asdict, dataclass
 
 from interceptor.procinfo import pidfd_getfd
@@ -59,7 +62,8 @@ class PreSocket:
     def line(self) -> str:
         where = f"{self.local} -> {self.peer}" if self.peer else self.local
         extra = f": {self.error}" if self.error else ""
-        return f"{self.proto} {where} ({self.state}; pid {self.pid} fd {self.fd}) {self.action}{extra}"
+        holder = f"pid {self.pid} fd {self.fd}" if self.pid else f"inode {self.inode}"
+        return f"{self.proto} {where} ({self.state}; {holder}) {self.action}{extra}"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -85,9 +89,10 @@ def socket_fds(pid: int) -> dict[int, int]:
 def neutralise(pids: list[int], mark: int) -> list[PreSocket]:
     """Mark and abort every inet socket the processes hold that is not already this instance's.
 
-    Each socket is handled once, whichever processes share it. Returns what was found and done."""
+    Each socket is handled once, whichever processes share it. Returns what was found and done,
+    with action "failed" for any socket that could not be made harmless (see `unaccounted`)."""
     own_netns = os.stat("/proc/self/ns/net").st_ino
-    seen: set[int] = set()
+    seen: set[int] = set()  # socket inodes of the tree
     found: list[PreSocket] = []
     for pid in pids:
         try:
@@ -104,7 +109,73 @@ def neutralise(pids: list[int], mark: int) -> list[PreSocket]:
                     found.append(ps)
         finally:
             os.close(pidfd)
-    return found
+    uids = tree_uids(pids)
+    return found + (unaccounted(uids, seen, mark) if uids else [])
+
+
+def held_anywhere() -> set[int]:
+    """Every socket inode in any process's file table on the host."""
+    out: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            out.update(socket_fds(int(entry)).values())
+    return out
+
+
+def unaccounted(uids: set[int], held: set[int], mark: int) -> list[PreSocket]:
+    """Inet sockets owned by `uids` in the daemon's network namespace that no process holds: in
+    flight in an SCM_RIGHTS message, or registered with io_uring and closed. No fd reaches them,
+    so they cannot be marked; an enrol that would leave them behind is refused.
+
+    From a NETLINK_SOCK_DIAG dump (TCP and UDP, v4 and v6); `held` is what the tree holds; sockets
+    with no inode (time-wait, orphans) carry no more data of the process."""
+    from pyroute2 import DiagSocket
+    from pyroute2.netlink.diag import SS_ALL
+
+    candidates: dict[int, PreSocket] = {}
+    with DiagSocket() as ds:
+        ds.bind()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
+                for m in ds.get_sock_stats(family=family, protocol=proto, states=SS_ALL):
+                    inode = m["idiag_inode"]
+                    if not inode or inode in held or m["idiag_uid"] not in uids or _diag_mark(m) == mark:
+                        continue
+                    name = _DESTROYABLE[proto] + ("6" if family == socket.AF_INET6 else "")
+                    local = _addr((m["idiag_src"], m["idiag_sport"]))
+                    peer = _addr((m["idiag_dst"], m["idiag_dport"])) if m["idiag_dport"] else ""
+                    state = TCP_STATES.get(m["idiag_state"], "?") if proto == socket.IPPROTO_TCP else "open"
+                    candidates[inode] = PreSocket(0, -1, inode, name, local, peer, state, "failed",
+                                                  f"of uid {m['idiag_uid']}, held in no process's file table "
+                                                  f"(in flight over a Unix socket, or registered with io_uring)")
+    if not candidates:
+        return []
+    everywhere = held_anywhere()
+    return [ps for inode, ps in candidates.items() if inode not in everywhere]
+
+
+def _diag_mark(m) -> int | None:
+    raw = m.get_attr("INET_DIAG_MARK")
+    if raw is None:
+        return None
+    if isinstance(raw, int):
+        return raw
+    return int.from_bytes(bytes.fromhex(str(raw).replace(":", "")), sys.byteorder)
+
+
+def tree_uids(pids: list[int]) -> set[int]:
+    """The real, effective, saved and filesystem uids of the processes, root left out (a root
+    process is out of scope for prevention, and the kernel's own sockets are root's)."""
+    uids: set[int] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("Uid:"):
+                        uids.update(int(x) for x in line.split()[1:])
+        except OSError:
+            continue
+    return uids - {0}
 
 
 def _one(pidfd: int, pid: int, fd: int, inode: int, mark: int, own_netns: int) -> PreSocket | None:

@@ -140,6 +140,41 @@ def test_sockets_from_before_enrolment_carry_nothing_after_it(inst, lab, echo):
     assert actions[("udp", "connected")] == "destroyed"
 
 
+IN_FLIGHT = textwrap.dedent("""
+    import json, socket, sys
+    t = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+    a, b = socket.socketpair()
+    socket.send_fds(a, [b"x"], [t.fileno()])  # the only reference left is in the Unix socket's queue
+    port = t.getsockname()[1]
+    t.close()
+    print(json.dumps({"tcp_port": port}), flush=True)
+    sys.stdin.readline()
+""")
+
+
+def test_a_socket_hidden_in_flight_makes_the_enrol_refused(inst, lab, echo):
+    """A socket in no process's file table (sent to itself over a Unix socket) cannot be marked:
+    the enrol is refused with the socket named, and the process stays where it was."""
+    p = lab.a.popen([*AS_AGENT_USER, sys.executable, "-c", IN_FLIGHT, lab.b.addr4, str(ECHO_PORT)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = json.loads(p.stdout.readline())["tcp_port"]
+        before = open(f"/proc/{p.pid}/cgroup").read()
+        r = inst.cli("enroll", "--pid", str(p.pid), "--agent", "bot")
+        assert r.returncode != 0 and "not enrolled" in r.stderr and "held in no process's file table" in r.stderr, r.stderr
+        assert f":{port} -> {lab.b.addr4}:{ECHO_PORT} (established;" in r.stderr
+        assert open(f"/proc/{p.pid}/cgroup").read() == before, "a refused enrol left the process moved"
+        assert any(str(port) in e["data"]["reason"] for e in inst.events("control-refused"))
+    finally:
+        stop_process(p)
+    control = lab.a.popen([*AS_AGENT_USER, "sleep", "60"])
+    try:
+        assert wait_until(lambda: open(f"/proc/{control.pid}/comm").read().strip() == "sleep")
+        assert inst.cli("enroll", "--pid", str(control.pid), "--agent", "bot").returncode == 0
+    finally:
+        stop_process(control)
+
+
 def test_enrolling_a_tree_without_sockets_says_so(inst, lab):
     p = lab.a.popen([*AS_AGENT_USER, "sleep", "60"])
     try:
