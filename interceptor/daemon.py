@@ -57,14 +57,14 @@ class Daemon:
 
     def start(self) -> None:
         lay, cfg = self.layout, self.config
-        for d in (lay.state_dir, lay.run_dir):
-            d.mkdir(parents=True, exist_ok=True, mode=0o755)
-        os.chmod(lay.state_dir, 0o700)
         try:
             self.operator_gid = authority.resolve_group(cfg.operator_group)
         except KeyError:
             raise DaemonError(f"operator_group '{cfg.operator_group}': no such group (create it with groupadd, "
                               f"or give a numeric gid)") from None
+        for d in (lay.state_dir, lay.run_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o755)
+        os.chmod(lay.state_dir, 0o700)
         cgroups.ensure(lay.agents_cgroup)
         cgroups.ensure(lay.daemon_cgroup)
         cgroups.mark_instance(lay.cgroup_root, cfg.instance)
