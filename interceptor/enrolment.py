@@ -139,11 +139,15 @@ def restore(moved: dict[int, Path]) -> None:
 def neutralise_or_restore(pid: int, moved: dict[int, Path], mark: int, target: Path) -> tuple[list[presockets.PreSocket], bool]:
     """After the move: make the tree's earlier inet sockets harmless, or undo the enrol.
 
-    The target cgroup is frozen meanwhile, so no process of the tree can pass a socket to one
-    already looked at. Returns (the sockets, whether the freeze took). Refused (the tree back
+    For a tree of several processes the target cgroup is frozen meanwhile, so no process of it
+    can pass a socket to one already looked at. Returns (the sockets, whether the freeze took). Refused (the tree back
     where it was) when any socket could not be marked."""
-    with cgroups.frozen(target) as still:
-        found = presockets.neutralise(list(moved) or [pid], mark)
+    pids = list(moved) or [pid]
+    if len(pids) > 1:
+        with cgroups.frozen(target) as still:
+            found = presockets.neutralise(pids, mark)
+    else:  # one process (`interlock run`): no other process of the tree to hand a socket to
+        still, found = True, presockets.neutralise(pids, mark)
     failed = [s for s in found if s.action == "failed"]
     if failed:
         restore(moved)

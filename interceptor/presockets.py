@@ -220,7 +220,11 @@ def _one(pidfd: int, pid: int, fd: int, inode: int, mark: int, own_netns: int) -
                 if destroy(s):
                     ps.action = "destroyed"
             except OSError as e:
-                ps.action, ps.error = "failed", f"marked, but SOCK_DESTROY failed: {e.strerror}"
+                if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    # a kernel without CONFIG_INET_DIAG_DESTROY: the mark alone holds it
+                    ps.error = "SOCK_DESTROY unavailable in this kernel; the nft backstop refuses its next packet"
+                else:
+                    ps.action, ps.error = "failed", f"marked, but SOCK_DESTROY failed: {e.strerror}"
         return ps
 
 

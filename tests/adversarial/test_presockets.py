@@ -140,6 +140,45 @@ def test_sockets_from_before_enrolment_carry_nothing_after_it(inst, lab, echo):
     assert actions[("udp", "connected")] == "destroyed"
 
 
+SHARED = textwrap.dedent("""
+    import json, os, socket, sys
+    t = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child holds the same socket and writes on it after the enrol
+        os.read(r, 1)
+        try:
+            t.sendall(b"from-the-child\\n")
+            os._exit(0)
+        except OSError:
+            os._exit(3)
+    print(json.dumps({"child": child, "tcp_port": t.getsockname()[1]}), flush=True)
+    sys.stdin.readline()
+    t.close()
+    os.write(w, b"x")
+    print(json.dumps({"child_exit": os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])}), flush=True)
+""")
+
+
+def test_a_tree_sharing_a_socket_is_frozen_and_the_socket_closed_once(inst, lab, echo):
+    p = lab.a.popen([*AS_AGENT_USER, sys.executable, "-c", SHARED, lab.b.addr4, str(ECHO_PORT)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(p.stdout.readline())
+        r = inst.cli("enroll", "--pid", str(p.pid), "--agent", "bot")
+        assert r.returncode == 0, r.stderr
+        assert f"enrolled 2 process(es) as agent bot: {min(p.pid, info['child'])} {max(p.pid, info['child'])}" in r.stdout
+        assert "1 inet socket(s) opened before enrolment" in r.stdout and "destroyed" in r.stdout, r.stdout
+        ev = next(e["data"] for e in reversed(inst.events("enrolled")) if e["data"]["pid"] == p.pid)
+        assert ev["frozen"] is True and len(ev["sockets"]) == 1
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert json.loads(p.stdout.readline())["child_exit"] == 3, "the child wrote on the old socket"
+    finally:
+        stop_process(p)
+    assert not [d for d in echo.seen("tcp-data") if d["head"] == "from-the-child\n"]
+
+
 IN_FLIGHT = textwrap.dedent("""
     import json, socket, sys
     t = socket.create_connection((sys.argv[1], int(sys.argv[2])))
