@@ -83,7 +83,7 @@ def cgroup_of(pid: int, mount: Path) -> Path | None:
 
 
 @contextmanager
-def frozen(path: Path, timeout: float = 5.0):
+def frozen(path: Path, timeout: float = 2.0):
     """Freeze every process of a cgroup for the duration (cgroup v2 freezer, Linux 5.2), and yield
     whether they all stopped in time. The previous freeze state comes back afterwards."""
     knob = path / "cgroup.freeze"

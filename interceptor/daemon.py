@@ -26,6 +26,9 @@ from interceptor.layout import InstanceInfo, Layout, valid_name
 from interceptor.procinfo import NoSuchProcess, descendants, pid_of_pidfd
 from recorder.store import Recorder
 
+REFUSALS_PER_SECOND = 20  # recorded one by one per uid; beyond, counted (a local user cannot flood the recorder)
+CONTROL_TIMEOUT = 10.0  # seconds a control client may take to send its request
+
 
 class DaemonError(RuntimeError):
     pass
@@ -52,6 +55,7 @@ class Daemon:
         self.server: socketserver.BaseServer | None = None
         self.operator_gid: int | None = None
         self.origins: dict[int, Path] = {}  # enrolled pid -> the cgroup it came from (for unenroll)
+        self.refusal_budget: dict[int, tuple[int, int, int]] = {}  # uid -> (second, recorded, suppressed)
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -315,12 +319,22 @@ class Daemon:
         return {"ok": False, "error": f"unknown request '{op}'"}
 
     def _refuse(self, op: str, req: dict, caller: authority.Caller, why: str) -> dict:
-        """Every refused request is on record before it is answered."""
+        """Every refused request is on record before it is answered; past REFUSALS_PER_SECOND from
+        one uid, the rest of that second is counted and the count goes on the next record."""
         asked = {k: req[k] for k in ("pid", "agent", "tree") if k in req}
         with self.lock:
+            now = int(time.monotonic())
+            second, count, suppressed = self.refusal_budget.get(caller.uid, (now, 0, 0))
+            if second != now:
+                second, count = now, 0
+            if count >= REFUSALS_PER_SECOND:
+                self.refusal_budget[caller.uid] = (second, count, suppressed + 1)
+                return {"ok": False, "error": f"refused: {why}"}
+            self.refusal_budget[caller.uid] = (second, count + 1, 0)
             self.recorder.event("control-refused", {"op": op, "asked": asked, "reason": why, "caller_pid": caller.pid,
                                                     "caller_uid": caller.uid, "caller_gid": caller.gid,
-                                                    "caller_agent": caller.agent}, durable=True)
+                                                    "caller_agent": caller.agent, "suppressed_before": suppressed},
+                                durable=True)
         return {"ok": False, "error": f"refused: {why}"}
 
     def caller(self, sock) -> authority.Caller:
@@ -412,12 +426,14 @@ class Daemon:
             except DaemonError as e:
                 raise enrolment.Refused(str(e)) from None
             moved = enrolment.move_tree(pid, self.layout.agent_cgroup(agent), tree, scope)
+            if not moved:
+                raise enrolment.Refused(f"no process {pid} (it exited before it could be moved)")
             sockets, still = enrolment.neutralise_or_restore(pid, moved, self.config.mark,
                                                              self.layout.agent_cgroup(agent))
             for p, origin in moved.items():
                 if self.layout.agents_cgroup not in origin.parents:
                     self.origins[p] = origin
-            pids = sorted(moved) if tree else [pid]
+            pids = sorted(moved)
             self.recorder.event("enrolled", {"pid": pid, "agent": agent, "via": "request", "pids": pids,
                                              "relabelled_from": was, "by_uid": caller.uid, "by_pid": caller.pid,
                                              "sockets": [s.as_dict() for s in sockets], "frozen": still},
@@ -504,6 +520,7 @@ class _ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
 class _ControlHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         fds: list[int] = []
+        self.request.settimeout(CONTROL_TIMEOUT)
         try:
             req, fds = receive(self.request)
             il = self.server.il
@@ -515,7 +532,10 @@ class _ControlHandler(socketserver.BaseRequestHandler):
         finally:
             for fd in fds:
                 os.close(fd)
-        self.request.sendall(json.dumps(reply).encode() + b"\n")
+        try:
+            self.request.sendall(json.dumps(reply).encode() + b"\n")
+        except OSError:
+            pass  # the client is gone; a refusal is on record already
 
 
 def _be16(port: int) -> int:

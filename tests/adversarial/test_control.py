@@ -216,3 +216,29 @@ def test_the_operator_group_may_enrol_relabel_and_unenrol_others_may_not(inst, l
 def test_run_user_is_root_only(inst, lab):
     r = lab.a.run([*AS_AGENT_USER, *INTERLOCK, "run", "--state-dir", str(inst.state_dir), "--user", "0", "--", "id"])
     assert r.returncode != 0 and "--user needs root" in r.stderr and "Traceback" not in r.stderr
+
+
+FLOOD = textwrap.dedent("""
+    import json, os, socket, sys, time
+    path = os.path.join(sys.argv[1], "run", "control.sock")
+    def ask():
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        s.sendall(json.dumps({"op": "enroll", "pid": os.getpid(), "agent": "flood"}).encode() + b"\\n")
+        return json.loads(s.makefile().readline())
+    replies = [ask() for _ in range(int(sys.argv[2]))]
+    time.sleep(1.1)  # a new second: the next refusal carries the count of those not written one by one
+    replies.append(ask())
+    print(json.dumps({"refused": sum(1 for r in replies if not r["ok"] and r["error"].startswith("refused:"))}))
+""")
+
+
+def test_a_flood_of_refused_requests_is_answered_and_counted_not_lost(inst, lab):
+    """Each refusal is answered; the record is bounded per uid and second, and the count of the
+    refusals not written one by one is carried on the next record, so none goes unaccounted."""
+    n = 60
+    stranger = ["setpriv", "--reuid", str(OPERATOR_UID + 10), "--regid", str(OPERATOR_UID + 10), "--clear-groups"]
+    r = lab.a.run([*stranger, sys.executable, "-c", FLOOD, str(inst.state_dir), str(n)])
+    assert json.loads(r.stdout)["refused"] == n + 1, r.stdout + r.stderr
+    rows = [e for e in inst.events("control-refused") if e["data"]["caller_uid"] == OPERATOR_UID + 10]
+    assert len(rows) + sum(e["data"]["suppressed_before"] for e in rows) == n + 1
