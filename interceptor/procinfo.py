@@ -58,7 +58,8 @@ def facts(pid: int) -> ProcFacts:
             status = f.read()
     except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(f"no process {pid}") from None
-    comm = stat[stat.index("(") + 1:stat.rindex(")")]
+    # the process names itself (prctl PR_SET_NAME): escape what a terminal would act on
+    comm = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in stat[stat.index("(") + 1:stat.rindex(")")])
     rest = stat[stat.rindex(")") + 2:].split()
     ppid, flags = int(rest[1]), int(rest[6])
     ns_pid = pid
