@@ -162,6 +162,9 @@ class Daemon:
                 here = cgroups.cgroup_of(key.value, cgroups.cgroup2_mount())
                 target = self.layout.agent_cgroup(names[agent_id.value])
                 if here is not None and here != target:
+                    if self._selector_refusal(key.value) is not None:
+                        tgids.delete(key)
+                        continue
                     try:
                         cgroups.move(key.value, target)
                         self.recorder.event("enrolled", {"pid": key.value, "agent": names[agent_id.value],
@@ -256,6 +259,13 @@ class Daemon:
         name = next((n for n, i in self.agent_ids.items() if i == ev.agent_id), None)
         if name is None:
             return
+        why = self._selector_refusal(ev.tgid)
+        if why is not None:
+            self._forget_tgid(ev.tgid)
+            if why:  # "" for a process outside this instance's view: not ours to record
+                self.recorder.event("enroll-refused", {"pid": ev.tgid, "agent": name, "via": "exec-selector",
+                                                       "reason": why})
+            return
         moved = True
         try:
             cgroups.move(ev.tgid, self.layout.agent_cgroup(name))
@@ -263,6 +273,34 @@ class Daemon:
             moved = False  # exited already, or a kernel thread
         self.recorder.event("enrolled", {"pid": ev.tgid, "agent": name, "via": "exec-selector",
                                          "comm": ev.comm.decode(errors="replace"), "moved": moved})
+
+    def _selector_refusal(self, pid: int) -> str | None:
+        """Why a process an exe/uid selector matched at exec must not be moved: "" when it is none of
+        this instance's business (outside an explicitly configured capture scope: another instance or
+        lab on the host may own it), a reason when it is Interlock itself or another instance's
+        process, None when it may be moved."""
+        scope = self._scope()
+        cg = cgroups.cgroup_of(pid, scope.mount)
+        if cg is None:
+            return ""
+        cap = self.layout.capture_cgroup
+        if cap != self.layout.cgroup_root and cg != cap and cap not in cg.parents:
+            return ""
+        if pid == 1:
+            return "pid 1 is the host's init"
+        try:
+            enrolment.check_member(pid, scope)
+        except enrolment.Refused as e:
+            return str(e)
+        return None
+
+    def _forget_tgid(self, pid: int) -> None:
+        with self.lock:
+            m = bpf_loader.PinnedMap(self.layout.pin_dir / "agent_tgids")
+            try:
+                m.delete(ctypes.c_uint32(pid))
+            finally:
+                m.close()
 
     def run(self) -> None:
         self.server = _ControlServer(str(self.layout.control_socket), self)

@@ -190,3 +190,26 @@ def test_processes_of_another_instance_are_refused(inst, lab, make_instance):
         stop_process(theirs)
         stop_process(parent)
     control_enrol_works(inst, lab)
+
+
+def test_a_selector_of_another_instance_does_not_take_this_instance_s_agent(lab, make_instance):
+    """Instance `other` enrols uid 65530 at exec anywhere on the lab host. An agent of `inst` (its
+    tree on the same host) that becomes uid 65530 stays `inst`'s, and `other` records why it left it
+    alone; an ordinary process of that uid is other's."""
+    inst = make_instance("m", scoped=True, proxy_port=15851, dns_port=15895)
+    other = make_instance("u", scoped=True, proxy_port=15841, dns_port=15893, agents=[{"name": "u", "uid": [65530]}])
+    as_65530 = ["setpriv", "--reuid", "65530", "--regid", "65530", "--clear-groups"]
+    ours = lab.a.popen([*INTERLOCK, "run", "--state-dir", str(inst.state_dir), "--agent", "bot", "--",
+                        *as_65530, "sleep", "60"])
+    plain = lab.a.popen([*as_65530, "sleep", "61"])
+    try:
+        assert wait_until(lambda: comm(ours.pid) == "sleep" and comm(plain.pid) == "sleep")
+        why = wait_until(lambda: next((e["data"]["reason"] for e in other.events("enroll-refused")
+                                       if e["data"]["pid"] == ours.pid), None))
+        assert why and f"belongs to another Interlock instance, '{inst.name}'" in why, why
+        assert "/agents/bot" in cgroup(ours.pid) and inst.cgroup_root.name in cgroup(ours.pid)
+        # control: the selector does enrol a process of that uid that belongs to no instance
+        assert wait_until(lambda: "/agents/u" in cgroup(plain.pid) and other.cgroup_root.name in cgroup(plain.pid))
+    finally:
+        stop_process(ours)
+        stop_process(plain)
