@@ -515,7 +515,7 @@ class Daemon:
     def health(self) -> dict:
         """What anyone may know: whether the capture is up. No agents, selectors or pids."""
         full = self.status()
-        keep = ("instance", "proxy_listening", "programs_attached", "nft_intact")
+        keep = ("instance", "proxy_port", "proxy_listening", "programs_attached", "nft_table", "nft_intact")
         return {**{k: full[k] for k in keep}, "programs": full["programs"],
                 "lockdown": "yes" if full["lockdown"] else None,
                 "restricted": "agents, selectors and pids are shown to root and the operator group only"}

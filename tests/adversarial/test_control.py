@@ -187,6 +187,9 @@ def test_the_operator_group_may_enrol_relabel_and_unenrol_others_may_not(inst, l
         assert cgroup() == origin, "a refused enrol moved the process"
         st = json.loads(as_(stranger, "status", "--json").stdout)
         assert "enrolled" not in st and "selectors" not in st and st["restricted"]
+        r = as_(stranger, "status")
+        assert r.returncode == 0 and "proxy: listening" in r.stdout and "shown to root" in r.stdout, r.stdout + r.stderr
+        assert str(sleeper.pid) not in r.stdout
 
         r = as_(operator, "enroll", "--pid", str(sleeper.pid), "--agent", "bot")
         assert r.returncode == 0, r.stderr
