@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -78,6 +80,55 @@ def cgroup_of(pid: int, mount: Path) -> Path | None:
         if line.startswith("0::"):
             return mount / line[3:].lstrip("/")
     return None
+
+
+@contextmanager
+def frozen(path: Path, timeout: float = 2.0):
+    """Freeze every process of a cgroup for the duration (cgroup v2 freezer, Linux 5.2), and yield
+    whether they all stopped in time. The previous freeze state comes back afterwards."""
+    knob = path / "cgroup.freeze"
+    try:
+        was = knob.read_text().strip()
+        knob.write_text("1")
+    except OSError:
+        yield False
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        done = False
+        while not done and time.monotonic() < deadline:
+            done = "frozen 1" in (path / "cgroup.events").read_text()
+            if not done:
+                time.sleep(0.005)
+        yield done
+    finally:
+        knob.write_text(was or "0")
+
+
+INSTANCE_XATTR = "trusted.interlock.instance"
+
+
+def mark_instance(root: Path, instance: str) -> bool:
+    """Label an instance's cgroup root with its name (a trusted.* xattr: only root can set or
+    read it), so any daemon can tell that a process belongs to some Interlock instance."""
+    try:
+        os.setxattr(root, INSTANCE_XATTR, instance.encode())
+        return True
+    except OSError:
+        return False
+
+
+def instance_of(cgroup: Path, mount: Path) -> tuple[str, Path] | None:
+    """(instance name, its cgroup root) when `cgroup` is inside an instance's tree, else None."""
+    path = cgroup
+    while True:
+        try:
+            return os.getxattr(path, INSTANCE_XATTR).decode(errors="replace"), path
+        except OSError:
+            pass
+        if path == mount or mount not in path.parents:
+            return None
+        path = path.parent
 
 
 def remove_tree(path: Path, park: Path) -> None:

@@ -144,9 +144,14 @@ def cmd_down(args) -> int:
 
 def cmd_run(args) -> int:
     if not args.cmd:
-        raise CliError("nothing to run: interlock run [--agent NAME] -- CMD ARGS…")
+        raise CliError("nothing to run: interlock run [--agent NAME] [--user NAME|UID[:GID]] -- CMD ARGS…")
     agent = args.agent or _agent_name(args.cmd[0])
-    _ask(args, "enroll", pid=os.getpid(), agent=agent, tree=False)
+    user = _user(args.user) if args.user else None
+    if user is not None and os.geteuid() != 0 and user[:2] != (os.getuid(), os.getgid()):
+        raise CliError("--user needs root: only root can run the agent as another user")
+    reply = _ask(args, "enroll", fds=(_pidfd(os.getpid()),), pid=os.getpid(), agent=agent, tree=False)
+    for line in _socket_lines(reply, quiet_if_none=True):
+        print(f"interlock run: {line}", file=sys.stderr)
     # HTTPS is intercepted: the agent's TLS libraries must trust the instance's CA. Processes
     # enrolled by selector or `enroll --pid` do not get these (see docs/ARCHITECTURE.md).
     try:
@@ -157,11 +162,62 @@ def cmd_run(args) -> int:
         for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "AWS_CA_BUNDLE", "CURL_CA_BUNDLE"):
             os.environ[var] = info.ca_bundle
         os.environ["NODE_EXTRA_CA_CERTS"] = info.ca_cert
+    if user is not None:
+        _become(*user)
     try:
         os.execvp(args.cmd[0], args.cmd)
     except OSError as e:
         raise CliError(f"cannot run {args.cmd[0]}: {e.strerror}") from None
     return 127
+
+
+def _pidfd(pid: int) -> int:
+    """A pidfd of `pid` as this CLI's PID namespace names it: the daemon reads the process from it."""
+    try:
+        return os.pidfd_open(pid)
+    except (ProcessLookupError, ValueError):
+        raise CliError(f"no process {pid}") from None
+    except OSError as e:
+        raise CliError(f"no process {pid}" if e.errno == 22 else f"cannot open process {pid}: {e.strerror}") from None
+
+
+def _user(spec: str) -> tuple[int, int, str | None]:
+    """(uid, gid, name) for --user NAME, UID or UID:GID (a uid without a passwd entry keeps gid = uid)."""
+    import pwd
+
+    name, _, group = spec.partition(":")
+    try:
+        pw = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+        uid, gid, login = pw.pw_uid, pw.pw_gid, pw.pw_name
+    except KeyError:
+        if not name.isdigit():
+            raise CliError(f"--user: no user '{name}'") from None
+        uid, gid, login = int(name), int(name), None
+    if group:
+        if not group.isdigit():
+            raise CliError(f"--user: the group in '{spec}' must be a number (UID:GID)")
+        gid = int(group)
+    return uid, gid, login
+
+
+def _become(uid: int, gid: int, login: str | None) -> None:
+    """Drop to uid/gid for good (real, effective and saved ids; supplementary groups of the login
+    or none), after the enrol and before the exec: the agent never holds the caller's rights."""
+    try:
+        if login is not None:
+            os.initgroups(login, gid)
+        else:
+            os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as e:
+        raise CliError(f"cannot become uid {uid} gid {gid}: {e.strerror}") from None
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise CliError(f"cannot become uid {uid} gid {gid}")
+    if login is not None:
+        import pwd
+
+        os.environ.update(USER=login, LOGNAME=login, HOME=pwd.getpwnam(login).pw_dir)
 
 
 def _agent_name(exe: str) -> str:
@@ -170,8 +226,29 @@ def _agent_name(exe: str) -> str:
 
 
 def cmd_enroll(args) -> int:
-    reply = _ask(args, "enroll", pid=args.pid, agent=args.agent or "default", tree=True)
-    _emit(args, reply, f"enrolled {len(reply['pids'])} process(es) as agent {reply['agent']}: {' '.join(map(str, reply['pids']))}")
+    reply = _ask(args, "enroll", fds=(_pidfd(args.pid),), pid=args.pid, agent=args.agent or "default", tree=True)
+    text = (f"enrolled {len(reply['pids'])} process(es) as agent {reply['agent']}: {' '.join(map(str, reply['pids']))}"
+            + (f" (relabelled from {reply['relabelled_from']})" if reply.get("relabelled_from") else ""))
+    _emit(args, reply, "\n".join([text, *_socket_lines(reply)]))
+    return 0
+
+
+def _socket_lines(reply: dict, quiet_if_none: bool = False) -> list[str]:
+    """What the daemon did to the sockets the tree had opened before it was enrolled."""
+    from interceptor.presockets import PreSocket
+
+    found = [PreSocket(**s) for s in reply.get("sockets", []) if s["action"] != "kept"]
+    if not found:
+        return [] if quiet_if_none else ["no inet socket opened before enrolment"]
+    lines = [f"{len(found)} inet socket(s) opened before enrolment can no longer carry a byte unjudged "
+             f"(destroyed: aborted with SOCK_DESTROY and marked; marked: every packet now meets the nft backstop):"]
+    return lines + [f"  {s.line()}" for s in found]
+
+
+def cmd_unenroll(args) -> int:
+    reply = _ask(args, "unenroll", fds=(_pidfd(args.pid),), pid=args.pid, tree=True)
+    _emit(args, reply, f"unenrolled {len(reply['pids'])} process(es) from agent {', '.join(reply['agents']) or '-'}: "
+                       f"{' '.join(map(str, reply['pids']))}")
     return 0
 
 
@@ -223,8 +300,10 @@ def cmd_status(args) -> int:
         print(f"  proxy: {'listening on port ' + str(st['proxy_port']) if st['proxy_listening'] else 'DOWN (agent connections are refused)'}")
         print(f"  nft table inet {st['nft_table']}: {'intact' if st['nft_intact'] else 'MISSING OR ALTERED'}")
         print(f"  lockdown: {st['lockdown'] or 'no'}")
-        for name, pids in st["enrolled"].items():
+        for name, pids in st.get("enrolled", {}).items():
             print(f"  agent {name}: {len(pids)} process(es) {' '.join(map(str, pids[:20]))}")
+        if st.get("restricted"):
+            print(f"  ({st['restricted']})")
     else:
         print(f"  {st['note']}")
     return 0 if st["daemon"] == "running" else 3
@@ -452,12 +531,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("down", parents=[common], help="remove everything the daemon installed").set_defaults(fn=cmd_down)
     p = sub.add_parser("run", parents=[common], help="run a command enrolled as an agent")
     p.add_argument("--agent", help="agent name (default: the command's name)")
+    p.add_argument("--user", metavar="NAME|UID[:GID]", help="run the command as this user, after the enrol (root only)")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_run)
-    p = sub.add_parser("enroll", parents=[common], help="enroll a running process tree")
+    p = sub.add_parser("enroll", parents=[common], help="enroll (or relabel) a running process tree (root or operator group)")
     p.add_argument("--pid", type=int, required=True)
     p.add_argument("--agent")
     p.set_defaults(fn=cmd_enroll)
+    p = sub.add_parser("unenroll", parents=[common], help="take a process tree out of its agent (root or operator group)")
+    p.add_argument("--pid", type=int, required=True)
+    p.set_defaults(fn=cmd_unenroll)
     p = sub.add_parser("sessions", parents=[common], help="list recorded sessions")
     p.add_argument("--agent")
     p.add_argument("--limit", type=int, default=200)

@@ -51,6 +51,9 @@ class Config:
     splice: bool = True  # move bulk opaque connections to kernel splice threads
     metrics_address: str | None = None  # HOST:PORT for Prometheus metrics (loopback); off when unset
     log_format: str = "text"  # or "json": one JSON object per log line (stderr / journald)
+    # Besides root, members of this group (a name or a gid) may enroll, relabel and unenroll
+    # processes and see status details. Unset: root only.
+    operator_group: str | int | None = None
     agents: list[AgentSelector] = field(default_factory=list)
     source: str | None = None
 
@@ -76,6 +79,10 @@ def load(path: Path | None) -> Config:
     for key, value in raw.items():
         if key == "agents":
             cfg.agents = _agents(path, value)
+        elif key == "operator_group":
+            if isinstance(value, bool) or not isinstance(value, (str, int)) or value in ("", -1):
+                raise ConfigError(f"{path}: 'operator_group' must be a group name or a gid, got {value!r}")
+            cfg.operator_group = value
         elif key in _SCALARS:
             typ = _SCALARS[key]
             if typ is float and isinstance(value, int):
@@ -84,7 +91,7 @@ def load(path: Path | None) -> Config:
                 raise ConfigError(f"{path}: '{key}' must be {typ.__name__}, got {value!r}")
             setattr(cfg, key, value)
         else:
-            raise ConfigError(f"{path}: unknown key '{key}' (known: {', '.join([*_SCALARS, 'agents'])})")
+            raise ConfigError(f"{path}: unknown key '{key}' (known: {', '.join([*_SCALARS, 'operator_group', 'agents'])})")
     if cfg.policy and not Path(cfg.policy).is_absolute():
         cfg.policy = str((Path(path).parent / cfg.policy).resolve())
     _check(path, cfg)

@@ -17,42 +17,21 @@ import threading
 import time
 from pathlib import Path
 
-from interceptor import bpf_loader, cgroups, firewall
+from interceptor import authority, bpf_loader, cgroups, enrolment, firewall
 from interceptor.bpf_types import ExecEvent, Settings
 from interceptor.bpf_types import Path as BpfPath
 from interceptor.config import Config
-from interceptor.control import peer_credentials
+from interceptor.control import peer_credentials, peer_groups, receive
 from interceptor.layout import InstanceInfo, Layout, valid_name
+from interceptor.procinfo import NoSuchProcess, descendants, pid_of_pidfd
 from recorder.store import Recorder
+
+REFUSALS_PER_SECOND = 20  # recorded one by one per uid; beyond, counted (a local user cannot flood the recorder)
+CONTROL_TIMEOUT = 10.0  # seconds a control client may take to send its request
 
 
 class DaemonError(RuntimeError):
     pass
-
-
-def descendants(pid: int) -> list[int]:
-    """pid and every process below it, from /proc (parents before children)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop(0)
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def proc_uid(pid: int) -> int:
-    return os.stat(f"/proc/{pid}").st_uid
 
 
 def netns_id() -> str:
@@ -74,16 +53,25 @@ class Daemon:
         self.backstop: firewall.Backstop | None = None
         self.agent_ids: dict[str, int] = {}
         self.server: socketserver.BaseServer | None = None
+        self.operator_gid: int | None = None
+        self.origins: dict[int, Path] = {}  # enrolled pid -> the cgroup it came from (for unenroll)
+        self.refusal_budget: dict[int, tuple[int, int, int]] = {}  # uid -> (second, recorded, suppressed)
 
     # ---- setup -------------------------------------------------------------------------
 
     def start(self) -> None:
         lay, cfg = self.layout, self.config
+        try:
+            self.operator_gid = authority.resolve_group(cfg.operator_group)
+        except KeyError:
+            raise DaemonError(f"operator_group '{cfg.operator_group}': no such group (create it with groupadd, "
+                              f"or give a numeric gid)") from None
         for d in (lay.state_dir, lay.run_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o755)
         os.chmod(lay.state_dir, 0o700)
         cgroups.ensure(lay.agents_cgroup)
         cgroups.ensure(lay.daemon_cgroup)
+        cgroups.mark_instance(lay.cgroup_root, cfg.instance)
         cgroups.move(os.getpid(), lay.daemon_cgroup)
         self.recorder = Recorder(lay.db)
         self.recorder.db["agents"].create({"id": int, "name": str}, pk="id", if_not_exists=True)
@@ -174,6 +162,9 @@ class Daemon:
                 here = cgroups.cgroup_of(key.value, cgroups.cgroup2_mount())
                 target = self.layout.agent_cgroup(names[agent_id.value])
                 if here is not None and here != target:
+                    if self._selector_refusal(key.value) is not None:
+                        tgids.delete(key)
+                        continue
                     try:
                         cgroups.move(key.value, target)
                         self.recorder.event("enrolled", {"pid": key.value, "agent": names[agent_id.value],
@@ -268,6 +259,13 @@ class Daemon:
         name = next((n for n, i in self.agent_ids.items() if i == ev.agent_id), None)
         if name is None:
             return
+        why = self._selector_refusal(ev.tgid)
+        if why is not None:
+            self._forget_tgid(ev.tgid)
+            if why:  # "" for a process outside this instance's view: not ours to record
+                self.recorder.event("enroll-refused", {"pid": ev.tgid, "agent": name, "via": "exec-selector",
+                                                       "reason": why})
+            return
         moved = True
         try:
             cgroups.move(ev.tgid, self.layout.agent_cgroup(name))
@@ -276,8 +274,38 @@ class Daemon:
         self.recorder.event("enrolled", {"pid": ev.tgid, "agent": name, "via": "exec-selector",
                                          "comm": ev.comm.decode(errors="replace"), "moved": moved})
 
+    def _selector_refusal(self, pid: int) -> str | None:
+        """Why a process an exe/uid selector matched at exec must not be moved: "" when it is none of
+        this instance's business (outside an explicitly configured capture scope: another instance or
+        lab on the host may own it), a reason when it is Interlock itself or another instance's
+        process, None when it may be moved."""
+        scope = self._scope()
+        cg = cgroups.cgroup_of(pid, scope.mount)
+        if cg is None:
+            return ""
+        cap = self.layout.capture_cgroup
+        if cap != self.layout.cgroup_root and cg != cap and cap not in cg.parents:
+            return ""
+        if pid == 1:
+            return "pid 1 is the host's init"
+        try:
+            enrolment.check_member(pid, scope)
+        except enrolment.Refused as e:
+            return str(e)
+        return None
+
+    def _forget_tgid(self, pid: int) -> None:
+        with self.lock:
+            m = bpf_loader.PinnedMap(self.layout.pin_dir / "agent_tgids")
+            try:
+                m.delete(ctypes.c_uint32(pid))
+            finally:
+                m.close()
+
     def run(self) -> None:
         self.server = _ControlServer(str(self.layout.control_socket), self)
+        # Open to every local user on purpose: each request is answered and a refused one is
+        # recorded; what a caller may ask is decided per request (interceptor/authority.py).
         os.chmod(self.layout.control_socket, 0o666)
         threading.Thread(target=self.server.serve_forever, daemon=True, name="control").start()
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
@@ -301,45 +329,196 @@ class Daemon:
 
     # ---- control requests ---------------------------------------------------------------
 
-    def handle(self, req: dict, cred: tuple[int, int, int]) -> dict:
-        op = req.get("op")
-        _, uid, _ = cred
+    def handle(self, req: dict, caller: authority.Caller, fds: list[int] | None = None) -> dict:
+        op = str(req.get("op"))
+        why = authority.refusal(op, caller, self.operator_gid)
+        if why is not None:
+            return self._refuse(op, req, caller, why)
         if op == "ping":
             return {"ok": True, "instance": self.config.instance, "pid": os.getpid()}
         if op == "status":
-            return {"ok": True, **self.status()}
-        if op == "enroll":
-            return self.enroll(int(req["pid"]), str(req.get("agent") or ""), uid, bool(req.get("tree", True)))
-        if uid != 0:
-            return {"ok": False, "error": f"'{op}' needs root"}
+            if authority.may_see_details(caller, self.operator_gid):
+                return {"ok": True, **self.status()}
+            return {"ok": True, **self.health()}
+        if op in ("enroll", "unenroll"):
+            try:
+                pid = self._target_pid(req, caller, fds or [])
+                if op == "enroll":
+                    return self.enroll(pid, str(req.get("agent") or ""), bool(req.get("tree", True)), caller)
+                return self.unenroll(pid, bool(req.get("tree", True)), caller)
+            except enrolment.Refused as e:
+                return self._refuse(op, req, caller, str(e))
         if op == "rearm":
-            return self.rearm(by=f"uid {uid}")
+            return self.rearm(by=f"uid {caller.uid}")
         if op == "down":
             self.teardown_requested = True
             self.stopping.set()
             return {"ok": True}
         return {"ok": False, "error": f"unknown request '{op}'"}
 
-    def enroll(self, pid: int, agent: str, uid: int, tree: bool) -> dict:
-        if not agent:
-            return {"ok": False, "error": "an agent name is required"}
+    def _refuse(self, op: str, req: dict, caller: authority.Caller, why: str) -> dict:
+        """Every refused request is on record before it is answered; past REFUSALS_PER_SECOND from
+        one uid, the rest of that second is counted and the count goes on the next record."""
+        asked = {k: req[k] for k in ("pid", "agent", "tree") if k in req}
+        with self.lock:
+            now = int(time.monotonic())
+            second, count, suppressed = self.refusal_budget.get(caller.uid, (now, 0, 0))
+            if second != now:
+                second, count = now, 0
+            if count >= REFUSALS_PER_SECOND:
+                self.refusal_budget[caller.uid] = (second, count, suppressed + 1)
+                return {"ok": False, "error": f"refused: {why}"}
+            self.refusal_budget[caller.uid] = (second, count + 1, 0)
+            self.recorder.event("control-refused", {"op": op, "asked": asked, "reason": why, "caller_pid": caller.pid,
+                                                    "caller_uid": caller.uid, "caller_gid": caller.gid,
+                                                    "caller_agent": caller.agent, "suppressed_before": suppressed},
+                                durable=True)
+        return {"ok": False, "error": f"refused: {why}"}
+
+    def caller(self, sock) -> authority.Caller:
+        """The peer of a control connection: credentials from the kernel, agent-ness from its cgroup,
+        the agent maps and the selectors."""
+        pid, uid, gid = peer_credentials(sock)
+        groups = tuple(peer_groups(sock))
         try:
-            if uid != 0 and proc_uid(pid) != uid:
-                return {"ok": False, "error": f"pid {pid} belongs to another user"}
-            agent_id = self.ensure_agent(agent)
-            target = self.layout.agent_cgroup(agent)
-            pids = descendants(pid) if tree else [pid]
-            for p in pids:
-                try:
-                    cgroups.move(p, target)
-                except ProcessLookupError:
-                    pass
-        except FileNotFoundError:
-            return {"ok": False, "error": f"no process {pid}"}
-        except (DaemonError, OSError) as e:
-            return {"ok": False, "error": str(e)}
-        self.recorder.event("enrolled", {"pid": pid, "agent": agent, "via": "request", "pids": pids})
-        return {"ok": True, "agent": agent, "agent_id": agent_id, "pids": pids}
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return authority.Caller(pid, uid, gid, groups, gone=True)
+        try:
+            agent = self.agent_of(pid, uid)
+            gone = _exited(pidfd)  # the pid could have been reused while we looked: then trust nothing
+        finally:
+            os.close(pidfd)
+        return authority.Caller(pid, uid, gid, groups, agent=agent, gone=gone)
+
+    def agent_of(self, pid: int, uid: int) -> str | None:
+        """Why a process counts as an agent (of this instance or another), or None."""
+        mount = cgroups.cgroup2_mount()
+        cg = cgroups.cgroup_of(pid, mount)
+        lay = self.layout
+        if cg is not None and lay.agents_cgroup in cg.parents:
+            return f"enrolled as agent '{cg.relative_to(lay.agents_cgroup).parts[0]}'"
+        names = {i: n for n, i in self.agent_ids.items()}
+        with self.lock:
+            cgm = bpf_loader.PinnedMap(lay.pin_dir / "agent_cgroups")
+            tgm = bpf_loader.PinnedMap(lay.pin_dir / "agent_tgids")
+            try:
+                agent_id = ctypes.c_uint32()
+                if cg is not None and cg.exists() and cgm.lookup(ctypes.c_uint64(cgroups.cgroup_id(cg)), agent_id):
+                    return f"in a cgroup enrolled as agent '{names.get(agent_id.value, agent_id.value)}'"
+                if tgm.lookup(ctypes.c_uint32(pid), agent_id):
+                    return f"enrolled at exec as agent '{names.get(agent_id.value, agent_id.value)}'"
+            finally:
+                cgm.close()
+                tgm.close()
+        if any(uid in sel.uid for sel in self.config.agents):
+            return f"uid {uid} is an agent's uid selector"
+        owner = cgroups.instance_of(cg, mount) if cg is not None else None
+        if owner is not None and cg is not None and (owner[1] / "agents") in cg.parents:
+            return f"an agent of instance '{owner[0]}'"
+        return None
+
+    def _target_pid(self, req: dict, caller: authority.Caller, fds: list[int]) -> int:
+        """The host pid a request is about: from the pidfd it carries (resolved in the daemon's own PID
+        namespace), or from a bare number only when the caller shares the daemon's PID namespace."""
+        if fds:
+            try:
+                return pid_of_pidfd(fds[0])
+            except NoSuchProcess as e:
+                raise enrolment.Refused(f"no process {req.get('pid', '?')} ({e})") from None
+            except ValueError as e:
+                raise enrolment.Refused(str(e)) from None
+        try:
+            pid = int(req["pid"])
+        except (KeyError, TypeError, ValueError):
+            raise enrolment.Refused("the request names no process: give 'pid' (and pass a pidfd)") from None
+        try:
+            same = os.stat(f"/proc/{caller.pid}/ns/pid").st_ino == os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            same = False
+        if not same:
+            raise enrolment.Refused("your PID namespace is not the daemon's: pass a pidfd of the process "
+                                    "(the interlock CLI does)")
+        if pid <= 0:
+            raise enrolment.Refused(f"no process {pid}")
+        return pid
+
+    def _scope(self) -> enrolment.Scope:
+        lay = self.layout
+        own = {os.getpid()} | ({self.proxy.pid} if self.proxy is not None else set())
+        return enrolment.Scope(self.config.instance, cgroups.cgroup2_mount(), lay.cgroup_root, lay.agents_cgroup,
+                               lay.daemon_cgroup, frozenset(own))
+
+    def enroll(self, pid: int, agent: str, tree: bool, caller: authority.Caller) -> dict:
+        """Move a process (tree) into an agent's cgroup, or relabel one already enrolled; then
+        neutralise the sockets it opened before. Refused (enrolment.Refused) for the wrong targets."""
+        if not agent:
+            raise enrolment.Refused("an agent name is required")
+        scope = self._scope()
+        enrolment.check_target(pid, scope)
+        before = cgroups.cgroup_of(pid, scope.mount)
+        was = before.name if before is not None and before.parent == self.layout.agents_cgroup else None
+        with self.lock:
+            try:
+                agent_id = self.ensure_agent(agent)
+            except DaemonError as e:
+                raise enrolment.Refused(str(e)) from None
+            moved = enrolment.move_tree(pid, self.layout.agent_cgroup(agent), tree, scope)
+            if not moved:
+                raise enrolment.Refused(f"no process {pid} (it exited before it could be moved)")
+            sockets, still = enrolment.neutralise_or_restore(pid, moved, self.config.mark,
+                                                             self.layout.agent_cgroup(agent))
+            for p, origin in moved.items():
+                if self.layout.agents_cgroup not in origin.parents:
+                    self.origins[p] = origin
+            pids = sorted(moved)
+            self.recorder.event("enrolled", {"pid": pid, "agent": agent, "via": "request", "pids": pids,
+                                             "relabelled_from": was, "by_uid": caller.uid, "by_pid": caller.pid,
+                                             "sockets": [s.as_dict() for s in sockets], "frozen": still},
+                                durable=True)
+        return {"ok": True, "agent": agent, "agent_id": agent_id, "pids": pids, "relabelled_from": was,
+                "sockets": [s.as_dict() for s in sockets]}
+
+    def unenroll(self, pid: int, tree: bool, caller: authority.Caller) -> dict:
+        """Take a process (tree) out of this instance's agent cgroups, back where it came from."""
+        scope = self._scope()
+        enrolment.check_target(pid, scope)
+        cg = cgroups.cgroup_of(pid, scope.mount)
+        lay = self.layout
+        if cg is None or lay.agents_cgroup not in cg.parents:
+            why = self.agent_of(pid, 0)
+            hint = f" (it is {why}: change the agent selectors in the config)" if why else ""
+            raise enrolment.Refused(f"pid {pid} is not enrolled in an agent cgroup of instance {self.config.instance}{hint}")
+        park = lay.cgroup_root.parent
+        out, agents = [], set()
+        with self.lock:
+            tgm = bpf_loader.PinnedMap(lay.pin_dir / "agent_tgids")
+            try:
+                for p in descendants(pid) if tree else [pid]:
+                    here = cgroups.cgroup_of(p, scope.mount)
+                    if here is None or lay.agents_cgroup not in here.parents:
+                        continue
+                    origin = self.origins.pop(p, park)
+                    try:
+                        cgroups.move(p, origin if origin.is_dir() else park)
+                    except OSError:
+                        continue
+                    tgm.delete(ctypes.c_uint32(p))
+                    out.append(p)
+                    agents.add(here.relative_to(lay.agents_cgroup).parts[0])
+            finally:
+                tgm.close()
+            self.recorder.event("unenrolled", {"pid": pid, "pids": out, "agents": sorted(agents),
+                                               "by_uid": caller.uid, "by_pid": caller.pid}, durable=True)
+        return {"ok": True, "pids": out, "agents": sorted(agents)}
+
+    def health(self) -> dict:
+        """What anyone may know: whether the capture is up. No agents, selectors or pids."""
+        full = self.status()
+        keep = ("instance", "proxy_port", "proxy_listening", "programs_attached", "nft_table", "nft_intact")
+        return {**{k: full[k] for k in keep}, "programs": full["programs"],
+                "lockdown": "yes" if full["lockdown"] else None,
+                "restricted": "agents, selectors and pids are shown to root and the operator group only"}
 
     def status(self) -> dict:
         lay = self.layout
@@ -376,18 +555,36 @@ class _ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         super().__init__(path, _ControlHandler)
 
 
-class _ControlHandler(socketserver.StreamRequestHandler):
+class _ControlHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
+        fds: list[int] = []
+        self.request.settimeout(CONTROL_TIMEOUT)
         try:
-            req = json.loads(self.rfile.readline(65536) or b"{}")
-            reply = self.server.il.handle(req, peer_credentials(self.request))
+            req, fds = receive(self.request)
+            il = self.server.il
+            reply = il.handle(req, il.caller(self.request), fds)
         except (ValueError, KeyError, TypeError) as e:
             reply = {"ok": False, "error": f"bad request: {e}"}
-        self.wfile.write(json.dumps(reply).encode() + b"\n")
+        except Exception as e:  # one request's failure must not leave its client without an answer
+            reply = {"ok": False, "error": f"the daemon could not carry out the request: {e}"}
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            self.request.sendall(json.dumps(reply).encode() + b"\n")
+        except OSError:
+            pass  # the client is gone; a refusal is on record already
 
 
 def _be16(port: int) -> int:
     return ((port & 0xFF) << 8) | (port >> 8)
+
+
+def _exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited (pidfd_open(2))."""
+    import select
+
+    return bool(select.select([pidfd], [], [], 0)[0])
 
 
 def _alive(pid: int) -> bool:

@@ -1,8 +1,10 @@
 """The nftables backstop: agent sockets may only reach the proxy and the resolver.
 
 The BPF hooks do the redirecting; this table is what refuses everything they miss (a detached
-program, raw or packet paths, QUIC, a socket opened before enrollment). It matches agents two
-ways: by the mark the sock_create hook puts on every agent socket, and by cgroup path."""
+program, raw or packet paths, QUIC). It matches agents two ways: by the mark the sock_create hook
+puts on every agent socket, and by cgroup path. Both are properties of the socket fixed when it
+is created, so neither sees a socket opened before its process was enrolled: `interlock enroll`
+marks and aborts those itself (interceptor/presockets.py), after which this table judges them."""
 
 from __future__ import annotations
 

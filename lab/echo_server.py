@@ -1,7 +1,8 @@
 """A TCP echo and UDP sink for the server host: logs every connection and datagram it sees.
 
 `python -m lab.echo_server LOG PORT` serves TCP and UDP on PORT, IPv4 and IPv6; each line of LOG
-is JSON: {"proto", "peer", "bytes"}. Tests read LOG to prove what reached the server."""
+is JSON: {"proto", "peer", "bytes"}; every TCP read is a "tcp-data" line with the peer's port and
+the bytes' start (`head`). Tests read LOG to prove what reached the server."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ class Echo(asyncio.Protocol):
         self.log({"proto": "tcp", "peer": peer[0], "port": peer[1]})
 
     def data_received(self, data):
+        peer = self.transport.get_extra_info("peername")
+        self.log({"proto": "tcp-data", "peer": peer[0], "port": peer[1], "bytes": len(data),
+                  "head": data[:64].decode("latin-1")})
         self.transport.write(data)
 
 

@@ -36,6 +36,7 @@ LOGGED_EVENTS = {
     "daemon-start": logging.INFO, "daemon-stop": logging.INFO, "proxy-start": logging.INFO,
     "proxy-exit": logging.WARNING, "policy-loaded": logging.INFO, "policy-rejected": logging.ERROR,
     "enrolled": logging.INFO, "unenrolled": logging.INFO, "enroll-refused": logging.WARNING,
+    "control-refused": logging.WARNING,
     "lockdown": logging.CRITICAL, "tamper": logging.CRITICAL, "rearm": logging.WARNING,
     "watch-error": logging.ERROR, "recorder-failed": logging.CRITICAL, "recorder-recovered": logging.WARNING,
     "approval-requested": logging.INFO, "approval-approved": logging.INFO, "approval-denied": logging.INFO,

@@ -44,6 +44,8 @@ def test_run_without_a_command(sd):
     ("agents: [{name: a, exe: [relative/path]}]\n", "must be an absolute path"),
     ("cgroup_root: a/b\ncapture_cgroup: c\n", "must contain 'cgroup_root'"),
     ("proxy_port: [1\n", "not valid YAML"),
+    ("operator_group: [wheel]\n", "'operator_group' must be a group name or a gid"),
+    ("operator_group: no-such-group-h9\n", "operator_group 'no-such-group-h9': no such group"),
 ])
 def test_bad_config_is_refused_with_the_key_named(tmp_path, sd, text, message):
     cfg = tmp_path / "c.yaml"
@@ -51,6 +53,20 @@ def test_bad_config_is_refused_with_the_key_named(tmp_path, sd, text, message):
     r = run("daemon", "--state-dir", sd, "--config", str(cfg))
     no_traceback(r)
     assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_enrolment_verbs_name_a_missing_process_before_asking(sd):
+    for verb in ("enroll", "unenroll"):
+        r = run(verb, "--state-dir", sd, "--pid", "0")
+        no_traceback(r)
+        assert r.returncode == 2 and "no process 0" in r.stderr, r.stderr
+
+
+def test_run_user_needs_root(sd):
+    r = subprocess.run(["setpriv", "--reuid", "65533", "--regid", "65533", "--clear-groups", *CLI, "run",
+                        "--state-dir", sd, "--user", "0", "--", "true"], capture_output=True, text=True, timeout=60)
+    no_traceback(r)
+    assert r.returncode == 2 and "--user needs root" in r.stderr, r.stderr
 
 
 def test_missing_config_file(sd):
