@@ -41,6 +41,7 @@ class Config:
     # unset, so instances sharing a network namespace do not judge each other's agents.
     mark: int | None = None
     dns_upstream: str | None = None
+    dns_timeout: float = 2.0  # an upstream nameserver silent this long gets the agent SERVFAIL
     proxy_restart_delay: float = 1.0
     connect_timeout: float = 10.0
     watch_interval: float = 0.2
@@ -59,7 +60,7 @@ class Config:
 
 
 _SCALARS = {"instance": str, "cgroup_root": str, "capture_cgroup": str, "proxy_port": int, "dns_port": int, "mark": int,
-            "dns_upstream": str, "proxy_restart_delay": float, "connect_timeout": float,
+            "dns_upstream": str, "dns_timeout": float, "proxy_restart_delay": float, "connect_timeout": float,
             "watch_interval": float, "first_byte_timeout": float, "policy": str, "tls_trust": str,
             "splice": bool, "metrics_address": str, "log_format": str}
 
@@ -139,6 +140,8 @@ def _check(path: Path, cfg: Config) -> None:
         host, _, port = cfg.metrics_address.rpartition(":")
         if not port.isdigit() or not 1 <= int(port) <= 65535 or not host:
             raise ConfigError(f"{path}: 'metrics_address' must be HOST:PORT (e.g. 127.0.0.1:9464), got {cfg.metrics_address!r}")
+    if not 0 < cfg.dns_timeout <= 30:
+        raise ConfigError(f"{path}: 'dns_timeout' must be a number of seconds in (0, 30]")
     root = cfg.cgroup_root.strip("/")
     if root in ("", ".") or ".." in cfg.cgroup_root:
         raise ConfigError(f"{path}: 'cgroup_root' must name a cgroup below the cgroup2 mount")

@@ -69,7 +69,10 @@ class Target:
             ip = None
         if ip is not None and any(ip in net for net in self.networks if net.version == ip.version):
             return True
-        return any(fnmatch.fnmatch(n.lower(), h) for n in dest.names for h in self.hostnames)
+        return self.names_match(dest.names)
+
+    def names_match(self, names: tuple[str, ...]) -> bool:
+        return any(fnmatch.fnmatch(n.lower(), h) for n in names for h in self.hostnames)
 
 
 @dataclass
@@ -151,6 +154,12 @@ class Policy:
         return next((r for r in self.rules if r.name == name), None)
 
     def decide(self, agent: str, dest: Destination, op: Operation) -> Decision:
+        """The first matching rule's decision. A destination known by several names is judged
+        under each name alone and the most restrictive answer wins: which of an address's names
+        a connection "means" is the agent's to choose, so no name may lend it a looser rule."""
+        if len(dest.names) > 1:
+            return max((self.decide(agent, Destination(dest.address, dest.port, (n,), dest.protocol), op)
+                        for n in dest.names), key=lambda d: _STRICTNESS[d.verdict])
         names = self._attr_names
         if names is None:
             names = self._attr_names = tuple(sorted({n for r in self.rules for n, _ in r.attributes}))
@@ -165,13 +174,21 @@ class Policy:
 
     def _decide(self, agent: str, dest: Destination, op: Operation) -> Decision:
         who = self.agents.get(agent) or Agent(agent)
-        names = {t.name for t in self.targets_for(dest)}
+        if op.protocol == "dns" and op.action != "connect":
+            # A DNS query goes to Interlock's resolver, not to a target: it is judged against
+            # the targets its name names (by hostname; their ports and addresses do not apply).
+            names = {t.name for t in self.targets.values() if t.names_match(dest.names)}
+        else:
+            names = {t.name for t in self.targets_for(dest)}
         for rule in self.rules:
             if rule.matches(who, names, op):
                 return Decision(rule.verdict, rule.name, rule.reason or f"rule '{rule.name}' ({self.source}:{rule.line})",
                                 mask=rule.mask, approval_timeout=rule.timeout or (
                                     DEFAULT_APPROVAL_TIMEOUT if rule.verdict is Verdict.APPROVE else None))
         return Decision(self.default, "default", f"no rule matched; the policy's default is {self.default.value}")
+
+
+_STRICTNESS = {Verdict.ALLOW: 0, Verdict.MASK: 1, Verdict.APPROVE: 2, Verdict.DENY: 3}
 
 
 # ---- loading -------------------------------------------------------------------------------

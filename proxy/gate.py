@@ -1,5 +1,5 @@
 """What the proxy consults before it lets an operation through: the policy in force, the names
-an address is known by, and the approvals being waited on."""
+each agent has bound to an address through the resolver, and the approvals being waited on."""
 
 from __future__ import annotations
 
@@ -64,22 +64,51 @@ class PolicyHolder:
                 self.reload()
 
 
-class NameCache:
-    """Address → names the agents resolved it from (through our resolver), for hostname targets."""
+class NameBindings:
+    """Per agent, the names it resolved through Interlock's resolver and the addresses they
+    resolved to, each until its answer's TTL runs out (within [MIN_TTL, MAX_TTL]).
 
-    def __init__(self, size: int = 4096):
-        self._names: OrderedDict[str, set[str]] = OrderedDict()
+    A hostname target matches a connection only by a name bound to the dialled address for
+    that agent (or one the upstream certificate proves, in intercept mode): an SNI or Host
+    header alone is the agent's word, not evidence of where the connection goes."""
+
+    MIN_TTL = 30.0  # stubs and libraries keep an answer a little past a short TTL
+    MAX_TTL = 86400.0
+
+    def __init__(self, size: int = 65536, clock=time.monotonic):
+        self._by: OrderedDict[tuple[str, str], dict[str, float]] = OrderedDict()
         self.size = size
+        self.clock = clock
 
-    def add(self, address: str, name: str) -> None:
-        names = self._names.pop(address, set())
-        names.add(name.lower().rstrip("."))
-        self._names[address] = names
-        while len(self._names) > self.size:
-            self._names.popitem(last=False)
+    def bind(self, agent: str, name: str, address: str, ttl: float) -> None:
+        key = (agent, _norm_addr(address))
+        names = self._by.pop(key, {})
+        ttl = min(max(float(ttl), self.MIN_TTL), self.MAX_TTL)
+        names[name.lower().rstrip(".")] = self.clock() + ttl
+        self._by[key] = names
+        while len(self._by) > self.size:
+            self._by.popitem(last=False)
 
-    def names(self, address: str) -> tuple[str, ...]:
-        return tuple(sorted(self._names.get(address, ())))
+    def names(self, agent: str, address: str) -> tuple[str, ...]:
+        """The names bound to address for agent, now."""
+        names = self._by.get((agent, _norm_addr(address)))
+        if not names:
+            return ()
+        now = self.clock()
+        live = tuple(sorted(n for n, until in names.items() if until > now))
+        if len(live) != len(names):
+            for n in [n for n, until in names.items() if until <= now]:
+                del names[n]
+        return live
+
+    def bound(self, agent: str, name: str, address: str) -> bool:
+        return name.lower().rstrip(".") in self.names(agent, address)
+
+
+def _norm_addr(address: str) -> str:
+    """One spelling per address: the v4-mapped form an IPv6 socket dials is the IPv4 address."""
+    a = address.lower().split("%")[0]
+    return a[7:] if a.startswith("::ffff:") and "." in a else a
 
 
 class Holds:

@@ -5,6 +5,7 @@ peer address; the entry is taken (read and deleted) once."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ def _read_proc(tgid: int) -> tuple[str, str]:
 class Origins:
     def __init__(self, pin_dir: Path):
         self.map = PinnedMap(pin_dir / "by_peer")
+        self.by_cookie = PinnedMap(pin_dir / "by_cookie")
 
     def take(self, peer_host: str, peer_port: int) -> tuple[Destination, Identity] | None:
         return self._take(Endpoint.of(peer_host, peer_port))
@@ -76,6 +78,14 @@ class Origins:
     def _take(self, key: Endpoint) -> tuple[Destination, Identity] | None:
         o = Origin()
         if not self.map.take(key, o):
+            return None
+        return _decode(o)
+
+    def of_socket(self, cookie: int) -> tuple[Destination, Identity] | None:
+        """What the hooks filed for a live agent socket (a UDP one: DNS), by its cookie; read,
+        not taken: the socket may send again. None for a socket no hook redirected."""
+        o = Origin()
+        if not self.by_cookie.lookup(ctypes.c_uint64(cookie), o):
             return None
         return _decode(o)
 

@@ -19,6 +19,7 @@ from classifier import Classifier
 from classifier import Verdict as Classified
 from policy.engine import Destination
 from policy.model import Decision, Operation, Verdict
+from proxy import naming
 from proxy.handler import HANDLERS, Handler
 from proxy.splice import SPLICE_AFTER, Splice
 from proxy.splice import available as splice_available
@@ -54,6 +55,8 @@ class AgentSide(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.splice_ok = SPLICE_ENABLED and proxy.config.splice
         self.splicing = False
+        self.proven: set[str] = set()  # names the verified upstream certificate covers (intercept TLS)
+        self.unproven_sni: str | None = None  # let through on the condition that the certificate proves it
 
     # ---- accept, classify, judge ---------------------------------------------------------
 
@@ -110,16 +113,21 @@ class AgentSide(asyncio.Protocol):
         else:
             self._start_flow()
 
+    # ---- names: what may count as the destination's name (proxy/naming.py) -----------------
+
     def names(self) -> tuple[str, ...]:
-        """What the agent called the destination: SNI or Host, and names it resolved."""
-        extra = tuple(str(self.details[k]).lower() for k in ("sni", "host") if self.details.get(k))
-        return extra + self.proxy.names.names(self.rec.dst_addr)
+        """The names this connection is judged under: the one it claims (SNI, else the Host of
+        its first request) if this agent bound it to the dialled address through the resolver
+        or the upstream certificate proved it; with no claim, every name the agent bound to the
+        address (each judged alone). A claimed name with neither counts for nothing: the
+        connection is judged by its address alone."""
+        return naming.connection_names(self)
 
     def _judge(self) -> None:
         self.decided = True
         if self.rec.protocol == "unknown":
             self.rec.protocol = "tcp"
-        decision, written = self.proxy.judge(self.rec, names=self.names())
+        decision, written = naming.judge_connection(self)
         self.rec.verdict, self.rec.rule = decision.verdict.value, decision.rule
         self.proxy.loop.create_task(self._act(decision, written))
 

@@ -1,21 +1,44 @@
-"""The agents' DNS resolver: forwards each query to the upstream nameserver and logs it.
+"""The agents' DNS resolver: every query judged by the policy, on record with its agent, and sent
+upstream only as a question rebuilt by Interlock.
 
-Agent DNS reaches it through the sendmsg hooks; the recvmsg hooks make the replies look as if
-they came from the server the agent asked."""
+Agent DNS reaches it through the sendmsg/connect hooks; the recvmsg hooks make the replies look
+as if they came from the server the agent asked. For each datagram:
+
+1. Who sent it: the kernel names the sending socket (proxy/sockdiag.py), the hooks filed the
+   agent's identity under that socket's cookie. A datagram no hook redirected (someone dialled
+   the resolver port directly) is refused and recorded as `no-origin`.
+2. Each agent socket is a session (protocol `dns`, destination the nameserver the agent asked);
+   every query is an event on it (name, type, outcome, rcode, addresses, agent, pid).
+3. The query is read strictly (proxy/dnswire.py): a malformed one, one with bytes after its
+   last record, several questions, another opcode or an oversized name gets FORMERR (NOTIMP
+   for the opcode) and goes nowhere.
+4. The policy judges a `dns` operation: action the record type (`a`, `txt`, …), object the
+   name. A refusal is on disk before the agent gets REFUSED.
+5. Allowed: the question alone goes upstream under a fresh id; an upstream that does not answer
+   within `dns_timeout` (2 s by default) gets the agent SERVFAIL. The A/AAAA records of the answer
+   bind their names to their addresses for this agent (proxy/gate.py NameBindings): the only
+   way a hostname target can match a later connection without a certificate to prove it."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import dpkt
-
-from recorder.store import Recorder
+from policy.engine import Destination
+from policy.model import Operation, Verdict
+from proxy import dnswire
+from proxy.sockdiag import SockDiag
+from recorder.store import SessionRecord
 
 if TYPE_CHECKING:
-    from proxy.gate import NameCache
+    from proxy.server import Proxy
+
+SESSION_IDLE = 10.0  # a DNS session (one agent socket) is closed on the record after this long quiet
+MAX_IN_FLIGHT = 512  # queries waiting on the upstream at once; past it, SERVFAIL at once
 
 
 def system_nameserver(resolv_conf: Path = Path("/etc/resolv.conf")) -> str | None:
@@ -29,76 +52,191 @@ def system_nameserver(resolv_conf: Path = Path("/etc/resolv.conf")) -> str | Non
     return None
 
 
-def describe(query: bytes) -> dict:
-    """Names and types asked, for the record; malformed queries are described as such."""
-    try:
-        msg = dpkt.dns.DNS(query)
-        return {"id": msg.id, "questions": [{"name": q.name, "type": q.type} for q in msg.qd]}
-    except (dpkt.UnpackError, IndexError, ValueError):
-        return {"malformed": True, "length": len(query)}
-
-
-def answers(reply: bytes) -> list[tuple[str, str]]:
-    """(name asked, address) for each A/AAAA answer: which names an address is known by."""
-    try:
-        msg = dpkt.dns.DNS(reply)
-    except (dpkt.UnpackError, IndexError, ValueError):
-        return []
-    asked = msg.qd[0].name if msg.qd else ""
-    out = []
-    for rr in msg.an:
-        if rr.type == dpkt.dns.DNS_A and len(rr.rdata) == 4:
-            out.append((asked, socket.inet_ntop(socket.AF_INET, rr.rdata)))
-        elif rr.type == dpkt.dns.DNS_AAAA and len(rr.rdata) == 16:
-            out.append((asked, socket.inet_ntop(socket.AF_INET6, rr.rdata)))
-    return out
-
-
 class _Upstream(asyncio.DatagramProtocol):
-    def __init__(self, answer: asyncio.Future):
-        self.answer = answer
+    def __init__(self, query: dnswire.Query, qid: int, answer: asyncio.Future):
+        self.query, self.qid, self.answer = query, qid, answer
 
     def datagram_received(self, data: bytes, addr) -> None:
-        if not self.answer.done():
+        if not self.answer.done() and dnswire.check_reply(self.query, self.qid, data):
             self.answer.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(exc)
 
 
 class Resolver(asyncio.DatagramProtocol):
-    def __init__(self, loop: asyncio.AbstractEventLoop, upstream: str | None, recorder: Recorder,
-                 names: NameCache | None = None, timeout: float = 5.0):
-        self.names = names
-        self.loop = loop
+    """One listener (127.0.0.1 or ::1 on dns_port); all share the proxy's sessions and bindings."""
+
+    def __init__(self, proxy: Proxy, local: str, upstream: str | None, timeout: float = 2.0):
+        self.proxy = proxy
+        self.loop = proxy.loop
+        self.local = local
+        self.port = proxy.config.dns_port
         self.upstream = upstream
-        self.recorder = recorder
         self.timeout = timeout
+        self.diag = SockDiag()
         self.transport: asyncio.DatagramTransport | None = None
+        self.sessions: dict[int, list] = {}  # socket cookie -> [SessionRecord, last activity]
+        self.in_flight = 0
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr) -> None:
-        info = describe(data)
-        info["upstream"] = self.upstream
-        self.recorder.event("dns", info)
-        if self.upstream and not info.get("malformed"):
-            self.loop.create_task(self._forward(data, addr))
+        self.loop.create_task(self._serve(data, addr))
 
-    async def _forward(self, data: bytes, addr) -> None:
+    # ---- one query ------------------------------------------------------------------------
+
+    async def _serve(self, data: bytes, addr) -> None:
+        rec = self._session(addr)
+        if rec is None:
+            info = _describe(data)
+            await self._record("dns", {**info, "outcome": "refused", "reason": "no-origin",
+                                       "peer": f"{addr[0]}:{addr[1]}"}, None)
+            self._reply_error(data, dnswire.REFUSED, addr)
+            return
+        rec.bytes_up += len(data)
+        who = {"agent": rec.agent, "pid": rec.pid, "tgid": rec.tgid}
+        try:
+            q = dnswire.parse_query(data)
+        except dnswire.FormatError as e:
+            await self._record("dns", {**who, "outcome": "malformed", "reason": e.reason, "length": len(data),
+                                       "rcode": e.rcode}, rec)
+            self._send(dnswire.error_reply(e, e.rcode), addr, rec)
+            return
+        base = {**who, "name": q.name, "type": q.type_name, "length": len(data)}
+        if q.qclass != dnswire.CLASS_IN:
+            await self._record("dns", {**base, "outcome": "refused", "reason": f"class {q.qclass}: only IN is served"}, rec)
+            self._send(dnswire.error_reply(q, dnswire.REFUSED), addr, rec)
+            return
+        op = Operation("dns", q.type_name, (q.name,), summary=f"{q.type_name.upper()} {q.name}"[:1000])
+        dest = Destination(rec.dst_addr, rec.dst_port, (q.name,), "dns")
+        decision = self.proxy.policy.current.decide(rec.agent, dest, op)
+        written = self.proxy.recorder.decision(rec.id, op, decision)
+        try:
+            await written
+        except Exception as e:  # no record, no answer  # noqa: BLE001
+            self._send(dnswire.error_reply(q, dnswire.SERVFAIL), addr, rec, f"recorder: {e}")
+            return
+        if decision.verdict in (Verdict.DENY, Verdict.APPROVE):
+            # A query cannot wait for a human: a hold is a refusal here.
+            self.proxy.recorder.event("dns", {**base, "outcome": "refused", "rule": decision.rule}, rec.id)
+            self._send(dnswire.error_reply(q, dnswire.REFUSED), addr, rec)
+            return
+        reply, why = await self._ask(q)
+        if reply is None:
+            self.proxy.recorder.event("dns", {**base, "outcome": "servfail", "reason": why}, rec.id)
+            self._send(dnswire.error_reply(q, dnswire.SERVFAIL), addr, rec)
+            return
+        bound = dnswire.bound_addresses(q, reply)
+        for name, address, ttl in bound:
+            self.proxy.names.bind(rec.agent, name, address, ttl)
+        self.proxy.recorder.event("dns", {**base, "outcome": "answered", "rcode": dnswire.rcode_of(reply),
+                                          "rule": decision.rule, "addresses": sorted({a for _, a, _ in bound})[:32]}, rec.id)
+        self._send(dnswire.agent_reply(q, reply), addr, rec)
+
+    async def _ask(self, q: dnswire.Query) -> tuple[bytes | None, str]:
+        """The upstream's answer, or None and why not, within the timeout."""
+        if not self.upstream:
+            return None, "no upstream nameserver configured"
+        if self.in_flight >= MAX_IN_FLIGHT:
+            return None, f"{MAX_IN_FLIGHT} queries already waiting on the upstream"
+        self.in_flight += 1
+        qid = int.from_bytes(os.urandom(2), "big")
         answer = self.loop.create_future()
         family = socket.AF_INET6 if ":" in self.upstream else socket.AF_INET
+        transport = None
         try:
-            transport, _ = await self.loop.create_datagram_endpoint(
-                lambda: _Upstream(answer), remote_addr=(self.upstream, 53), family=family)
-        except OSError:
-            return
-        try:
-            transport.sendto(data)
-            reply = await asyncio.wait_for(answer, self.timeout)
-            self.transport.sendto(reply, addr)
-            if self.names is not None:
-                for name, address in answers(reply):
-                    self.names.add(address, name)
+            async with asyncio.timeout(self.timeout):
+                transport, _ = await self.loop.create_datagram_endpoint(
+                    lambda: _Upstream(q, qid, answer), remote_addr=(self.upstream, 53), family=family)
+                transport.sendto(dnswire.upstream_query(q, qid))
+                return await answer, ""
         except TimeoutError:
-            pass
+            return None, f"the upstream {self.upstream} did not answer within {self.timeout:g}s"
+        except OSError as e:
+            return None, f"the upstream {self.upstream}: {e.strerror or e}"
         finally:
-            transport.close()
+            self.in_flight -= 1
+            if transport is not None:
+                transport.close()
+
+    # ---- sessions and the record ----------------------------------------------------------
+
+    def _session(self, addr) -> SessionRecord | None:
+        found = self.diag.cookie_of(self.local, self.port, addr[0], addr[1])
+        if found is None:
+            return None
+        cookie = found[0]
+        origin = self.proxy.origins.of_socket(cookie)
+        if origin is None:
+            return None
+        dest, ident = origin
+        hit = self.sessions.get(cookie)
+        agent = self.proxy.agent_name(ident.agent_id)
+        if hit is not None and hit[0].agent == agent:
+            hit[1] = time.monotonic()
+            hit[0].pid, hit[0].tgid = ident.pid, ident.tgid  # the socket's latest sender
+            return hit[0]
+        if hit is not None:
+            self._close(cookie)
+        rec = self.proxy.session_for(dest, ident)
+        rec.protocol = "dns"
+        self.proxy.recorder.session_open(rec)
+        self.sessions[cookie] = [rec, time.monotonic()]
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(SESSION_IDLE / 2, self._sweep)
+        return rec
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = time.monotonic()
+        for cookie in [c for c, (_, last) in self.sessions.items() if now - last >= SESSION_IDLE]:
+            self._close(cookie)
+        if self.sessions:
+            self._sweeper = self.loop.call_later(SESSION_IDLE / 2, self._sweep)
+
+    def _close(self, cookie: int) -> None:
+        rec, _ = self.sessions.pop(cookie)
+        rec.ended = time.time()
+        if rec.outcome == "open":
+            rec.outcome = "closed"
+        self.proxy.recorder.session_close(rec)
+
+    async def _record(self, kind: str, data: dict, rec: SessionRecord | None) -> None:
+        """A refusal's event, on disk before the refusal is sent."""
+        try:
+            await self.proxy.recorder.event(kind, data, rec.id if rec else None, durable=True, wait=True)
+        except Exception:  # noqa: BLE001 (the refusal goes out regardless: it lets nothing through)
+            pass
+
+    def _send(self, data: bytes | None, addr, rec: SessionRecord, detail: str = "") -> None:
+        if data is None or self.transport is None:
+            return
+        rec.bytes_down += len(data)
+        if detail:
+            rec.detail = detail
+        self.transport.sendto(data, addr)
+
+    def _reply_error(self, query: bytes, rcode: int, addr) -> None:
+        try:
+            out = dnswire.error_reply(dnswire.parse_query(query), rcode)
+        except dnswire.FormatError as e:
+            out = dnswire.error_reply(e, rcode)
+        if out is not None and self.transport is not None:
+            self.transport.sendto(out, addr)
+
+    def close(self) -> None:
+        for cookie in list(self.sessions):
+            self._close(cookie)
+        self.diag.close()
+
+
+def _describe(data: bytes) -> dict:
+    try:
+        q = dnswire.parse_query(data)
+    except dnswire.FormatError as e:
+        return {"malformed": e.reason, "length": len(data)}
+    return {"name": q.name, "type": q.type_name, "length": len(data)}

@@ -23,7 +23,7 @@ from interceptor.config import Config, load
 from interceptor.layout import Layout
 from policy.engine import Destination
 from policy.model import Decision, Operation, Verdict
-from proxy.gate import Holds, NameCache, PolicyHolder
+from proxy.gate import Holds, NameBindings, PolicyHolder
 from proxy.metrics import ProxyMetrics
 from proxy.origins import Origins
 from proxy.relay import AgentSide
@@ -49,7 +49,7 @@ class Proxy:
         self.recorder.on_session_close = lambda r: self.metrics.session_closed(r.agent, r.protocol, r.outcome,
                                                                                r.bytes_up, r.bytes_down)
         self.policy = PolicyHolder(config.policy, self.recorder, on_load=self.metrics.policy_loaded)
-        self.names = NameCache()
+        self.names = NameBindings()
         self.credentials = CredentialStore(layout.state_dir)
         # Our interception CA (state_dir/ca, key 0600) and the leaf certificates it mints per
         # name: what the TLS-terminating handlers (PostgreSQL sslmode, HTTPS) present to agents.
@@ -73,7 +73,7 @@ class Proxy:
         """Ask the policy about an operation (the connection itself when none is given). The
         future resolves once the decision is on record: act only after it."""
         op = op or _connect_op(rec)
-        dest = Destination(rec.dst_addr, rec.dst_port, names or self.names.names(rec.dst_addr), rec.protocol)
+        dest = Destination(rec.dst_addr, rec.dst_port, names, rec.protocol)
         decision = self.policy.current.decide(rec.agent, dest, op)
         self.metrics.operation(rec.agent, op.protocol, decision.verdict.value)
         return decision, self.recorder.decision(rec.id, op, decision)
@@ -83,7 +83,7 @@ class Proxy:
         the connection through; None when the proxy must see the first bytes first. Such a
         decision is recorded on the session row itself (verdict, rule), not as an event."""
         policy = self.policy.current
-        names = self.names.names(rec.dst_addr)
+        names = self.names.names(rec.agent, rec.dst_addr)
         key = (id(policy), rec.agent, rec.dst_addr, rec.dst_port, names)
         hit = self._early.get(key, _MISS)
         if hit is not _MISS:
@@ -136,6 +136,10 @@ class Proxy:
         self.recorder.session_open(rec)
         return rec
 
+    def session_for(self, dest, ident) -> SessionRecord:
+        """A new session row (not yet written) for what the hooks filed about an agent socket."""
+        return self._record(dest, ident)
+
     def _record(self, dest, ident) -> SessionRecord:
         return SessionRecord(
             id=new_session_id(), agent=self.agent_name(ident.agent_id), pid=ident.pid,
@@ -154,15 +158,17 @@ class Proxy:
 
     async def serve(self, ready_fd: int | None) -> None:
         servers = []
+        resolvers: list[Resolver] = []
+        upstream = self.config.dns_upstream or system_nameserver()
         for host in LOOPBACKS:
             try:
                 servers.append(await self.loop.create_server(
                     lambda: AgentSide(self), host, self.config.proxy_port, reuse_address=True,
                     backlog=4096))
-                await self.loop.create_datagram_endpoint(
-                    lambda: Resolver(self.loop, self.config.dns_upstream or system_nameserver(),
-                                     self.recorder, self.names),
+                _, resolver = await self.loop.create_datagram_endpoint(
+                    lambda h=host: Resolver(self, h, upstream, self.config.dns_timeout),
                     local_addr=(host, self.config.dns_port))
+                resolvers.append(resolver)
             except OSError as e:
                 if host == "127.0.0.1":
                     raise
@@ -177,6 +183,8 @@ class Proxy:
         await stop
         for task in tasks:
             task.cancel()
+        for resolver in resolvers:
+            resolver.close()
         self.recorder.close()
         for s in servers:
             s.close()

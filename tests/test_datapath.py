@@ -113,8 +113,8 @@ def test_dns_goes_to_the_resolver_and_the_reply_looks_direct(inst, lab, dns_echo
     assert r["ok"], r
     assert r["from"] == [lab.b.addr4, 53], "recvmsg hook restores the server the agent asked"
     assert dns_echo.seen("udp"), "the resolver forwarded upstream"
-    names = [q["name"] for e in inst.events("dns") for q in e["data"].get("questions", [])]
-    assert "example.test" in names
+    seen = [e["data"] for e in inst.events("dns") if e["data"].get("name") == "example.test"]
+    assert seen and seen[-1]["agent"] == "bot" and seen[-1]["pid"] == r["pid"], "every query names its agent and pid"
 
 
 def test_raw_sockets_are_refused_to_agents(inst):

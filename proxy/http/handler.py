@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from policy import detectors
 from policy.engine import Destination
 from policy.model import Decision, Operation, Verdict
+from proxy import naming
 from proxy.aws import errors as aws_errors
 from proxy.aws.identify import AwsCall, identify_request
 from proxy.aws.sigv4 import S3_LIKE_SERVICES, Credentials, SigV4Error, resign
@@ -300,10 +301,14 @@ class HttpHandler(Handler):
         return op
 
     def names(self, req: Exchange) -> tuple[str, ...]:
-        """The names this request is for: its Host and the SNI. Not every name the address is known
-        by: hosts sharing an address (a CDN, the lab) must not share rules or credentials."""
-        names = tuple(dict.fromkeys(n for n in (req.head.host.rstrip("."), self.host_hint) if n))
-        return names or self.conn.names()
+        """The names this request is for: its Host and the SNI, each only when it counts for the
+        dialled address (proxy/naming.py); not every name the address is known by: hosts sharing
+        an address (a CDN, the lab) must not share rules or credentials."""
+        return naming.request_names(self.conn, naming.host_only(req.head.host or ""), self.host_hint, self.name_counts)
+
+    def name_counts(self, name: str) -> bool:
+        """Plain HTTP proves nothing: a Host counts when the agent resolved it to this address."""
+        return naming.counts(self.conn, name)
 
     def targets(self, req: Exchange) -> list:
         rec, policy, names = self.conn.rec, self.conn.proxy.policy.current, self.names(req)

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from policy.engine import Destination
+from proxy import naming
 from proxy.handler import register
 from proxy.http.handler import UNREAD_LIMIT, HttpHandler
 from proxy.tls.ca import SYSTEM_BUNDLE, CertificateAuthority
@@ -84,15 +85,18 @@ class TlsHandler(HttpHandler):
         super().start()
         self.sni: str | None = self.details.get("sni") or None
         rec = self.conn.rec
-        # By the SNI alone when there is one: other names of the address are other hosts.
-        targets = self.conn.proxy.policy.current.targets_for(Destination(rec.dst_addr, rec.dst_port, (self.sni,), rec.protocol)) \
-            if self.sni else self.conn.targets()
+        # By the SNI alone when it counts (proxy/naming.py): other names of the address are other
+        # hosts, and an SNI that counts for nothing leaves the address's own targets.
+        sni = naming.host_only(self.sni) if self.sni else ""
+        targets = self.conn.proxy.policy.current.targets_for(Destination(rec.dst_addr, rec.dst_port, (sni,), rec.protocol)) \
+            if sni and sni in self.conn.names() else self.conn.targets()
+        self.deferred = None  # a request waiting for the certificate to say whether its Host counts
         self.raw = passthrough(targets)
         if self.raw:
             self.conn.event("tls", {"sni": self.sni, "mode": "passthrough"})
             return
         proxy = self.conn.proxy
-        self.host_hint = (self.sni or "").lower().rstrip(".")
+        self.host_hint = naming.host_only(self.sni or "")
         name = self.sni or self.conn.rec.dst_addr
         self.a_in, self.a_out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.a_tls = proxy.leaves.server_context(name, alpn=ALPN).wrap_bio(self.a_in, self.a_out, server_side=True)
@@ -168,6 +172,13 @@ class TlsHandler(HttpHandler):
             return
         self.o_ready = True
         self._flush_origin()
+        if self.host_hint:
+            # Verified with check_hostname for the SNI: the certificate proves it.
+            self.conn.proven.add(self.host_hint)
+            if self.conn.unproven_sni == self.host_hint:
+                self.conn.event("name-proven", {"name": self.host_hint, "address": self.conn.rec.dst_addr,
+                                                "by": "upstream certificate"})
+        self._judge_deferred()
         pending, self.o_pending = self.o_pending, []
         for chunk in pending:
             self.send_origin(chunk)
@@ -179,6 +190,30 @@ class TlsHandler(HttpHandler):
         self.failed_upstream = True
         self.conn.event("tls-upstream-failed", {"sni": self.sni, "error": detail[:300]})
         self.origin_failed(detail)
+        self._judge_deferred()
+
+    # ---- which names count (proxy/naming.py) --------------------------------------------------
+
+    def name_counts(self, name: str) -> bool:
+        """The SNI counts (no request byte reaches the service unless the verified handshake for
+        it succeeds); another Host when the agent resolved it here or the certificate covers it."""
+        if name == self.host_hint or naming.counts(self.conn, name):
+            return True
+        return self.o_ready and naming.certificate_covers(self.o_tls.getpeercert(), name)
+
+    def _judge(self, req) -> None:
+        host = naming.host_only(req.head.host or "")
+        if (not self.raw and not self.o_ready and not self.failed_upstream and host
+                and not self.name_counts(host)):
+            self.busy = True  # judged once the service's certificate is known
+            self.deferred = req
+            return
+        super()._judge(req)
+
+    def _judge_deferred(self) -> None:
+        req, self.deferred = self.deferred, None
+        if req is not None and not self.ending:
+            self._batched(super()._judge, req)
 
     def keep_without_origin(self) -> bool:
         # After a failed upstream handshake the agent's first request is still to come: it gets the 502.
