@@ -1,13 +1,18 @@
 """A tiny authoritative DNS responder for lab names, run on the server host.
 
-`python -m lab.dns PORT NAME=ADDR[,ADDR…] …` answers A and AAAA for the names given (NXDOMAIN for
-the rest). An instance whose `dns_upstream` points here lets agents resolve test hostnames the
-way they resolve any name (the resolver hook sends their queries to the proxy, the proxy here),
+`python -m lab.dns PORT [--log=FILE] [--silent=NAME…] NAME=ADDR[,ADDR…] …` answers A and AAAA for
+the names given (NXDOMAIN for the rest). --log writes one JSON line per datagram received (its
+bytes in hex, the names asked): what reached the server, for tests that check nothing did.
+--silent names a name it never answers: an upstream that does not respond.
+
+An instance whose `dns_upstream` points here lets agents resolve test hostnames the way they
+resolve any name (the resolver hook sends their queries to the proxy, the proxy here),
 with no /etc/hosts edit on the machine and no --resolve flag on the client."""
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 import sys
 
@@ -44,16 +49,33 @@ def answer(query: bytes, zone: dict[str, list[str]]) -> bytes | None:
 
 
 def main(argv: list[str]) -> int:
-    port, zone = int(argv[0]), parse_zone(argv[1:])
+    port = int(argv[0])
+    opts = [a for a in argv[1:] if a.startswith("--")]
+    zone = parse_zone([a for a in argv[1:] if not a.startswith("--")])
+    log = next((a.split("=", 1)[1] for a in opts if a.startswith("--log=")), None)
+    silent = {a.split("=", 1)[1].lower().rstrip(".") + "." for a in opts if a.startswith("--silent=")}
     sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.bind(("::", port))
     print("ready", flush=True)
     while True:
         data, peer = sock.recvfrom(4096)
+        names = _names(data)
+        if log:
+            with open(log, "a") as f:
+                f.write(json.dumps({"peer": peer[0], "hex": data.hex(), "names": names}) + "\n")
+        if names and all(n in silent for n in names):
+            continue
         out = answer(data, zone)
         if out is not None:
             sock.sendto(out, peer)
+
+
+def _names(data: bytes) -> list[str]:
+    try:
+        return [q.name.to_text().lower() for q in dns.message.from_wire(data).question]
+    except Exception:  # noqa: BLE001
+        return []
 
 
 if __name__ == "__main__":

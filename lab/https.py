@@ -84,12 +84,25 @@ class LabPKI:
 
 
 class LabDns:
-    def __init__(self, host: Host, answers: Host, names: tuple[str, ...] = NAMES):
-        zone = [f"{n}={answers.addr4},{answers.addr6}" for n in names]
-        self.proc = host.popen([sys.executable, "-m", "lab.dns", "53", *zone], stdout=subprocess.PIPE, text=True,
+    """lab.dns on port 53 of host: names -> the addresses of `answers` (or `addresses`); with log,
+    every datagram it receives is written there (see `seen()`); silent names are never answered."""
+
+    def __init__(self, host: Host, answers: Host, names: tuple[str, ...] = NAMES, addresses: tuple[str, ...] = (),
+                 log: Path | None = None, silent: tuple[str, ...] = ()):
+        addrs = ",".join(addresses or (answers.addr4, answers.addr6))
+        zone = [f"{n}={addrs}" for n in names]
+        self.log = log
+        opts = ([f"--log={log}"] if log else []) + [f"--silent={n}" for n in silent]
+        self.proc = host.popen([sys.executable, "-m", "lab.dns", "53", *opts, *zone], stdout=subprocess.PIPE, text=True,
                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
         if "ready" not in (self.proc.stdout.readline() if self.proc.stdout else ""):
             raise RuntimeError("lab DNS did not start")
+
+    def seen(self) -> list[dict]:
+        """Every datagram that reached the server: {"peer", "hex", "names"}."""
+        if self.log is None or not self.log.exists():
+            return []
+        return [json.loads(x) for x in self.log.read_text().splitlines() if x.strip()]
 
     def stop(self) -> None:
         stop_process(self.proc)
