@@ -15,6 +15,7 @@ agent bound to the address, the most restrictive answer winning (policy.engine.P
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from typing import TYPE_CHECKING
 
 from policy.engine import Destination
@@ -35,11 +36,13 @@ def host_only(value: str) -> str:
 
 
 def claimed(conn: AgentSide) -> str | None:
-    """The name the connection's first bytes give: the SNI, else the first request's Host."""
+    """The name the connection's first bytes give: the SNI, else the first request's Host (an
+    address there is no name: the connection is judged by its address, as it is anyway)."""
     for key in ("sni", "host"):
         value = conn.details.get(key)
         if value:
-            return host_only(str(value)) or None
+            name = host_only(str(value))
+            return name if name and not is_address(name) else None
     return None
 
 
@@ -79,16 +82,23 @@ def judge_connection(conn: AgentSide) -> tuple[Decision, asyncio.Future]:
 
 
 def request_names(conn: AgentSide, host: str, sni: str, counts_here) -> tuple[str, ...]:
-    """The names one HTTP request is judged under: its Host and the connection's SNI, each only
-    if it counts (counts_here: the handler's test, which knows about certificates); with no
-    Host, the connection's names."""
-    if not host:
+    """The names one HTTP request is judged under: its Host, when it counts (counts_here: the
+    handler's test, which knows about certificates), with the connection's SNI if that counts
+    too; a Host that does not count leaves the request to its address alone (the SNI may not
+    lend it a name); with no Host, or an address for one, the connection's names."""
+    if not host or is_address(host):
         return conn.names()
-    out = tuple(dict.fromkeys(n for n in (host, sni) if n and counts_here(n)))
-    if host not in out:
-        conn.event("name-unbound", {"name": host[:255], "address": conn.rec.dst_addr, "judged": "by address",
-                                    "in": "Host"})
-    return out
+    if not counts_here(host):
+        return ()
+    return tuple(dict.fromkeys(n for n in (host, sni) if n and counts_here(n)))
+
+
+def is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def certificate_covers(cert: dict | None, name: str) -> bool:

@@ -324,7 +324,12 @@ class HttpHandler(Handler):
         if req.call is not None and req.body:
             req.call = identify_request(req.head, bytes(req.body[:64 << 10]))
         req.op = self.operation(req)
-        req.decision, written = self.conn.proxy.judge(self.conn.rec, req.op, names=self.names(req))
+        names = self.names(req)
+        host = naming.host_only(req.head.host or "")
+        if host and host not in names and not naming.is_address(host):
+            self.conn.event("name-unbound", {"name": host[:255], "address": self.conn.rec.dst_addr,
+                                             "judged": "by address", "in": "Host"})
+        req.decision, written = self.conn.proxy.judge(self.conn.rec, req.op, names=names)
         if req.decision.verdict is Verdict.APPROVE:
             self.conn.spawn(self._hold(req, written))
         else:  # a callback, not a task: most requests are decided in one loop turn

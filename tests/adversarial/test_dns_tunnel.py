@@ -19,7 +19,9 @@ from lab.instance import Instance
 from lab.testing import SLOWDOWN, instance_name, wait_until
 
 pytestmark = pytest.mark.datapath
-UNPRIVILEGED = ["setpriv", "--reuid", "65533", "--regid", "65533", "--clear-groups"]
+# An unprivileged uid no test selects by: a uid selector of an instance running at the same time
+# (test_datapath selects 65533) would enrol these processes into that instance, host-wide.
+UNPRIVILEGED = ["setpriv", "--reuid", "65532", "--regid", "65532", "--clear-groups"]
 ALLOWED = "www.lab.test"
 SILENT = "silent.lab.test"
 
@@ -111,7 +113,7 @@ def run_agent(inst: Instance, lab, *names: str, agent: str = "tunnel") -> dict:
 def test_dns_exfiltration_is_refused_and_nothing_reaches_the_nameserver(resolver, lab):
     out = run_agent(resolver, lab, ALLOWED)
     res, chunk = out["results"], out["chunk"]
-    assert out["uid"] == 65533
+    assert out["uid"] == 65532
     # the attacks: refused by policy (REFUSED) or as malformed (FORMERR / NOTIMP)
     assert res["long-labels-txt"]["rcode"] == 5 and res["a-under-attacker"]["rcode"] == 5
     assert res["unlisted-name"]["rcode"] == 5, "default deny makes the dns rules an allow-list"
@@ -134,7 +136,7 @@ def test_dns_exfiltration_is_refused_and_nothing_reaches_the_nameserver(resolver
     assert outcomes == ["answered"] * 2 + ["malformed"] * 3 + ["refused"] * 3
     sessions = {s["id"]: s for s in resolver.sessions("tunnel")}
     assert {e["session"] for e in events} <= set(sessions)
-    assert all(sessions[e["session"]]["uid"] == 65533 and sessions[e["session"]]["protocol"] == "dns" for e in events)
+    assert all(sessions[e["session"]]["uid"] == 65532 and sessions[e["session"]]["protocol"] == "dns" for e in events)
     denied = {d["data"]["rule"] for d in resolver.events("decision") if d["data"]["protocol"] == "dns"
               and d["data"]["verdict"] == "deny"}
     assert denied == {"no-tunnels", "default"}
