@@ -15,6 +15,7 @@ import ipaddress
 import json
 import socket
 import sys
+import threading
 
 import dns.message
 import dns.rcode
@@ -54,21 +55,54 @@ def main(argv: list[str]) -> int:
     zone = parse_zone([a for a in argv[1:] if not a.startswith("--")])
     log = next((a.split("=", 1)[1] for a in opts if a.startswith("--log=")), None)
     silent = {a.split("=", 1)[1].lower().rstrip(".") + "." for a in opts if a.startswith("--silent=")}
+    lock = threading.Lock()
+
+    def handle(data: bytes, peer: str, transport: str) -> bytes | None:
+        names = _names(data)
+        if log:
+            with lock, open(log, "a") as f:
+                f.write(json.dumps({"peer": peer, "hex": data.hex(), "names": names, "transport": transport}) + "\n")
+        if names and all(n in silent for n in names):
+            return None
+        return answer(data, zone)
+
+    tcp = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind(("::", port))
+    tcp.listen(64)
+    threading.Thread(target=_serve_tcp, args=(tcp, handle), daemon=True).start()
     sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.bind(("::", port))
     print("ready", flush=True)
     while True:
         data, peer = sock.recvfrom(4096)
-        names = _names(data)
-        if log:
-            with open(log, "a") as f:
-                f.write(json.dumps({"peer": peer[0], "hex": data.hex(), "names": names}) + "\n")
-        if names and all(n in silent for n in names):
-            continue
-        out = answer(data, zone)
+        out = handle(data, peer[0], "udp")
         if out is not None:
             sock.sendto(out, peer)
+
+
+def _serve_tcp(listener: socket.socket, handle) -> None:
+    """DNS over TCP (RFC 1035 §4.2.2): two-byte length, message; one thread per connection."""
+    def conn(c: socket.socket, peer: str) -> None:
+        with c:
+            buf = b""
+            while True:
+                chunk = c.recv(65536)
+                if not chunk:
+                    return
+                buf += chunk
+                while len(buf) >= 2 and len(buf) >= 2 + int.from_bytes(buf[:2], "big"):
+                    n = int.from_bytes(buf[:2], "big")
+                    out = handle(buf[2:2 + n], peer, "tcp")
+                    buf = buf[2 + n:]
+                    if out is not None:
+                        c.sendall(len(out).to_bytes(2, "big") + out)
+
+    while True:
+        c, peer = listener.accept()
+        threading.Thread(target=conn, args=(c, peer[0]), daemon=True).start()
 
 
 def _names(data: bytes) -> list[str]:

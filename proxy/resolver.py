@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from policy.engine import Destination
-from policy.model import Operation, Verdict
+from policy.model import Decision, Operation, Verdict
 from proxy import dnswire
 from proxy.sockdiag import SockDiag
 from recorder.store import SessionRecord
@@ -111,10 +111,7 @@ class Resolver(asyncio.DatagramProtocol):
             await self._record("dns", {**base, "outcome": "refused", "reason": f"class {q.qclass}: only IN is served"}, rec)
             self._send(dnswire.error_reply(q, dnswire.REFUSED), addr, rec)
             return
-        op = Operation("dns", q.type_name, (q.name,), summary=f"{q.type_name.upper()} {q.name}"[:1000])
-        dest = Destination(rec.dst_addr, rec.dst_port, (q.name,), "dns")
-        decision = self.proxy.policy.current.decide(rec.agent, dest, op)
-        written = self.proxy.recorder.decision(rec.id, op, decision)
+        decision, written = judge(self.proxy, rec, q)
         try:
             await written
         except Exception as e:  # no record, no answer  # noqa: BLE001
@@ -130,11 +127,7 @@ class Resolver(asyncio.DatagramProtocol):
             self.proxy.recorder.event("dns", {**base, "outcome": "servfail", "reason": why}, rec.id)
             self._send(dnswire.error_reply(q, dnswire.SERVFAIL), addr, rec)
             return
-        bound = dnswire.bound_addresses(q, reply)
-        for name, address, ttl in bound:
-            self.proxy.names.bind(rec.agent, name, address, ttl)
-        self.proxy.recorder.event("dns", {**base, "outcome": "answered", "rcode": dnswire.rcode_of(reply),
-                                          "rule": decision.rule, "addresses": sorted({a for _, a, _ in bound})[:32]}, rec.id)
+        answered(self.proxy, rec, q, reply, base, decision.rule)
         self._send(dnswire.agent_reply(q, reply), addr, rec)
 
     async def _ask(self, q: dnswire.Query) -> tuple[bytes | None, str]:
@@ -232,6 +225,23 @@ class Resolver(asyncio.DatagramProtocol):
         for cookie in list(self.sessions):
             self._close(cookie)
         self.diag.close()
+
+
+def judge(proxy: Proxy, rec: SessionRecord, q: dnswire.Query) -> tuple[Decision, asyncio.Future]:
+    """The policy's answer to one query (a `dns` operation: action the record type, object the
+    name), and the future that resolves once it is on record (on disk, for a refusal)."""
+    op = Operation("dns", q.type_name, (q.name,), summary=f"{q.type_name.upper()} {q.name}"[:1000])
+    decision = proxy.policy.current.decide(rec.agent, Destination(rec.dst_addr, rec.dst_port, (q.name,), "dns"), op)
+    return decision, proxy.recorder.decision(rec.id, op, decision)
+
+
+def answered(proxy: Proxy, rec: SessionRecord, q: dnswire.Query, reply: bytes, base: dict, rule: str) -> None:
+    """An upstream answer: its A/AAAA records bind their names for the agent; the query's event."""
+    bound = dnswire.bound_addresses(q, reply)
+    for name, address, ttl in bound:
+        proxy.names.bind(rec.agent, name, address, ttl)
+    proxy.recorder.event("dns", {**base, "outcome": "answered", "rcode": dnswire.rcode_of(reply), "rule": rule,
+                                 "addresses": sorted({a for _, a, _ in bound})[:32]}, rec.id)
 
 
 def _describe(data: bytes) -> dict:

