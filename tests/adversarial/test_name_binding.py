@@ -21,8 +21,9 @@ from lab.instance import Instance
 from lab.testing import instance_name, wait_until
 
 pytestmark = pytest.mark.datapath
-# An unprivileged uid no test selects by: a uid selector of an instance running at the same time
-# (test_datapath selects 65533) would enrol these processes into that instance, host-wide.
+# An unprivileged uid and a curl path no test selects by: a uid or exe selector of an instance
+# running at the same time (test_datapath selects uid 65533 and /usr/bin/curl) enrols matching
+# processes into that instance wherever they run.
 UNPRIVILEGED = ["setpriv", "--reuid", "65532", "--regid", "65532", "--clear-groups"]
 API = "api.lab.test"
 TOKEN = "api-token-7c1e"
@@ -69,6 +70,9 @@ def named(lab, tmp_path_factory):
         inst.nginx, inst.x4 = nginx, x4
         inst.lab_ca = shutil.copy(pki.ca_file, os.path.join(readable, "lab-ca.pem"))
         os.chmod(inst.lab_ca, 0o644)
+        global CURL
+        CURL = shutil.copy("/usr/bin/curl", os.path.join(readable, "curl"))
+        os.chmod(CURL, 0o755)
         yield inst
     finally:
         for s in reversed(started):
@@ -91,8 +95,11 @@ def hits(inst: Instance, needle: str) -> int:
     return sum(needle in line for line in log.read_text().splitlines()) if log.exists() else 0
 
 
+CURL = "curl"
+
+
 def curl(*args: str) -> str:
-    return " ".join(["curl", "-sS", "--max-time", "20", "-w", "'\\n%{http_code}'", *args])
+    return " ".join([CURL, "-sS", "--max-time", "20", "-w", "'\\n%{http_code}'", *args])
 
 
 def sessions_to(inst: Instance, agent: str, port: int) -> list[dict]:
