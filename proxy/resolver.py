@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 SESSION_IDLE = 10.0  # a DNS session (one agent socket) is closed on the record after this long quiet
 MAX_IN_FLIGHT = 512  # queries waiting on the upstream at once; past it, SERVFAIL at once
+MAX_ACTIVE = 2048  # datagrams being served at once; past it, dropped (and counted on record)
 
 
 def system_nameserver(resolv_conf: Path = Path("/etc/resolv.conf")) -> str | None:
@@ -79,13 +81,37 @@ class Resolver(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.sessions: dict[int, list] = {}  # socket cookie -> [SessionRecord, last activity]
         self.in_flight = 0
+        self.active = 0  # datagrams being served
+        self.dropped = 0
         self._sweeper: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        # The kernel must be able to name a datagram's socket (udp_diag), or every query is
+        # refused as no-origin: say so once, where an operator looks.
+        if self.diag.cookie_of("::1" if ":" in self.local else "127.0.0.1", 1, self.local, self.port) is None:
+            msg = "cannot name the sender of a datagram (NETLINK_SOCK_DIAG / udp_diag): agent DNS is refused"
+            print(f"interlock proxy: {msg}", file=sys.stderr)
+            self.proxy.recorder.event("dns-unavailable", {"reason": msg, "listener": self.local})
 
     def datagram_received(self, data: bytes, addr) -> None:
-        self.loop.create_task(self._serve(data, addr))
+        if self.active >= MAX_ACTIVE:
+            self.dropped += 1  # a flood: dropped unanswered (the client retries), counted on record
+            if self.dropped == 1:
+                self.loop.call_later(1.0, self._report_dropped)
+            return
+        self.active += 1
+        self.loop.create_task(self._serve_counted(data, addr))
+
+    async def _serve_counted(self, data: bytes, addr) -> None:
+        try:
+            await self._serve(data, addr)
+        finally:
+            self.active -= 1
+
+    def _report_dropped(self) -> None:
+        self.proxy.recorder.event("dns-dropped", {"datagrams": self.dropped, "reason": f"over {MAX_ACTIVE} queries at once"})
+        self.dropped = 0
 
     # ---- one query ------------------------------------------------------------------------
 
