@@ -258,6 +258,7 @@ def judge(proxy: Proxy, rec: SessionRecord, q: dnswire.Query) -> tuple[Decision,
     name), and the future that resolves once it is on record (on disk, for a refusal)."""
     op = Operation("dns", q.type_name, (q.name,), summary=f"{q.type_name.upper()} {q.name}"[:1000])
     decision = proxy.policy.current.decide(rec.agent, Destination(rec.dst_addr, rec.dst_port, (q.name,), "dns"), op)
+    proxy.metrics.operation(rec.agent, "dns", decision.verdict.value)
     return decision, proxy.recorder.decision(rec.id, op, decision)
 
 
