@@ -70,9 +70,8 @@ def named(lab, tmp_path_factory):
         inst.nginx, inst.x4 = nginx, x4
         inst.lab_ca = shutil.copy(pki.ca_file, os.path.join(readable, "lab-ca.pem"))
         os.chmod(inst.lab_ca, 0o644)
-        global CURL
-        CURL = shutil.copy("/usr/bin/curl", os.path.join(readable, "curl"))
-        os.chmod(CURL, 0o755)
+        inst.curl = shutil.copy("/usr/bin/curl", os.path.join(readable, "curl"))
+        os.chmod(inst.curl, 0o755)
         yield inst
     finally:
         for s in reversed(started):
@@ -95,11 +94,8 @@ def hits(inst: Instance, needle: str) -> int:
     return sum(needle in line for line in log.read_text().splitlines()) if log.exists() else 0
 
 
-CURL = "curl"
-
-
-def curl(*args: str) -> str:
-    return " ".join([CURL, "-sS", "--max-time", "20", "-w", "'\\n%{http_code}'", *args])
+def curl(inst: Instance, *args: str) -> str:
+    return " ".join([inst.curl, "-sS", "--max-time", "20", "-w", "'\\n%{http_code}'", *args])
 
 
 def sessions_to(inst: Instance, agent: str, port: int) -> list[dict]:
@@ -107,7 +103,7 @@ def sessions_to(inst: Instance, agent: str, port: int) -> list[dict]:
 
 
 def test_plain_http_host_counts_only_when_resolved_by_the_same_agent(named):
-    x, req = named.x4, curl("--resolve", f"{WWW}:80:{named.x4}", f"'http://{WWW}/small?h1'")
+    x, req = named.x4, curl(named, "--resolve", f"{WWW}:80:{named.x4}", f"'http://{WWW}/small?h1'")
     r = as_agent(named, "eve-http", req)
     assert r.stdout.strip().endswith("000"), "refused at the first request: " + r.stdout + r.stderr
     assert hits(named, "/small?h1") == 0, "the request reached the server"
@@ -126,7 +122,7 @@ def test_plain_http_host_counts_only_when_resolved_by_the_same_agent(named):
 
 
 def test_passthrough_sni_counts_only_when_resolved(named):
-    req = curl("--cacert", named.lab_ca, "--resolve", f"{PINNED}:443:{named.x4}", f"'https://{PINNED}/index.html?p1'")
+    req = curl(named, "--cacert", named.lab_ca, "--resolve", f"{PINNED}:443:{named.x4}", f"'https://{PINNED}/index.html?p1'")
     r = as_agent(named, "eve-pass", req)
     assert r.stdout.strip().endswith("000"), r.stdout + r.stderr
     assert hits(named, "/index.html?p1") == 0, "the request reached the server"
@@ -143,16 +139,16 @@ def test_passthrough_sni_counts_only_when_resolved(named):
 def test_intercepted_host_counts_only_when_resolved_or_covered_by_the_certificate(named):
     x = named.x4
     # the certificate proves the SNI: www.lab.test at X, not resolved, is let through
-    r = as_agent(named, "eve-tls", curl("--resolve", f"{WWW}:443:{x}", f"'https://{WWW}/small?t0'"))
+    r = as_agent(named, "eve-tls", curl(named, "--resolve", f"{WWW}:443:{x}", f"'https://{WWW}/small?t0'"))
     assert r.stdout.split() == ["ok", "200"], r.stdout + r.stderr
     assert any(e["data"]["name"] == WWW for e in named.events("name-proven"))
     # a Host the certificate does not cover rides on that proof: judged by the address, refused
-    fronted = curl("--resolve", f"{WWW}:443:{x}", "-H", f"'Host: {API}'", f"'https://{WWW}/whoami?t1'")
+    fronted = curl(named, "--resolve", f"{WWW}:443:{x}", "-H", f"'Host: {API}'", f"'https://{WWW}/whoami?t1'")
     r = as_agent(named, "eve-tls", fronted)
     assert r.stdout.strip().endswith("403") and "blocked_by_policy" in r.stdout, r.stdout + r.stderr
     assert hits(named, "/whoami?t1") == 0, "the request (and the api credential) reached the server"
     # an SNI the service's certificate does not prove: nothing goes past the handshake
-    r = as_agent(named, "eve-tls", curl("--resolve", f"{API}:443:{x}", f"'https://{API}/whoami?t2'"))
+    r = as_agent(named, "eve-tls", curl(named, "--resolve", f"{API}:443:{x}", f"'https://{API}/whoami?t2'"))
     assert r.stdout.strip().endswith("502"), r.stdout + r.stderr
     assert hits(named, "/whoami?t2") == 0
     refused = [e["data"] for e in named.events("decision") if e["data"]["protocol"] == "http"
