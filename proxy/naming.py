@@ -65,16 +65,20 @@ def judge_connection(conn: AgentSide) -> tuple[Decision, asyncio.Future]:
     """The connection's own decision (recorded; act once the future resolves).
 
     A TLS connection whose SNI is not bound is still judged under that SNI when every target the
-    name matches is intercepted: the TLS handler then checks the service's certificate for that
-    name before any request byte goes upstream (proxy/tls/handler.py), so the name is proven or
-    nothing passes. For passthrough (nothing is decrypted, nothing proven) it counts for nothing."""
+    name matches is intercepted and one of them lists the name itself: the TLS handler then checks
+    the service's certificate for that name before any request byte goes upstream
+    (proxy/tls/handler.py), so the name is proven or nothing passes. A name only a glob matches
+    must be resolved: otherwise the proxy's own ClientHello would carry whatever labels the agent
+    chose under the glob to whatever address it chose. For passthrough (nothing is decrypted,
+    nothing proven) an unbound SNI counts for nothing."""
     rec, proxy = conn.rec, conn.proxy
     name = claimed(conn)
     if name is not None and not counts(conn, name):
         policy = proxy.policy.current
         if rec.protocol == "tls" and conn.details.get("sni"):
             targets = policy.targets_for(Destination(rec.dst_addr, rec.dst_port, (name,), rec.protocol))
-            if targets and not any(t.tls == "passthrough" for t in targets):
+            if (targets and not any(t.tls == "passthrough" for t in targets)
+                    and any(name in t.hostnames for t in targets)):
                 conn.unproven_sni = name
         conn.event("name-unbound", {"name": name[:255], "address": rec.dst_addr,
                                     "judged": "pending the certificate's proof" if conn.unproven_sni else "by address"})

