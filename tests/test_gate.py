@@ -192,7 +192,7 @@ def test_policy_cli_check_and_explain(gated, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules:\n  - name: x\n    decision: perhaps\n")
     r = gated.cli("policy", "check", str(bad))
-    assert r.returncode == 1 and f"{bad}:2: rule 'x'" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and f"{bad}:3: rule 'x'" in r.stderr and "Traceback" not in r.stderr  # the line of decision:
     r = gated.cli("policy", "explain", "--file", str(gated.policy_file), "--agent", "bot", "--target", "other", "--op", "connect")
     assert r.stdout.startswith("DENY") and "no-other" in r.stdout
 
