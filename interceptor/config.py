@@ -37,6 +37,9 @@ class Config:
     capture_cgroup: str | None = None
     proxy_port: int = 15001
     dns_port: int = 15053
+    # The proxy's transparent listener for connections from other hosts into agents (nft tproxy);
+    # proxy_port + 2 when unset.
+    inbound_port: int | None = None
     # The socket mark the nft backstop matches agents by; derived from the instance name when
     # unset, so instances sharing a network namespace do not judge each other's agents.
     mark: int | None = None
@@ -59,7 +62,8 @@ class Config:
     source: str | None = None
 
 
-_SCALARS = {"instance": str, "cgroup_root": str, "capture_cgroup": str, "proxy_port": int, "dns_port": int, "mark": int,
+_SCALARS = {"instance": str, "cgroup_root": str, "capture_cgroup": str, "proxy_port": int, "dns_port": int,
+            "inbound_port": int, "mark": int,
             "dns_upstream": str, "dns_timeout": float, "proxy_restart_delay": float, "connect_timeout": float,
             "watch_interval": float, "first_byte_timeout": float, "policy": str, "tls_trust": str,
             "splice": bool, "metrics_address": str, "log_format": str}
@@ -102,6 +106,12 @@ def load(path: Path | None) -> Config:
 def finish(cfg: Config) -> Config:
     if cfg.mark is None:
         cfg.mark = 0x494C0000 | (zlib.crc32(cfg.instance.encode()) & 0xFFFF)
+    if cfg.inbound_port is None:
+        step = 1 if cfg.proxy_port <= 65530 else -1
+        cfg.inbound_port = next(p for p in (cfg.proxy_port + 2 * step, cfg.proxy_port + 3 * step) if p != cfg.dns_port)
+    if not 1 <= cfg.inbound_port <= 65535 or cfg.inbound_port in (cfg.proxy_port, cfg.dns_port):
+        raise ConfigError(f"{cfg.source or 'config'}: 'inbound_port' ({cfg.inbound_port}) must be a port number "
+                          "1..65535 other than 'proxy_port' and 'dns_port'")
     return cfg
 
 

@@ -56,6 +56,7 @@ class Daemon:
         self.operator_gid: int | None = None
         self.origins: dict[int, Path] = {}  # enrolled pid -> the cgroup it came from (for unenroll)
         self.refusal_budget: dict[int, tuple[int, int, int]] = {}  # uid -> (second, recorded, suppressed)
+        self.inbound_seen: dict[str, int] = {}
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -96,8 +97,9 @@ class Daemon:
         self.backstop = firewall.Backstop(
             table=lay.nft_table, agents_cgroup=lay.agents_cgroup,
             cgroup_level=len(lay.agents_cgroup.relative_to(mount).parts), mark=cfg.mark,
-            proxy_port=cfg.proxy_port, dns_port=cfg.dns_port)
+            proxy_port=cfg.proxy_port, dns_port=cfg.dns_port, inbound_port=cfg.inbound_port)
         firewall.install(self.backstop)
+        self.inbound_seen = firewall.inbound_refusals(lay.nft_table)
         self.datapath.open_exec_events(self._on_exec)
         self._start_proxy()
         self._publish()
@@ -240,6 +242,7 @@ class Daemon:
                 self.lockdown("nftables table removed or altered")
                 firewall.install(self.backstop)
                 self.recorder.event("tamper", {"what": "nft", "action": "reinstalled"})
+            self._record_inbound_refusals()
             missing = [h for h, n in bpf_loader.attached(self.layout.capture_cgroup).items() if not n]
             if missing:
                 self.lockdown(f"BPF programs detached: {', '.join(missing)}")
@@ -253,6 +256,17 @@ class Daemon:
                 self.proxy_restart_at = None
                 self._start_proxy()
                 self._publish()
+
+    def _record_inbound_refusals(self) -> None:
+        """Segments into agents that nft reset (no proxy listening) and datagrams it dropped never
+        reach the proxy: the rules' counters are what puts those attempts on record."""
+        now = firewall.inbound_refusals(self.backstop.table)
+        grew = {k: v - self.inbound_seen.get(k, 0) for k, v in now.items() if v > self.inbound_seen.get(k, 0)}
+        self.inbound_seen = now
+        if grew:
+            self.recorder.event("inbound-refused", {
+                "packets": grew, "proxy_listening": self.proxy is not None and self.proxy.poll() is None,
+                "reason": "nothing from another host reaches an agent socket except through the proxy"})
 
     def _on_exec(self, cpu, data, size) -> None:
         ev = ctypes.cast(data, ctypes.POINTER(ExecEvent)).contents
@@ -533,6 +547,7 @@ class Daemon:
             "proxy_listening": self.proxy is not None and self.proxy.poll() is None,
             "proxy_port": self.config.proxy_port,
             "dns_port": self.config.dns_port,
+            "inbound_port": self.config.inbound_port,
             "programs": progs,
             "programs_attached": all(progs.values()),
             "nft_table": lay.nft_table,

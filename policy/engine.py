@@ -18,6 +18,10 @@ from policy.model import Decision, Operation, Verdict
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 DEFAULT_APPROVAL_TIMEOUT = 300.0
+# A connection from another host into an agent's listening socket (proxy/inbound.py). Only rules
+# that name this operation literally match it, and the file's `default` never allows it: an
+# agent accepts a connection from outside only where a rule says so (docs/POLICY.md).
+INBOUND = "inbound"
 
 
 def parse_duration(text: str | int | float) -> float:
@@ -99,6 +103,8 @@ class Rule:
         return self.operations == ("*",) and not self.objects and not self.risks and not self.attributes
 
     def matches(self, agent: Agent, target_names: set[str], op: Operation) -> bool:
+        if op.action == INBOUND and INBOUND not in self.operations:
+            return False
         if "*" not in self.agents and agent.name not in self.agents and \
                 not any(f"group:{g}" in self.agents for g in agent.groups):
             return False
@@ -185,6 +191,8 @@ class Policy:
                 return Decision(rule.verdict, rule.name, rule.reason or f"rule '{rule.name}' ({self.source}:{rule.line})",
                                 mask=rule.mask, approval_timeout=rule.timeout or (
                                     DEFAULT_APPROVAL_TIMEOUT if rule.verdict is Verdict.APPROVE else None))
+        if op.action == INBOUND:
+            return Decision(Verdict.DENY, "default", "no rule allows inbound connections to this agent and port")
         return Decision(self.default, "default", f"no rule matched; the policy's default is {self.default.value}")
 
 
@@ -344,6 +352,9 @@ def load(path: Path | str, text: str | None = None) -> Policy:
             headers = {}
         attributes += [(f"header.{str(h).lower()}", tuple(v.lower() for v in _strings(v, where, problems)))
                        for h, v in headers.items()]
+        if verdict == Verdict.MASK.value and INBOUND in (o.lower() for o in _strings(spec.get("operation"), where, [])):
+            problems.append(f"{at_key(spec, 'decision')}: rule '{name}': inbound connections are relayed unread, "
+                            "so they cannot be masked (use allow, deny or approve)")
         if not valid_verdict:
             continue
         pol.rules.append(Rule(

@@ -23,6 +23,7 @@ from interceptor.config import Config, load
 from interceptor.layout import Layout
 from policy.engine import Destination
 from policy.model import Decision, Operation, Verdict
+from proxy import inbound
 from proxy.gate import Holds, NameBindings, PolicyHolder
 from proxy.metrics import ProxyMetrics
 from proxy.origins import Origins
@@ -66,7 +67,8 @@ class Proxy:
             self.metrics.serve(config.metrics_address)
         self._agent_names: dict[int, str] = {}
         self._early: dict[tuple, Decision | None] = {}
-        self._own = {self.config.proxy_port, self.config.dns_port}
+        self._own = {self.config.proxy_port, self.config.dns_port, self.config.inbound_port}
+        self.inbound_owners = inbound.Owners(layout.pin_dir, layout.agents_cgroup, config.mark)
 
     def judge(self, rec: SessionRecord, op: Operation | None = None,
               names: tuple[str, ...] = ()) -> tuple[Decision, asyncio.Future]:
@@ -173,6 +175,7 @@ class Proxy:
                 if host == "127.0.0.1":
                     raise
                 print(f"interlock proxy: no IPv6 listener: {e}", file=sys.stderr)
+        servers += await inbound.serve(self)
         if ready_fd is not None:
             os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
@@ -224,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loop.run_until_complete(proxy.serve(args.ready_fd))
     except OSError as e:
-        print(f"interlock proxy: cannot listen on port {config.proxy_port} or {config.dns_port}: {e.strerror or e}",
+        print(f"interlock proxy: cannot listen on port {config.proxy_port}, {config.dns_port} or {config.inbound_port}: "
+              f"{e.strerror or e}",
               file=sys.stderr)
         return 1
     return 0
