@@ -19,6 +19,7 @@ import yaml
 
 from lab.instance import INTERLOCK, Instance
 from lab.probe import BANNER, PEER_LINE
+from lab.rawpeer import block_kernel_resets
 from lab.testing import SLOWDOWN, instance_name, wait_until
 
 pytestmark = pytest.mark.datapath
@@ -81,7 +82,7 @@ def test_inbound_from_another_host_needs_a_rule_and_is_recorded(inst, lab, famil
     addr, peer_addr = getattr(lab.a, which), getattr(lab.b, which)
 
     # Attack: no rule allows the peer on this port.
-    agent = AgentListener(inst, DENIED_PORT, "--family", fam, wait=3)
+    agent = AgentListener(inst, DENIED_PORT, "--family", fam, wait=6)
     got = dial(lab.b, addr, DENIED_PORT)
     seen = agent.result()
     assert not got["ok"] and got["got"] == "", f"the peer received the agent's bytes: {got}"
@@ -113,7 +114,7 @@ def test_inbound_from_another_host_needs_a_rule_and_is_recorded(inst, lab, famil
 
 def test_udp_from_another_host_never_reaches_an_agent_socket(inst, lab):
     before = sum(e["data"]["packets"].get("inbound-other-dropped", 0) for e in inst.events("inbound-refused"))
-    agent = AgentListener(inst, UDP_PORT, "--udp", "--family", "dual", "--count", "3", wait=3)
+    agent = AgentListener(inst, UDP_PORT, "--udp", "--family", "dual", "--count", "3", wait=6)
     assert dial(lab.b, lab.a.addr4, UDP_PORT, "--udp")["ok"]
     assert dial(lab.b, lab.a.addr6, UDP_PORT, "--udp")["ok"]
     seen = agent.result()
@@ -156,7 +157,7 @@ def test_dialling_the_inbound_listener_directly_is_refused(inst, lab):
 def test_inbound_fails_closed_while_the_proxy_is_down(inst, lab):
     before = len(inst.events("inbound-refused"))
     proxy_pid = inst.status()["proxy_pid"]
-    agent = AgentListener(inst, ALLOWED_PORT, wait=3)
+    agent = AgentListener(inst, ALLOWED_PORT, wait=6)
     os.kill(proxy_pid, signal.SIGKILL)
     assert wait_until(lambda: not os.path.exists(f"/proc/{proxy_pid}"))
     got = dial(lab.b, lab.a.addr4, ALLOWED_PORT)
@@ -171,3 +172,43 @@ def test_inbound_fails_closed_while_the_proxy_is_down(inst, lab):
     agent = AgentListener(inst, ALLOWED_PORT)
     assert wait_until(lambda: dial(lab.b, lab.a.addr4, ALLOWED_PORT)["ok"], timeout=10)
     assert agent.result()["accepted"]
+
+
+RAW = {  # rawpeer arguments, address the peer dials
+    "ipv4-fragments": (["--fragment", "8"], "addr4"),
+    "ipv6-ext-headers": (["--ext-headers"], "addr6"),
+    # 32 + 8 bytes: the 20-byte base header must be in the first fragment (RFC 7112). Fragments
+    # behind other extension headers are dropped by netfilter's defrag before any socket lookup.
+    "ipv6-fragments": (["--fragment", "32"], "addr6"),
+}
+
+
+@pytest.mark.parametrize("attack", RAW)
+def test_raw_packet_handshakes_are_diverted_too(inst, lab, attack):
+    """SYN and ACK split into fragments (the TCP header across them) or behind IPv6 extension
+    headers: the socket lookup sees the reassembled segment, so the agent is reached only where
+    a rule allows it."""
+    args, which = RAW[attack]
+    addr = getattr(lab.a, which)
+    table = block_kernel_resets(lab.b, DENIED_PORT)
+    try:
+        agent = AgentListener(inst, DENIED_PORT, "--family", "dual", wait=12)
+        got = json.loads(lab.b.run([sys.executable, "-m", "lab.rawpeer", addr, str(DENIED_PORT), *args]).stdout)
+        seen = agent.result()
+    finally:
+        lab.b.run(["nft", "delete", "table", "inet", table])
+    assert got["synack"], f"the handshake did not start: {got}"
+    assert got["got"] == "" and seen["accepted"] == [], (got, seen)
+    rows = wait_until(lambda: [e for e in inst.events("inbound") if e["data"]["peer"].endswith(f":{got['sport']}")])
+    assert rows, "the attempt is not on record"
+    s = next(x for x in inst.sessions("bot") if x["id"] == rows[0]["session"])
+    assert s["verdict"] == "deny" and s["dst_port"] == DENIED_PORT
+    # Control: the same raw handshake to the port the rule allows reaches the agent.
+    table = block_kernel_resets(lab.b, ALLOWED_PORT)
+    try:
+        agent = AgentListener(inst, ALLOWED_PORT, "--family", "dual", wait=12)
+        got = json.loads(lab.b.run([sys.executable, "-m", "lab.rawpeer", addr, str(ALLOWED_PORT), *args]).stdout)
+        agent.proc.kill()
+    finally:
+        lab.b.run(["nft", "delete", "table", "inet", table])
+    assert got["got"].startswith(BANNER.decode()), got
