@@ -21,6 +21,7 @@ from interceptor import btf
 from interceptor.bpf_types import Settings
 
 MULTI = sc.F_ALLOW_MULTI
+PROG_CGROUP_SKB = 8
 PROG_CGROUP_SOCK = 9
 PROG_SOCK_OPS = 13
 PROG_CGROUP_SOCK_ADDR = 18
@@ -55,9 +56,10 @@ HOOKS = (
     Hook("il_sockops", PROG_SOCK_OPS, 3, "5.7"),
     Hook("il_sock_create", PROG_CGROUP_SOCK, 2, "4.10"),
     Hook("il_sock_release", PROG_CGROUP_SOCK, 34, "5.9"),
+    Hook("il_ingress", PROG_CGROUP_SKB, 0, "5.1"),  # bpf/inbound.bpf.c
 )
 
-PROGRAM_FILES = ("redirect.bpf.c", "lineage.bpf.c")
+PROGRAM_FILES = ("redirect.bpf.c", "lineage.bpf.c", "inbound.bpf.c")
 PROG_RAW_TRACEPOINT = 17
 # Raw tracepoint programs of the lineage family: (function, tracepoint, pin name).
 LINEAGE = (("il_exec", "sched_process_exec", "link_exec"), ("il_fork", "sched_process_fork", "link_fork"),

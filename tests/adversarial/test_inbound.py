@@ -55,6 +55,12 @@ class AgentListener:
         self.proc = inst.host.popen(cmd, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         assert "listening" in line, f"the agent's listener did not start: {line!r}"
+        if agent:
+            # Exe/uid selectors are host-wide: another instance's uid-65533 selector (another test
+            # run on this host) can enrol this process too and move it into its own cgroup.
+            cgroup = open(f"/proc/{self.proc.pid}/cgroup").read()
+            mine = f"{inst.cgroup_root.name}/agents/{agent}"
+            assert mine in cgroup, f"lab interference: the agent was taken by another instance: {cgroup}"
 
     def result(self) -> dict:
         out, _ = self.proc.communicate(timeout=60 * SLOWDOWN)
@@ -64,6 +70,15 @@ class AgentListener:
 def dial(host, addr: str, port: int, *args: str) -> dict:
     r = host.run([sys.executable, "-m", "lab.probe", "dial", addr, str(port), *args])
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def kernel_view(inst: Instance) -> str:
+    """What the agent host's kernel saw, for a failure message: the inbound chain's counters,
+    reassembly counts."""
+    table = "interlock-" + inst.name
+    nft = inst.host.run(["nft", "list", "chain", "inet", table, "agent_in"]).stdout
+    snmp = [line for line in inst.host.run(["cat", "/proc/net/snmp"]).stdout.splitlines() if line.startswith("Ip:")]
+    return f"\n{nft}\n" + "\n".join(snmp)
 
 
 def inbound_session(inst: Instance, pid: int, port: int, ended: bool = True) -> dict | None:
@@ -87,7 +102,7 @@ def test_inbound_from_another_host_needs_a_rule_and_is_recorded(inst, lab, famil
     seen = agent.result()
     assert not got["ok"] and got["got"] == "", f"the peer received the agent's bytes: {got}"
     assert BANNER.decode() not in got["got"]
-    assert seen["accepted"] == [], f"the agent's listener got the connection: {seen}"
+    assert seen["accepted"] == [], f"the agent's listener got the connection: {seen} {kernel_view(inst)}"
     s = wait_until(lambda: inbound_session(inst, seen["pid"], DENIED_PORT))
     assert s, inst.sessions()
     assert (s["verdict"], s["rule"], s["outcome"]) == ("deny", "default", "denied")
@@ -198,7 +213,7 @@ def test_raw_packet_handshakes_are_diverted_too(inst, lab, attack):
     finally:
         lab.b.run(["nft", "delete", "table", "inet", table])
     assert got["synack"], f"the handshake did not start: {got}"
-    assert got["got"] == "" and seen["accepted"] == [], (got, seen)
+    assert got["got"] == "" and seen["accepted"] == [], (got, seen, kernel_view(inst))
     rows = wait_until(lambda: [e for e in inst.events("inbound") if e["data"]["peer"].endswith(f":{got['sport']}")])
     assert rows, "the attempt is not on record"
     s = next(x for x in inst.sessions("bot") if x["id"] == rows[0]["session"])
@@ -212,3 +227,27 @@ def test_raw_packet_handshakes_are_diverted_too(inst, lab, attack):
     finally:
         lab.b.run(["nft", "delete", "table", "inet", table])
     assert got["got"].startswith(BANNER.decode()), got
+
+
+def test_with_the_nft_diversion_gone_packets_still_never_reach_an_agent(inst, lab):
+    """The second wall: with the daemon stopped (it cannot put the table back) and the inbound
+    chain flushed by root, the cgroup ingress program still drops what other hosts send to agent
+    sockets. The daemon, once running again, records the tamper and locks down."""
+    table = "interlock-" + inst.name
+    agent = AgentListener(inst, ALLOWED_PORT, wait=8)
+    inst.daemon.send_signal(signal.SIGSTOP)
+    try:
+        assert lab.a.run(["nft", "flush", "chain", "inet", table, "inbound"]).returncode == 0
+        got = dial(lab.b, lab.a.addr4, ALLOWED_PORT)
+        seen = agent.result()
+    finally:
+        inst.daemon.send_signal(signal.SIGCONT)
+    assert not got["ok"] and got["got"] == "", got
+    assert seen["accepted"] == [], f"with the diversion flushed the agent was reached: {seen}"
+    assert wait_until(lambda: inst.status()["lockdown"]), "the daemon did not notice the flushed chain"
+    assert any(e["data"]["what"] == "nft" for e in inst.events("tamper"))
+    assert inst.cli("rearm").returncode == 0
+    # Control: with the table back, the allowed peer reaches the agent again.
+    agent = AgentListener(inst, ALLOWED_PORT)
+    assert wait_until(lambda: dial(lab.b, lab.a.addr4, ALLOWED_PORT)["ok"], timeout=10)
+    assert agent.result()["accepted"]
