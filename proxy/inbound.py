@@ -161,6 +161,7 @@ class InboundSide(asyncio.Protocol):
                        summary=f"inbound from {peer_addr}:{peer[1]} to {local_addr}:{local[1]}")
         decision = self.proxy.policy.current.decide(rec.agent, Destination(peer_addr, local[1], (), PROTOCOL), op)
         rec.verdict, rec.rule = decision.verdict.value, decision.rule
+        self.proxy.metrics.operation(rec.agent, PROTOCOL, decision.verdict.value)
         recorder.session_open(rec)
         recorder.event("inbound", {"peer": f"{peer_addr}:{peer[1]}", "local": f"{local_addr}:{local[1]}"}, rec.id)
         written = recorder.decision(rec.id, op, decision)

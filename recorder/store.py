@@ -38,6 +38,7 @@ LOGGED_EVENTS = {
     "enrolled": logging.INFO, "unenrolled": logging.INFO, "enroll-refused": logging.WARNING,
     "control-refused": logging.WARNING,
     "lockdown": logging.CRITICAL, "tamper": logging.CRITICAL, "rearm": logging.WARNING,
+    "inbound-refused": logging.WARNING,
     "watch-error": logging.ERROR, "recorder-failed": logging.CRITICAL, "recorder-recovered": logging.WARNING,
     "approval-requested": logging.INFO, "approval-approved": logging.INFO, "approval-denied": logging.INFO,
     "approval-expired": logging.INFO, "approval-granted": logging.INFO, "hold-canceled": logging.INFO,
