@@ -28,6 +28,7 @@ from recorder.store import Recorder
 
 REFUSALS_PER_SECOND = 20  # recorded one by one per uid; beyond, counted (a local user cannot flood the recorder)
 CONTROL_TIMEOUT = 10.0  # seconds a control client may take to send its request
+INBOUND_COUNTER_INTERVAL = 1.0  # seconds between reads of the inbound refusal counters
 
 
 class DaemonError(RuntimeError):
@@ -57,6 +58,7 @@ class Daemon:
         self.origins: dict[int, Path] = {}  # enrolled pid -> the cgroup it came from (for unenroll)
         self.refusal_budget: dict[int, tuple[int, int, int]] = {}  # uid -> (second, recorded, suppressed)
         self.inbound_seen: dict[str, int] = {}
+        self.inbound_next = 0.0
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -260,6 +262,9 @@ class Daemon:
     def _record_inbound_refusals(self) -> None:
         """Segments into agents that nft reset (no proxy listening) and datagrams it dropped never
         reach the proxy: the rules' counters are what puts those attempts on record."""
+        if time.monotonic() < self.inbound_next:
+            return
+        self.inbound_next = time.monotonic() + INBOUND_COUNTER_INTERVAL  # a listing costs ~10 ms
         now = firewall.inbound_refusals(self.backstop.table)
         grew = {k: v - self.inbound_seen.get(k, 0) for k, v in now.items() if v > self.inbound_seen.get(k, 0)}
         self.inbound_seen = now
