@@ -95,10 +95,15 @@ def _nft() -> Check:
     rc, _, err = nft.cmd(
         "table inet interlock-doctor {\n chain o {\n type filter hook output priority 0;\n"
         " meta mark 0x1 ct direction reply accept\n meta l4proto tcp reject with tcp reset\n"
-        " reject with icmpx admin-prohibited\n }\n}\n")
+        " reject with icmpx admin-prohibited\n }\n"
+        # the inbound diversion (firewall.Backstop, chain inbound): socket lookup and tproxy
+        " chain p {\n type filter hook prerouting priority -160;\n"
+        " meta l4proto tcp socket mark 0x1 meta nfproto ipv4 tproxy ip to 127.0.0.1:1 accept\n"
+        " meta l4proto tcp socket mark 0x1 meta nfproto ipv6 tproxy ip6 to [::1]:1 accept\n }\n}\n")
     ok = rc == 0
     return Check("nftables", ok, f"libnftables {'accepts' if ok else 'rejects'} the backstop's rule types" + ("" if ok else f": {err.strip()}"),
-                 "load nf_tables, nft_reject_inet, nft_socket, nft_ct (CONFIG_NFT_SOCKET etc.); apt-get install nftables")
+                 "load nf_tables, nft_reject_inet, nft_socket, nft_ct, nft_tproxy (CONFIG_NFT_SOCKET, CONFIG_NFT_TPROXY …); "
+                 "apt-get install nftables")
 
 
 def _programs() -> Check:
