@@ -95,6 +95,9 @@ class Rule:
     reason: str = ""
     # Request attributes (HTTP method, host, path, query, header.NAME) -> globs, all must match.
     attributes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # True: only operations on objects this session created itself; False: only the others (an
+    # operation that does not say counts as not created in the session); None: either.
+    created_in_session: bool | None = None
 
     @property
     def whole_connection(self) -> bool:
@@ -117,6 +120,9 @@ class Rule:
         if self.objects and not any(fnmatch.fnmatchcase(o.lower(), pat) for o in op.objects for pat in self.objects):
             return False
         if self.risks and not set(self.risks).intersection(op.risks):
+            return False
+        if self.created_in_session is not None and \
+                (op.attributes.get("created_in_session") == "1") is not self.created_in_session:
             return False
         for name, pats in self.attributes:
             value = op.attributes.get(name)
@@ -169,7 +175,8 @@ class Policy:
         names = self._attr_names
         if names is None:
             names = self._attr_names = tuple(sorted({n for r in self.rules for n, _ in r.attributes}))
-        key = (agent, dest, op.protocol, op.action, op.objects, op.risks, *(op.attributes.get(n) for n in names))
+        key = (agent, dest, op.protocol, op.action, op.objects, op.risks, op.attributes.get("created_in_session"),
+               *(op.attributes.get(n) for n in names))
         hit = self._memo.get(key)
         if hit is None:
             hit = self._decide(agent, dest, op)
@@ -177,6 +184,30 @@ class Policy:
                 self._memo.clear()
             self._memo[key] = hit
         return hit
+
+    def may_permit(self, agent: str, dest: Destination, protocol: str, actions: tuple[str, ...]) -> bool:
+        """Whether this policy could let the agent do any of `actions` at dest: the default is not
+        deny, or an allow/approve/mask rule that can apply to the agent, the destination's targets
+        and the protocol has an operation glob matching one of them (its objects, risks and other
+        conditions aside). A protocol may then open a session that can do none of them (PostgreSQL:
+        read-only on the server). Rules with request attributes (HTTP keys) never apply here."""
+        if self.default is not Verdict.DENY:
+            return True
+        who = self.agents.get(agent) or Agent(agent)
+        names = {t.name for t in self.targets_for(dest)}
+        for rule in self.rules:
+            if rule.verdict is Verdict.DENY or rule.attributes:
+                continue
+            if "*" not in rule.agents and who.name not in rule.agents and \
+                    not any(f"group:{g}" in rule.agents for g in who.groups):
+                continue
+            if "*" not in rule.targets and not names.intersection(rule.targets):
+                continue
+            if rule.protocols and protocol not in rule.protocols:
+                continue
+            if any(fnmatch.fnmatchcase(a, pat) for a in actions for pat in rule.operations):
+                return True
+        return False
 
     def _decide(self, agent: str, dest: Destination, op: Operation) -> Decision:
         who = self.agents.get(agent) or Agent(agent)
@@ -202,13 +233,15 @@ _STRICTNESS = {Verdict.ALLOW: 0, Verdict.MASK: 1, Verdict.APPROVE: 2, Verdict.DE
 # ---- loading -------------------------------------------------------------------------------
 
 _RULE_KEYS = {"name", "agent", "target", "operation", "object", "risk", "protocol", "decision", "timeout", "mask", "reason",
-              "method", "host", "path", "query", "header"}
+              "method", "host", "path", "query", "header", "created_in_session"}
 _TARGET_KEYS = {"address", "cidr", "hostname", "port", "protocol", "credentials", "upstream_user", "tls"}
 _TLS_MODES = ("intercept", "passthrough")
 # Rule keys over request attributes; path and query compare as written, the rest case-folded.
 _ATTRIBUTE_KEYS = ("method", "host", "path", "query")
 _CASE_SENSITIVE = frozenset({"path", "query"})
-_AGENT_KEYS = {"groups", "exe", "uid", "cgroup"}
+_AGENT_KEYS = {"groups"}
+# Process selectors live in the daemon's config (its `agents:` list), not in a policy.
+_SELECTOR_KEYS = {"exe", "uid", "cgroup"}
 
 
 def _strings(value, where: str, problems: list[str]) -> tuple[str, ...]:
@@ -267,8 +300,10 @@ def load(path: Path | str, text: str | None = None) -> Policy:
         if not isinstance(spec, dict):
             problems.append(f"{at(agents)}: agent '{name}' must be a mapping")
             continue
-        for k in set(spec) - _AGENT_KEYS:
-            problems.append(f"{at(spec, agents.line)}: agent '{name}': unknown key '{k}' (known: {', '.join(sorted(_AGENT_KEYS))})")
+        for k in sorted(set(spec) - _AGENT_KEYS):
+            hint = " (process selectors belong in the daemon config's agents: list)" if k in _SELECTOR_KEYS else ""
+            problems.append(f"{at(spec, agents.line)}: agent '{name}': unknown key '{k}' "
+                            f"(known: {', '.join(sorted(_AGENT_KEYS))}){hint}")
         pol.agents[name] = Agent(name, _strings(spec.get("groups"), at(spec, agents.line), problems))
 
     targets = doc.get("targets") or {}
@@ -346,6 +381,10 @@ def load(path: Path | str, text: str | None = None) -> Policy:
         rule_agents = _strings(spec.get("agent"), where, problems) or ("*",)
         attributes = [(k, tuple(v if k in _CASE_SENSITIVE else v.lower() for v in _strings(spec.get(k), where, problems)))
                       for k in _ATTRIBUTE_KEYS if k in spec]
+        created = spec.get("created_in_session")
+        if created is not None and not isinstance(created, bool):
+            problems.append(f"{where}: rule '{name}': 'created_in_session' must be true or false, got {created!r}")
+            created = None
         headers = spec.get("header") or {}
         if not isinstance(headers, dict):
             problems.append(f"{where}: rule '{name}': 'header' must map header names to globs")
@@ -365,7 +404,7 @@ def load(path: Path | str, text: str | None = None) -> Policy:
             risks=_strings(spec.get("risk"), where, problems),
             protocols=_strings(spec.get("protocol"), where, problems),
             timeout=timeout, mask=_strings(spec.get("mask"), where, problems),
-            reason=str(spec.get("reason") or ""), attributes=tuple(attributes)))
+            reason=str(spec.get("reason") or ""), attributes=tuple(attributes), created_in_session=created))
     if problems:
         raise PolicyError(problems)
     return pol

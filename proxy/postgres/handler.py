@@ -36,10 +36,11 @@ from typing import Any
 from policy.engine import Destination
 from policy.model import Decision, Operation, Verdict
 from proxy.handler import Handler, register
-from proxy.postgres import startup, wire
+from proxy.postgres import catalog, startup, wire
 from proxy.postgres.analysis import Analyzer
 from proxy.postgres.masking import MaskSpec
 from proxy.postgres.scram import AuthenticationError, UpstreamAuthenticator
+from proxy.postgres.statements import WRITE_CAPABLE_ACTIONS
 from proxy.postgres.stream import (
     BYTE,
     RAW,
@@ -68,12 +69,13 @@ from proxy.postgres.tracker import (
 )
 
 # phases
-CLIENT_STARTUP, UP_SSL, UP_TLS, UP_AUTH, UP_PARAMS, READY, DONE = range(7)
+CLIENT_STARTUP, UP_SSL, UP_TLS, UP_AUTH, UP_PARAMS, READY, DONE, UP_CATALOG = range(8)
 PAUSE_BUFFERED = 1 << 20  # client bytes buffered while a statement waits: stop reading beyond this
 MAX_PREPARED = 10_000  # statements/portals remembered per session
 _Q, _P, _B, _E, _D, _C, _S, _F, _X, _p = b"QPBEDCSFXp"
 _RANK = {Verdict.ALLOW: 0, Verdict.MASK: 1, Verdict.APPROVE: 2, Verdict.DENY: 3}
 BUILTIN_UNPARSEABLE = Decision(Verdict.DENY, "builtin:unparseable", "SQL the proxy cannot parse is never forwarded")
+READ_ONLY_RULE = "builtin:read-only-session"
 BUILTIN_FUNCTION_CALL = Decision(Verdict.DENY, "builtin:function-call",
                                  "a fast-path FunctionCall runs a function with no SQL to judge")
 
@@ -86,6 +88,11 @@ PARSING_SETTINGS = frozenset({"client_encoding", "standard_conforming_strings", 
 BUILTIN_AMBIGUOUS = Decision(Verdict.DENY, "builtin:ambiguous-sql",
                              "a client_encoding or standard_conforming_strings change is pending; until the server "
                              "confirms it, SQL with backslashes or non-ASCII characters could read differently to it")
+_DDL_ACTIONS = frozenset({"create", "alter", "do", "other"})
+# What leaves the session's own relations where they are, and what may swap names under them.
+_KEEPS_OWNED = frozenset({"read", "insert", "update", "delete", "truncate", "lock", "transaction", "explain", "create",
+                          "set"})
+_FORGETS_OWNED = frozenset({"call", "do", "function-call"})
 _mask_specs: dict[tuple[str, ...], MaskSpec] = {}
 _tls_contexts: dict[int, ssl.SSLContext] = {}
 _upstream_context: list[ssl.SSLContext] = []
@@ -245,6 +252,18 @@ class PostgresHandler(Handler):
         self._simple_refusal = True
         self.dest: Destination | None = None
         self.known: set[tuple] = set()  # allows/masks on record this session (see _known)
+        # The policy grants this agent no write on this target: the upstream session is opened
+        # read-only, and nothing may make it read-write (see _read_only_refusal).
+        self.read_only = False
+        self.read_only_decision: Decision | None = None
+        self.catalog: catalog.FunctionCatalog | None = None
+        self.catalog_key: tuple[str, int, str] = ("", 0, "")
+        self.catalog_rows: list[str] | None = None
+        # Relations this session created (see _own): committed, and in the open transaction.
+        self.owned: set[str] = set()
+        self.tx_owned: set[str] = set()
+        self.tx_failed = False
+        self.creating: dict[Statement, str] = {}
 
     # ---- bytes in --------------------------------------------------------------------------
 
@@ -504,6 +523,26 @@ class PostgresHandler(Handler):
             return
         self.analyzer = Analyzer()
         ops = [op for name, value in settings for op in self.analyzer.analyze(startup.as_sql(name, value))]
+        rec = self.conn.rec
+        self.dest = Destination(rec.dst_addr, rec.dst_port, self.conn.names(), rec.protocol)
+        if not self.conn.proxy.policy.current.may_permit(rec.agent, self.dest, "postgres", WRITE_CAPABLE_ACTIONS):
+            self.read_only = True
+            self.read_only_decision = Decision(
+                Verdict.DENY, READ_ONLY_RULE,
+                f"the policy grants agent '{rec.agent}' no write on this server, so its session is read-only "
+                "and nothing may make it read-write")
+        self.catalog_key = (rec.dst_addr, rec.dst_port, msg.database or "")
+        refused = [op for op in ops if self.read_only and "read-write" in op.risks]
+        if refused:
+            d = self.read_only_decision
+            try:
+                await self._record_builtin(refused[0], d)
+            except Exception as e:
+                self._abort("recorder-error", str(e))
+                return
+            self._fatal("42501", f"interlock: startup setting refused by rule '{d.rule}': {d.reason}")
+            self._flush()
+            return
         if ops and not await self._startup_allowed(ops):
             return
         if self.phase == DONE:
@@ -534,16 +573,21 @@ class PostgresHandler(Handler):
             params = {"user": user, "database": msg.database or ""}
             params.update((k, v) for k, v in msg.params.items()
                           if k not in ("user", "database", "replication") and not k.startswith("_pq_."))
+            if self.read_only:
+                params["default_transaction_read_only"] = "on"
             self.upstream_startup = wire.startup_message(params)
             unrecognized = tuple(k for k in msg.params if k.startswith("_pq_."))
             if msg.protocol != wire.PROTOCOL_3_0 or unrecognized:
                 self.cout.append(wire.NegotiateProtocolVersion(0, unrecognized).encode())
             conn.event("postgres-login", {"mode": "credential", "credential": cred_name, "agent_user": msg.user,
-                                          "upstream_user": user, "database": params["database"]})
+                                          "upstream_user": user, "database": params["database"],
+                                          "read_only": self.read_only})
         else:
-            self.upstream_startup = raw
+            # The server reads startup parameters after `options`: this one has the last word.
+            self.upstream_startup = wire.StartupMessage(
+                {**msg.params, "default_transaction_read_only": "on"}, msg.protocol).encode() if self.read_only else raw
             conn.event("postgres-login", {"mode": "pass-through", "agent_user": msg.user,
-                                          "database": msg.database})
+                                          "database": msg.database, "read_only": self.read_only})
         self.ss.mode = BYTE
         self.conn.to_server(wire.ssl_request())
         self._flush()
@@ -578,11 +622,14 @@ class PostgresHandler(Handler):
 
     def _login_server(self) -> None:
         ss = self.ss
-        while self.phase in (UP_SSL, UP_AUTH, UP_PARAMS):
+        while self.phase in (UP_SSL, UP_AUTH, UP_PARAMS, UP_CATALOG):
             seg = ss.next()
             if seg is None:
                 return
             kind, mv = seg
+            if self.phase == UP_CATALOG:
+                self._catalog_message(kind, mv)
+                continue
             if self.phase == UP_SSL:
                 answer = bytes(mv)
                 if answer == b"S":
@@ -654,10 +701,104 @@ class PostgresHandler(Handler):
             self.tracker.server(0x53, mv)  # raises UnsafeSetting
         elif isinstance(msg, wire.ReadyForQuery):
             self.tracker.status = msg.status
-            self.phase = READY
+            self.catalog = catalog.cached(self.catalog_key)
+            if self.catalog is None:
+                # Read the server's functions first (the agent's messages wait in the splitter).
+                self.phase = UP_CATALOG
+                self.catalog_rows = []
+                self.sout.append(wire.query(catalog.CATALOG_QUERY))
+            else:
+                self.phase = READY
         elif not isinstance(msg, wire.NoticeResponse | wire.NegotiateProtocolVersion):
             raise wire.ProtocolError(f"unexpected {type(msg).__name__} after authentication")
         self.cout.append(mv)
+
+    def _catalog_message(self, kind: int, mv: memoryview) -> None:
+        """The answer to catalog.CATALOG_QUERY, kept from the agent; a failure leaves a catalog
+        that knows no function (every call is judged as a `call`)."""
+        if kind == 0x44:  # DataRow: one function name
+            msg = wire.parse_backend(wire.Frame(b"D", 0, mv, 5))
+            if self.catalog_rows is not None and msg.values and msg.values[0] is not None:
+                self.catalog_rows.append(bytes(msg.values[0]).decode("utf-8", "replace"))
+        elif kind == 0x45:  # ErrorResponse
+            msg = wire.parse_backend(wire.Frame(b"E", 0, mv, 5))
+            self.conn.event("postgres-catalog-failed", {"error": msg.message})
+            self.catalog_rows = None
+        elif kind == 0x53:  # ParameterStatus
+            self.tracker.server(0x53, mv)
+            self.cout.append(mv)
+        elif kind == 0x5A:  # ReadyForQuery
+            msg = wire.parse_backend(wire.Frame(b"Z", 0, mv, 5))
+            self.tracker.status = msg.status
+            rows, self.catalog_rows = self.catalog_rows, None
+            self.catalog = (catalog.store(self.catalog_key, rows) if rows is not None
+                            else catalog.FunctionCatalog())
+            self.phase = READY
+        elif kind not in (0x54, 0x43, 0x4E):  # RowDescription, CommandComplete, NoticeResponse
+            raise wire.ProtocolError(f"unexpected {chr(kind)!r} in the answer to the catalog query")
+
+    def _calls(self, ops: list[Operation]) -> list[Operation]:
+        """ops and a `call` for every function they call that may have side effects; a statement
+        that may define functions makes every catalog forget (and this one forget the names)."""
+        cat = self.catalog or catalog.FunctionCatalog()
+        defined = catalog.defines_functions(ops) if len(ops) > 1 or ops[0].action in _DDL_ACTIONS else None
+        if defined is not None:
+            catalog.forget()
+            cat.free.difference_update(defined)
+        return catalog.with_calls(ops, cat)
+
+    # ---- objects the agent created itself -------------------------------------------------------
+
+    def _own(self, ops: list[Operation]) -> list[Operation]:
+        """Mark drops and truncates of relations this session created (committed, or in the open
+        transaction) with created_in_session=1, for rules with `created_in_session`; forget what
+        a statement may rename, drop or hide behind another name (search_path, DISCARD, code the
+        proxy cannot see into)."""
+        if not (self.owned or self.tx_owned):
+            return ops
+        mine = self.owned | self.tx_owned
+        out = []
+        for op in ops:
+            a = op.attributes
+            if (op.action in _FORGETS_OWNED or "opaque-code" in op.risks or "set_config" in a.get("functions", "")
+                    or a.get("setting") in ("search_path", "reset_all") or "discard" in a):
+                self.owned.clear()
+                self.tx_owned.clear()
+                return ops
+            if op.objects and ("drop" in op.risks or "truncate" in op.risks) and "cascade" not in a \
+                    and all(o in mine for o in op.objects):
+                op = Operation(op.protocol, op.action, op.objects, op.risks, op.summary, {**a, "created_in_session": "1"})
+            if op.action not in _KEEPS_OWNED:  # dropped, renamed, moved: the name may mean something else next
+                self.owned.difference_update(op.objects)
+                self.tx_owned.difference_update(op.objects)
+            out.append(op)
+        return out
+
+    def _note_creations(self, ops: list[Operation], stmts: list[Statement]) -> None:
+        index = list(dict.fromkeys(op.attributes.get("statement", "0") for op in ops))
+        if len(index) != len(stmts):
+            return
+        for op in ops:
+            made = op.attributes.get("creates")
+            if made:
+                self.creating[stmts[index.index(op.attributes.get("statement", "0"))]] = made
+
+    def _track_creations(self, finished: list[Statement], status: str) -> None:
+        """A creation counts once it succeeded, and stays once its transaction committed: any
+        error or ROLLBACK (to a savepoint too) in the transaction forgets what it created."""
+        for st in finished:
+            made = self.creating.pop(st, None)
+            if st.error or st.tag.startswith("ROLLBACK"):
+                self.tx_failed = True
+            elif made:
+                self.tx_owned.add(made)
+        if status == "I":
+            if not self.tx_failed:
+                self.owned |= self.tx_owned
+            self.tx_owned.clear()
+            self.tx_failed = False
+        elif status == "E":
+            self.tx_failed = True
 
     # ---- statements: client side -------------------------------------------------------------
 
@@ -713,6 +854,11 @@ class PostgresHandler(Handler):
         decisions: list[Decision] = []
         last = None
         for op in ops:
+            if self.read_only and "read-write" in op.risks:
+                d = self.read_only_decision
+                last = self._record_builtin(op, d)
+                decisions.append(d)
+                continue
             d = self._known(op)
             if d is None:
                 d, last = self.conn.judge(op)
@@ -772,8 +918,11 @@ class PostgresHandler(Handler):
             self.tracker.query([])
             self.sout.append(mv)
             return False
+        ops = self._own(self._calls(ops))
         decisions, fut = self._judge(ops)
         stmts = self._statements(ops, decisions)
+        if any("creates" in op.attributes for op in ops):
+            self._note_creations(ops, stmts)
         d = combine(decisions)
         if d.verdict is Verdict.DENY:
             self._refuse(ops, decisions, [fut], simple=True, stmts=stmts)
@@ -824,6 +973,7 @@ class PostgresHandler(Handler):
         ops = self.analyzer.register_prepared(name, sql)
         if not ops:  # an empty statement: nothing runs
             ops = [Operation("postgres", "other", (), (), "", {"statement": "0"})]
+        ops = self._own(self._calls(ops))
         decisions, fut = self._judge(ops)
         d = combine(decisions)
         summary = ops[0].summary
@@ -862,7 +1012,7 @@ class PostgresHandler(Handler):
             op = Operation("postgres", "unparseable", (), ("unparseable",), f"Bind to unknown statement {name!r}")
             self._refuse([op], [BUILTIN_UNPARSEABLE], [self._record_builtin(op, BUILTIN_UNPARSEABLE)], simple=False)
             return None
-        ops = [op for group in candidates for op in group]
+        ops = self._own(self._calls([op for group in candidates for op in group]))
         decisions, fut = self._judge(ops)
         d = combine(decisions)
         if d.verdict is Verdict.DENY:
@@ -885,6 +1035,9 @@ class PostgresHandler(Handler):
             return False
         ps = portal.statement
         st = Statement(ps.summary, ps.verdict, ps.rule, portal.params, mask=ps.mask)
+        made = next((op.attributes["creates"] for op in ps.ops if "creates" in op.attributes), None)
+        if made:
+            self.creating[st] = made
         if ps.verdict == "approve":
             pending = _Pending(_E, bytes(mv), [st], list(ps.ops), list(ps.decisions))
             pending.portal = portal
@@ -975,6 +1128,8 @@ class PostgresHandler(Handler):
             r = tr.server(kind, mv)
             if r is not None:
                 out.append(r)
+        if tr.finished and (self.creating or self.tx_owned):
+            self._track_creations(tr.finished, tr.status)
         if tr.finished:
             self._record()
         if self.window is not None and self.window not in tr.queue:

@@ -12,12 +12,18 @@ The aim is to describe what will actually run, not what the text looks like:
   "opaque-code", EXECUTE of a statement this session has not seen too, and text the parser
   rejects becomes a single "unparseable" Operation for the policy to refuse.
 
-Actions: read insert update delete create alter drop truncate grant revoke copy call set
-transaction explain do other unparseable.
+Actions: read insert update delete create alter drop truncate grant revoke lock call set
+transaction explain do other unparseable. COPY TO is a `read` of its table or query, COPY FROM an
+`insert` (attribute direction=to/from). `SELECT ... FOR UPDATE/SHARE` and LOCK are also a `lock`
+of their tables.
 Risks: delete-without-where update-without-where drop truncate privilege-change
 server-file-access program-execution opaque-code dynamic-sql network-access server-control
-server-config credential-access (WHERE clauses that are always true, like `WHERE 1=1`, count as
-missing).
+server-config credential-access sequence-write large-object advisory-lock row-lock set-config
+notify read-write (WHERE clauses that are always true, like `WHERE 1=1`, count as missing).
+`read-write` marks what could switch a transaction or session to read-write (SET/RESET/set_config
+of default_transaction_read_only or transaction_read_only, BEGIN/SET TRANSACTION ... READ WRITE,
+SET SESSION CHARACTERISTICS, RESET ALL, DISCARD ALL, ALTER ROLE/DATABASE ... SET, UPDATE
+pg_settings): the relay refuses it in sessions it opened read-only.
 
 Attributes (all str): statement (index in the string), node (parser node name), via, functions
 (comma-separated, as written), object_type, setting, language, prepared, transaction, explain,
@@ -97,8 +103,74 @@ PREDEFINED_ROLE_RISKS = {
     "pg_execute_server_program": ("program-execution",), "pg_signal_backend": ("server-control",),
 }
 
+# Built-ins that change state or take locks; the rest of a function's story (user-defined or
+# volatile) is the catalog's (proxy/postgres/catalog.py), which turns such calls into `call`s.
+SEQUENCE_WRITE_FUNCTIONS = frozenset({"nextval", "setval"})
+LARGE_OBJECT_FUNCTIONS = frozenset({
+    "lo_creat", "lo_create", "lo_open", "lo_close", "loread", "lowrite", "lo_lseek", "lo_lseek64", "lo_tell",
+    "lo_tell64", "lo_truncate", "lo_truncate64", "lo_unlink", "lo_import", "lo_export", "lo_from_bytea", "lo_put",
+    "lo_get",
+})
+ADVISORY_LOCK_PREFIXES = ("pg_advisory_", "pg_try_advisory_")
+NOTIFY_FUNCTIONS = frozenset({"pg_notify"})
+# Settings whose "off" makes a transaction or the session's later transactions read-write.
+READ_ONLY_SETTINGS = frozenset({"default_transaction_read_only", "transaction_read_only"})
+_TRUE_WORDS = frozenset({"on", "true", "yes", "1", "t", "y"})
+
+
+def function_risks(name: str) -> tuple[str, ...]:
+    """Risk flags a call to this built-in raises by its name alone (schema part ignored)."""
+    base = name.rsplit(".", 1)[-1].lower()
+    out = []
+    if base in SEQUENCE_WRITE_FUNCTIONS:
+        out.append("sequence-write")
+    if base in LARGE_OBJECT_FUNCTIONS:
+        out.append("large-object")
+    if base.startswith(ADVISORY_LOCK_PREFIXES):
+        out.append("advisory-lock")
+    if base == "set_config":
+        out.append("set-config")
+    if base in NOTIFY_FUNCTIONS:
+        out.append("notify")
+    return tuple(out)
+
+
+def _keeps_read_only(value: ast.Node | None) -> bool:
+    """Whether a setting value is a constant that PostgreSQL reads as true (anything else, a
+    parameter or an expression included, might be false)."""
+    c = _const(value)
+    if c is None:
+        return False
+    kind, v = c
+    if kind == "bool":
+        return bool(v)
+    if kind == "num":
+        return v == 1
+    return kind == "str" and str(v).strip().lower() in _TRUE_WORDS
+
+
+def _switches_read_write(stmt: ast.VariableSetStmt) -> bool:
+    """Whether a SET/RESET could leave a transaction or the session read-write."""
+    kind = _enum_name(stmt.kind)
+    name = (stmt.name or "").lower()
+    if kind == "VAR_RESET_ALL":
+        return True
+    if kind == "VAR_SET_MULTI":  # SET TRANSACTION / SET SESSION CHARACTERISTICS AS TRANSACTION
+        return any(isinstance(d, ast.DefElem) and d.defname == "transaction_read_only" and not _keeps_read_only(d.arg)
+                   for d in stmt.args or ())
+    if name not in READ_ONLY_SETTINGS:
+        return False
+    if kind != "VAR_SET_VALUE" or not stmt.args or len(stmt.args) != 1:
+        return True  # RESET, SET ... TO DEFAULT, FROM CURRENT
+    return not _keeps_read_only(stmt.args[0])
+
+
 WRITE_NODES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
-_WRITE_ACTIONS = frozenset({"insert", "update", "delete", "create", "alter", "drop", "truncate", "copy", "call"})
+_WRITE_ACTIONS = frozenset({"insert", "update", "delete", "create", "alter", "drop", "truncate", "copy", "call", "lock"})
+# Actions that may change the server, for deciding whether a policy grants an agent any write
+# (then its sessions are not opened read-only): everything but read, explain, set, transaction.
+WRITE_CAPABLE_ACTIONS = ("insert", "update", "delete", "create", "alter", "drop", "truncate", "grant", "revoke",
+                         "lock", "call", "copy", "do", "other", "function-call", "unparseable")
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,6 +446,10 @@ class SqlAnalyzer:
                 all_risks["credential-access"] = None
         a = self._attrs(node, ctx, scan)
         a.update(attrs)
+        if action == "create" and not ctx.via:
+            made = _creates(node)
+            if made:
+                a["creates"] = made
         ops = [Operation(PROTOCOL, action, tuple(objs), tuple(all_risks), ctx.summary, a)]
         if not reads_are_objects and scan.reads:
             ra = self._attrs(node, ctx, scan)
@@ -453,6 +529,11 @@ class SqlAnalyzer:
         if base in BULK_READ_FUNCTIONS and args:
             target = _const_str(args[0])
             scan.reads[target if target and base.startswith("table_") else f"<{base}>"] = None
+        scan.risk(*function_risks(base))
+        if base == "set_config" and (not args or _const_str(args[0]) is None
+                                     or (_const_str(args[0]) or "").lower() in READ_ONLY_SETTINGS
+                                     and not (len(args) > 1 and _keeps_read_only(args[1]))):
+            scan.risk("read-write")
         if base == "set_config" and args and (_const_str(args[0]) or "").lower() in ROLE_SETTINGS:
             scan.risk("privilege-change")
         if base == "set_config" and args and (_const_str(args[0]) or "").lower() in PROGRAM_SETTINGS:
@@ -522,7 +603,14 @@ class SqlAnalyzer:
             scan = self._scan(node, ctx, depth, skip=(node.intoClause,))
             return self._finish("create", [_relname(node.intoClause.rel)], [], attrs, node, ctx, scan)
         scan = self._scan(node, ctx, depth)
-        return self._finish("read", [], [], attrs, node, ctx, scan, reads_are_objects=True)
+        ops = self._finish("read", [], ["row-lock"] if node.lockingClause else [], attrs, node, ctx, scan,
+                           reads_are_objects=True)
+        if node.lockingClause:
+            # Row locks write the rows' headers and block other sessions: a `lock` of their tables.
+            locked = [_relname(r) for lc in node.lockingClause for r in lc.lockedRels or ()] or list(scan.reads)
+            a = dict(ops[0].attributes, via=ctx.via or "for-update")
+            ops.insert(1, Operation(PROTOCOL, "lock", tuple(dict.fromkeys(locked)), ("row-lock",), ctx.summary, a))
+        return ops
 
     def _s_InsertStmt(self, node: ast.InsertStmt, ctx: _Ctx, depth: int) -> list[Operation]:
         target = _relname(node.relation)
@@ -538,6 +626,8 @@ class SqlAnalyzer:
     def _s_UpdateStmt(self, node: ast.UpdateStmt, ctx: _Ctx, depth: int) -> list[Operation]:
         scan = self._scan(node, ctx, depth, skip=(node.relation,))
         risks = ["update-without-where"] if _truth(node.whereClause) is True else []
+        if node.relation.relname == "pg_settings" and node.relation.schemaname in (None, "", "pg_catalog"):
+            risks += ["set-config", "read-write"]  # its rule turns the UPDATE into set_config()
         return self._finish("update", [_relname(node.relation)], risks, {}, node, ctx, scan)
 
     def _s_DeleteStmt(self, node: ast.DeleteStmt, ctx: _Ctx, depth: int) -> list[Operation]:
@@ -562,7 +652,8 @@ class SqlAnalyzer:
 
     def _s_TruncateStmt(self, node: ast.TruncateStmt, ctx: _Ctx, depth: int) -> list[Operation]:
         objs = [_relname(r) for r in node.relations or ()]
-        return self._finish("truncate", objs, ["truncate"], {}, node, ctx, _Scan())
+        attrs = {"cascade": "1"} if _enum_name(node.behavior) == "DROP_CASCADE" else {}
+        return self._finish("truncate", objs, ["truncate"], attrs, node, ctx, _Scan())
 
     def _s_DropStmt(self, node: ast.DropStmt, ctx: _Ctx, depth: int) -> list[Operation]:
         otype = _object_type(node.removeType)
@@ -708,21 +799,20 @@ class SqlAnalyzer:
         objs: list[str] = []
         nested: list[Operation] = []
         if node.relation is not None:
-            rel = _relname(node.relation)
-            objs.append(rel)
-            if not node.is_from:
-                # COPY t TO reads t, like SELECT * FROM t: rules about reads (masking, refusals)
-                # must apply to it too.
-                nested = self._finish("read", [rel], [], {}, node, ctx.nested("copy"), _Scan(reads={rel: None}),
-                                      reads_are_objects=True)
+            objs.append(_relname(node.relation))
         if node.query is not None:
             inner = self._statement(node.query, ctx.nested("copy"), depth)
             for op in inner:
                 objs.extend(op.objects)
             nested = inner
         scan = self._scan(node.whereClause, ctx, depth)
-        ops = self._finish("copy", objs, risks, attrs, node, ctx, scan)
-        return ops + nested
+        if node.is_from:  # rows into the table: an insert (into a table only; the server says so)
+            return self._finish("insert", objs, risks, attrs, node, ctx, scan)
+        if node.relation is not None:  # COPY t TO: a read of t, like SELECT * FROM t
+            scan.reads[objs[0]] = None
+            return self._finish("read", objs, risks, attrs, node, ctx, scan, reads_are_objects=True)
+        # COPY (query) TO: the query's own operations, and a read naming what it touches
+        return self._finish("read", objs, risks, attrs, node, ctx, scan) + nested
 
     def _s_CallStmt(self, node: ast.CallStmt, ctx: _Ctx, depth: int) -> list[Operation]:
         scan = self._scan(node.funccall, ctx, depth)
@@ -737,17 +827,42 @@ class SqlAnalyzer:
             risks.append("privilege-change")
         if setting in PROGRAM_SETTINGS:
             risks.append("program-execution")
+        if _switches_read_write(node):
+            risks.append("read-write")
         attrs = {"setting": setting}
         if node.is_local:
             attrs["local"] = "1"
-        return self._finish("set", [], risks, attrs, node, ctx, _Scan())
+        return self._finish("set", [], risks, attrs, node, ctx, self._scan(node.args, ctx, depth))
 
     def _s_VariableShowStmt(self, node: ast.VariableShowStmt, ctx: _Ctx, depth: int) -> list[Operation]:
         return self._finish("read", [], [], {"setting": node.name}, node, ctx, _Scan())
 
     def _s_TransactionStmt(self, node: ast.TransactionStmt, ctx: _Ctx, depth: int) -> list[Operation]:
         kind = _enum_name(node.kind).removeprefix("TRANS_STMT_").lower()
-        return self._finish("transaction", [], [], {"transaction": kind}, node, ctx, _Scan())
+        rw = any(isinstance(d, ast.DefElem) and d.defname == "transaction_read_only" and not _keeps_read_only(d.arg)
+                 for d in node.options or ())
+        return self._finish("transaction", [], ["read-write"] if rw else [], {"transaction": kind}, node, ctx, _Scan())
+
+    def _s_AlterRoleSetStmt(self, node: ast.AlterRoleSetStmt, ctx: _Ctx, depth: int) -> list[Operation]:
+        return self._setting_default(node, [_role(node.role) or "all"], "role", ctx)
+
+    def _s_AlterDatabaseSetStmt(self, node: ast.AlterDatabaseSetStmt, ctx: _Ctx, depth: int) -> list[Operation]:
+        return self._setting_default(node, [node.dbname], "database", ctx)
+
+    def _setting_default(self, node: ast.Node, objects: list[str], otype: str, ctx: _Ctx) -> list[Operation]:
+        """ALTER ROLE/DATABASE ... SET: a setting every later login of that role/database starts with."""
+        st = node.setstmt
+        risks = ["privilege-change"] if otype == "role" else []
+        if isinstance(st, ast.VariableSetStmt) and _switches_read_write(st):
+            risks.append("read-write")
+        setting = (st.name or "all").lower() if isinstance(st, ast.VariableSetStmt) else ""
+        return self._finish("alter", objects, risks, {"object_type": otype, "setting": setting}, node, ctx, _Scan())
+
+    def _s_LockStmt(self, node: ast.LockStmt, ctx: _Ctx, depth: int) -> list[Operation]:
+        return self._finish("lock", [_relname(r) for r in node.relations or ()], [], {}, node, ctx, _Scan())
+
+    def _s_NotifyStmt(self, node: ast.NotifyStmt, ctx: _Ctx, depth: int) -> list[Operation]:
+        return self._finish("other", [node.conditionname], ["notify"], {}, node, ctx, _Scan())
 
     def _s_ConstraintsSetStmt(self, node: ast.Node, ctx: _Ctx, depth: int) -> list[Operation]:
         return self._finish("transaction", [], [], {"transaction": "set_constraints"}, node, ctx, _Scan())
@@ -817,8 +932,9 @@ class SqlAnalyzer:
                             node, ctx, self._scan(node.whereClause, ctx, depth))
 
     def _s_DiscardStmt(self, node: ast.DiscardStmt, ctx: _Ctx, depth: int) -> list[Operation]:
-        return self._finish("other", [], [], {"discard": _enum_name(node.target).removeprefix("DISCARD_").lower()},
-                            node, ctx, _Scan())
+        target = _enum_name(node.target).removeprefix("DISCARD_").lower()
+        return self._finish("other", [], ["read-write"] if target == "all" else [], {"discard": target},
+                            node, ctx, _Scan())  # DISCARD ALL includes RESET ALL
 
     def _remember(self, name: str, ops: list[Operation]) -> None:
         self.prepared.setdefault(name, []).append(tuple(ops))
@@ -850,6 +966,28 @@ def _on_big_stack(fn: Callable[..., list[Operation]], *args: object) -> list[Ope
     if error:
         raise error[0]
     return result[0]
+
+
+def _creates(node: ast.Node) -> str | None:
+    """The relation a statement creates as a new object, as DROP would name it: None for IF NOT
+    EXISTS and OR REPLACE (the object may be someone else's) and ON COMMIT DROP (gone by the time
+    the name could be dropped again, so the name may then mean another relation)."""
+    if isinstance(node, ast.CreateStmt | ast.CreateSeqStmt):
+        rel = node.relation if isinstance(node, ast.CreateStmt) else node.sequence
+        if node.if_not_exists or _enum_name(getattr(node, "oncommit", "")) == "ONCOMMIT_DROP":
+            return None
+    elif isinstance(node, ast.CreateTableAsStmt | ast.SelectStmt):
+        into = node.into if isinstance(node, ast.CreateTableAsStmt) else node.intoClause
+        if into is None or getattr(node, "if_not_exists", False) or _enum_name(into.onCommit) == "ONCOMMIT_DROP":
+            return None
+        rel = into.rel
+    elif isinstance(node, ast.ViewStmt):
+        if node.replace:
+            return None
+        rel = node.view
+    else:
+        return None
+    return _relname(rel) if isinstance(rel, ast.RangeVar) else None
 
 
 def _role(r: ast.Node | None) -> str:
