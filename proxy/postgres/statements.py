@@ -14,7 +14,7 @@ The aim is to describe what will actually run, not what the text looks like:
 
 Actions: read insert update delete create alter drop truncate grant revoke lock call set
 transaction explain do other unparseable. COPY TO is a `read` of its table or query, COPY FROM an
-`insert` (attribute direction=to/from). `SELECT ... FOR UPDATE/SHARE` and LOCK are also a `lock`
+`insert` (attribute direction=to/from); COPY TO a server file or program is also a `copy`. `SELECT ... FOR UPDATE/SHARE` and LOCK are also a `lock`
 of their tables.
 Risks: delete-without-where update-without-where drop truncate privilege-change
 server-file-access program-execution opaque-code dynamic-sql network-access server-control
@@ -808,11 +808,14 @@ class SqlAnalyzer:
         scan = self._scan(node.whereClause, ctx, depth)
         if node.is_from:  # rows into the table: an insert (into a table only; the server says so)
             return self._finish("insert", objs, risks, attrs, node, ctx, scan)
+        # Into a server file or program the server writes or runs something: a `copy` besides the read.
+        to_server = [Operation(PROTOCOL, "copy", tuple(dict.fromkeys(objs)), tuple(risks), ctx.summary,
+                               {**self._attrs(node, ctx, _Scan()), **attrs})] if risks else []
         if node.relation is not None:  # COPY t TO: a read of t, like SELECT * FROM t
             scan.reads[objs[0]] = None
-            return self._finish("read", objs, risks, attrs, node, ctx, scan, reads_are_objects=True)
+            return self._finish("read", objs, risks, attrs, node, ctx, scan, reads_are_objects=True) + to_server
         # COPY (query) TO: the query's own operations, and a read naming what it touches
-        return self._finish("read", objs, risks, attrs, node, ctx, scan) + nested
+        return self._finish("read", objs, risks, attrs, node, ctx, scan) + to_server + nested
 
     def _s_CallStmt(self, node: ast.CallStmt, ctx: _Ctx, depth: int) -> list[Operation]:
         scan = self._scan(node.funccall, ctx, depth)

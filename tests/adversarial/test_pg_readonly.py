@@ -259,6 +259,11 @@ def run_corpus(inst: Instance, lab, pg: Postgres, agent: str) -> dict[str, dict]
         changed = after != before
         out[name] = {"changed": changed, "recorded": refusals(inst) > seen, "rc": r.returncode,
                      "stdout": r.stdout[-600:], "stderr": r.stderr[-600:]}
+        if "Connection refused" in r.stdout + r.stderr:
+            out[name]["debug"] = {"sessions": inst.sessions()[-2:], "events": inst.events()[-6:],
+                                  "pglog": pg.log.read_text()[-1500:],
+                                  "ss": lab.a.run(["ss", "-tanp"]).stdout[-3000:],
+                                  "dmesg": lab.a.run(["dmesg"]).stdout[-1000:]}
         if changed:
             reset(pg)
             before = state(pg)
@@ -280,7 +285,7 @@ def test_read_only_agent_cannot_change_the_server(inst, lab, pg):
     control = run_corpus(inst, lab, pg, "rw")
     unchanged = {k: v for k, v in control.items() if not v["changed"]}
     print(f"write-allowed agent: {len(control) - len(unchanged)} of {len(control)} attempts changed the server")
-    assert not unchanged, json.dumps(unchanged, indent=1)
+    assert not unchanged, json.dumps(unchanged, indent=1) + inst.log.read_text()[-6000:]
 
 
 def test_read_only_agent_still_reads(inst, lab, pg):
@@ -302,6 +307,7 @@ def _agent_popen(inst: Instance, lab, sql: str):
     p = inst.host.popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     p.stdin.write(sql)
     p.stdin.close()
+    p.stdin = None  # written and closed: communicate() only reads
     return p
 
 
