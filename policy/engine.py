@@ -302,7 +302,7 @@ def load(path: Path | str, text: str | None = None) -> Policy:
             continue
         for k in sorted(set(spec) - _AGENT_KEYS):
             hint = " (process selectors belong in the daemon config's agents: list)" if k in _SELECTOR_KEYS else ""
-            problems.append(f"{at(spec, agents.line)}: agent '{name}': unknown key '{k}' "
+            problems.append(f"{at_key(spec, k) if spec else at(agents)}: agent '{name}': unknown key '{k}' "
                             f"(known: {', '.join(sorted(_AGENT_KEYS))}){hint}")
         pol.agents[name] = Agent(name, _strings(spec.get("groups"), at(spec, agents.line), problems))
 
@@ -383,7 +383,8 @@ def load(path: Path | str, text: str | None = None) -> Policy:
                       for k in _ATTRIBUTE_KEYS if k in spec]
         created = spec.get("created_in_session")
         if created is not None and not isinstance(created, bool):
-            problems.append(f"{where}: rule '{name}': 'created_in_session' must be true or false, got {created!r}")
+            problems.append(f"{at_key(spec, 'created_in_session')}: rule '{name}': 'created_in_session' must be true "
+                            f"or false, got {created!r}")
             created = None
         headers = spec.get("header") or {}
         if not isinstance(headers, dict):

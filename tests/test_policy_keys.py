@@ -40,12 +40,12 @@ def test_docs_and_loader_agree_on_every_key():
 
 @pytest.mark.parametrize("text,line,word", [
     ("defaults: deny\n", 1, "unknown top-level key 'defaults'"),
-    ("agents:\n  bot:\n    groups: [a]\n    uid: 1000\n", 3, "unknown key 'uid'"),
+    ("agents:\n  bot:\n    groups: [a]\n    uid: 1000\n", 4, "unknown key 'uid'"),
     ("agents:\n  bot: {exe: /bin/x}\n", 2, "daemon config"),
-    ("targets:\n  db:\n    address: 10.0.0.1\n    hostnames: [x]\n", 3, "unknown key 'hostnames'"),
-    ("rules:\n  - name: a\n    decision: allow\n  - name: b\n    operations: [read]\n    decision: allow\n", 4,
+    ("targets:\n  db:\n    address: 10.0.0.1\n    hostnames: [x]\n", 4, "unknown key 'hostnames'"),
+    ("rules:\n  - name: a\n    decision: allow\n  - name: b\n    operations: [read]\n    decision: allow\n", 5,
      "unknown key 'operations'"),
-    ("rules:\n  - decision: allow\n    created_in_session: maybe\n", 2, "must be true or false"),
+    ("rules:\n  - decision: allow\n    created_in_session: maybe\n", 3, "must be true or false"),
 ])
 def test_undocumented_keys_are_refused_with_their_line(text, line, word):
     with pytest.raises(PolicyError) as e:
@@ -58,7 +58,7 @@ def test_policy_check_cli_names_the_line(tmp_path):
     f.write_text("rules:\n  - name: ok\n    decision: allow\n  - name: typo\n    objects: [t]\n    decision: deny\n")
     r = subprocess.run([sys.executable, "-m", "interceptor.cli", "policy", "check", str(f)], capture_output=True,
                        text=True, cwd=REPO, timeout=60)
-    assert r.returncode != 0 and f"{f}:4:" in r.stdout + r.stderr and "objects" in r.stdout + r.stderr
+    assert r.returncode != 0 and f"{f}:5:" in r.stdout + r.stderr and "objects" in r.stdout + r.stderr
 
 
 def test_every_documented_key_loads():
