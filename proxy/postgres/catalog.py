@@ -49,11 +49,28 @@ FUNCTION_DDL_NODES = frozenset({"CreateFunctionStmt", "AlterFunctionStmt", "Rena
 class FunctionCatalog:
     """The names of functions known to be free of side effects on one server and database."""
 
-    __slots__ = ("free", "loaded")
+    __slots__ = ("free", "loaded", "_unsafe")
 
     def __init__(self, free: Iterable[str] = (), loaded: float | None = None):
         self.free = set(free)
         self.loaded = time.monotonic() if loaded is None else loaded
+        self._unsafe: dict[str, tuple[str, ...]] = {}  # a `functions` attribute -> its names not known free
+
+    def unsafe(self, functions: str) -> tuple[str, ...]:
+        """The names in a comma-separated `functions` attribute that are not known free (memoized:
+        the same statements come again and again)."""
+        hit = self._unsafe.get(functions)
+        if hit is None:
+            hit = tuple(dict.fromkeys(n for n in functions.split(",") if n and not self.side_effect_free(n)))
+            if len(self._unsafe) >= 4096:
+                self._unsafe.clear()
+            self._unsafe[functions] = hit
+        return hit
+
+    def drop(self, names: Iterable[str]) -> None:
+        """These names may now mean a function that is not free."""
+        self.free.difference_update(names)
+        self._unsafe.clear()
 
     def side_effect_free(self, name: str) -> bool:
         """name as the analyzer writes it: `f`, `schema.f` or `db.schema.f` (case as in pg_proc)."""
@@ -107,8 +124,8 @@ def with_calls(ops: list[Operation], catalog: FunctionCatalog) -> list[Operation
         funcs = op.attributes.get("functions")
         if not funcs:
             continue
-        for name in funcs.split(","):
-            if not name or name in seen or catalog.side_effect_free(name):
+        for name in catalog.unsafe(funcs):
+            if name in seen:
                 continue
             seen.add(name)
             attrs = {"statement": op.attributes.get("statement", "0"), "node": "FuncCall", "via": "function",

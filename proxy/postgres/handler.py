@@ -740,12 +740,15 @@ class PostgresHandler(Handler):
     def _calls(self, ops: list[Operation]) -> list[Operation]:
         """ops and a `call` for every function they call that may have side effects; a statement
         that may define functions makes every catalog forget (and this one forget the names)."""
-        cat = self.catalog or catalog.FunctionCatalog()
-        defined = catalog.defines_functions(ops) if len(ops) > 1 or ops[0].action in _DDL_ACTIONS else None
+        if len(ops) == 1 and ops[0].action not in _DDL_ACTIONS and "functions" not in ops[0].attributes:
+            return ops  # the common case: one statement calling nothing
+        if self.catalog is None:
+            self.catalog = catalog.FunctionCatalog()
+        defined = catalog.defines_functions(ops)
         if defined is not None:
             catalog.forget()
-            cat.free.difference_update(defined)
-        return catalog.with_calls(ops, cat)
+            self.catalog.drop(defined)
+        return catalog.with_calls(ops, self.catalog)
 
     # ---- objects the agent created itself -------------------------------------------------------
 
