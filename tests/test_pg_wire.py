@@ -215,7 +215,7 @@ def test_frontend_type_set_differs_from_backend():
     (b"C\0\0\0\7abc", "unterminated"),
     (b"D\0\0\0\6\0\1", "truncated"),
     (b"D\0\0\0\x0a\0\1\xff\xff\xff\xfe", "negative value length"),
-    (b"T\0\0\0\6\xff\xff", "negative count"),
+    (b"T\0\0\0\6\xff\xff", "unterminated"),  # counts are unsigned: 65 535 fields, none there
     (b"R\0\0\0\x08\0\0\0\5", "truncated"),
     (b"E\0\0\0\6Mx", "unterminated"),
 ])

@@ -16,6 +16,7 @@ from proxy.postgres.masking import MaskSpec
 from proxy.postgres.stream import BYTE, RAW, STARTUP, UNTYPED, Splitter
 from proxy.postgres.tlsbio import TlsPipe, client_context, server_end_point_hash
 from proxy.postgres.tracker import (
+    BINARY_COPY_MASKED,
     BIND,
     DESC_P,
     DESC_S,
@@ -240,10 +241,17 @@ def test_masked_copy_out_and_binary_copy_refused():
     out = _feed(t, wire.CopyOutResponse(0, (0,)).encode() + wire.CopyData(b"1\tg@example.com\n").encode()
                 + wire.CopyDone().encode() + wire.command_complete("COPY 1") + wire.ready_for_query())
     assert b"g@example.com" not in out and b"[masked:email]" in out and t.finished[0].rows == 1
+    # binary COPY cannot be masked: its output is withheld and refused, the session goes on
     t = Tracker()
     t.query([Statement("copy people to stdout (format binary)", "mask", "m", mask=EMAIL_SPEC)])
-    with pytest.raises(wire.ProtocolError, match="binary COPY"):
-        _feed(t, wire.CopyOutResponse(1, (1,)).encode())
+    out = _feed(t, wire.CopyOutResponse(1, (1,)).encode() + wire.CopyData(b"PGCOPY\n\xff\r\n\0h@example.com").encode()
+                + wire.CopyDone().encode() + wire.command_complete("COPY 1") + wire.ready_for_query())
+    assert out == BINARY_COPY_MASKED + wire.ready_for_query()
+    assert t.finished[0].error.startswith("refused") and not t.queue
+    t.query([Statement("select 1", "allow", "a")])  # and the next statement runs as usual
+    out = _feed(t, wire.row_description(["x"]) + wire.data_row(["1"]) + wire.command_complete("SELECT 1")
+                + wire.ready_for_query())
+    assert out.count(b"D") == 1 and t.finished[-1].rows == 1
 
 
 # ---- startup settings ---------------------------------------------------------------------------

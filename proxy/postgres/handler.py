@@ -72,7 +72,7 @@ from proxy.postgres.tracker import (
 CLIENT_STARTUP, UP_SSL, UP_TLS, UP_AUTH, UP_PARAMS, READY, DONE, UP_CATALOG = range(8)
 PAUSE_BUFFERED = 1 << 20  # client bytes buffered while a statement waits: stop reading beyond this
 MAX_PREPARED = 10_000  # statements/portals remembered per session
-_Q, _P, _B, _E, _D, _C, _S, _F, _X, _p = b"QPBEDCSFXp"
+_Q, _P, _B, _E, _D, _C, _S, _F, _X, _p, _c, _f = b"QPBEDCSFXpcf"
 _RANK = {Verdict.ALLOW: 0, Verdict.MASK: 1, Verdict.APPROVE: 2, Verdict.DENY: 3}
 BUILTIN_UNPARSEABLE = Decision(Verdict.DENY, "builtin:unparseable", "SQL the proxy cannot parse is never forwarded")
 READ_ONLY_RULE = "builtin:read-only-session"
@@ -385,8 +385,7 @@ class PostgresHandler(Handler):
         self.sout = []
         self.gate = None
         self._flush()
-        if self.ctls is not None and self.ctls.handshaken:
-            self.conn.to_client(self.ctls.shutdown())  # close_notify: the agent reads the error, not a TLS failure
+        self._end_tls()  # close_notify: the agent reads the error, not a TLS failure
         self.phase = DONE
         self.conn.close("protocol-error" if code == "08P01" else "refused", message, abort=False)
 
@@ -481,9 +480,11 @@ class PostgresHandler(Handler):
                 self.conn.close("recorder-error", str(e))
                 return
             if found is None:
+                self._end_tls()
                 self.conn.close("refused", "CancelRequest with a key this proxy did not issue", abort=False)
                 return
             if decision.verdict is Verdict.DENY:
+                self._end_tls()
                 self.conn.close("denied", f"{decision.rule}: {decision.reason}", abort=False)
                 return
             addr, port, key, ref = found
@@ -493,6 +494,7 @@ class PostgresHandler(Handler):
             real = wire.cancel_request(msg.pid, key)
             if (addr, port) == (rec.dst_addr, rec.dst_port) and self.conn.upstream is not None:
                 self.conn.to_server(real)
+                self._end_tls()
                 self.conn.server_eof()
                 return
             try:
@@ -503,9 +505,16 @@ class PostgresHandler(Handler):
                 writer.close()
             except (OSError, TimeoutError) as e:
                 self.conn.event("cancel-failed", {"error": str(e)})
+            self._end_tls()
             self.conn.close("closed", "cancel forwarded", abort=False)
 
         self.conn.spawn(act())
+
+    def _end_tls(self) -> None:
+        """close_notify toward the agent, as the server ends an encrypted cancel connection
+        (libpq >= 17's PQcancelCreate otherwise reports "SSL error: unexpected eof")."""
+        if self.ctls is not None and self.ctls.handshaken:
+            self.conn.to_client(self.ctls.shutdown())
 
     async def _login(self, msg: wire.StartupMessage, raw: bytes) -> None:
         """Judge the startup settings, then start the upstream login."""
@@ -810,9 +819,7 @@ class PostgresHandler(Handler):
         if self.dropping:
             if t == _S:
                 self.dropping = False
-                e = self.tracker.push(SYNC_K)
-                if self.window_next_sync:
-                    self.window, self.window_next_sync = e, False
+                self._sync()
                 self.sout.append(mv)
             return False
         if t == _Q:
@@ -838,9 +845,9 @@ class PostgresHandler(Handler):
             (self.statements if kind == "S" else self.portals).pop(name, None)
             self.tracker.push(CLOSE)
         elif t == _S:
-            e = self.tracker.push(SYNC_K)
-            if self.window_next_sync:
-                self.window, self.window_next_sync = e, False
+            self._sync()
+        elif t == _c or t == _f:  # CopyDone, CopyFail: the server heeds Syncs again after it
+            self.tracker.copy_end()
         elif t == _F:
             f = wire.parse_frontend(wire.Frame(b"F", 0, mv, 5))
             op = Operation("postgres", "function-call", (f"oid {f.function_oid}",), ("opaque-code",),
@@ -850,6 +857,11 @@ class PostgresHandler(Handler):
             return False
         self.sout.append(mv)
         return False
+
+    def _sync(self) -> None:
+        e = self.tracker.push(SYNC_K)
+        if e is not None and self.window_next_sync:  # (None: a Sync the server ignores in COPY-in)
+            self.window, self.window_next_sync = e, False
 
     def _judge(self, ops: list[Operation]) -> tuple[list[Decision], asyncio.Future | None]:
         """Decisions for a statement's operations, and the future of the last one recorded (None

@@ -178,7 +178,7 @@ class Splitter:
 # wire.parse_frontend builds a message object through a bounds-checked cursor; these read the few
 # fields the relay needs straight from the bytes, with the same validation (ProtocolError).
 
-_I16 = struct.Struct("!h").unpack_from
+_U16 = struct.Struct("!H").unpack_from
 _I32 = struct.Struct("!i").unpack_from
 
 
@@ -192,9 +192,7 @@ def _cstr(body: bytes, pos: int, what: str) -> tuple[str, int]:
 def _count(body: bytes, pos: int, what: str) -> tuple[int, int]:
     if pos + 2 > len(body):
         raise ProtocolError(f"{what}: message truncated")
-    (n,) = _I16(body, pos)
-    if n < 0:
-        raise ProtocolError(f"{what}: negative count")
+    (n,) = _U16(body, pos)  # counts are unsigned: up to 65 535 parameters
     return n, pos + 2
 
 

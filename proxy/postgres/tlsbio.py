@@ -9,6 +9,10 @@ socket the relay already owns and reads through asyncio Protocols; `ssl.SSLObjec
     send(tls.outgoing())                   # handshake records, alerts, and what encrypt() made
     send(tls.encrypt(plain_reply))
 
+Records carry at most `RECORD_PLAINTEXT` (8 KB) of application data, as PostgreSQL's own do:
+libpq reads into an 8 KB buffer, and a larger record leaves decrypted bytes inside the client's
+OpenSSL while its socket is idle, where a client that waits on the socket (psycopg) never looks.
+
 Errors (bad handshake, bad records) raise ssl.SSLError: the caller closes the connection.
 """
 
@@ -18,6 +22,8 @@ import ssl
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+
+RECORD_PLAINTEXT = 8192  # bytes of application data per TLS record (PostgreSQL's PQ buffer size)
 
 
 class TlsPipe:
@@ -63,15 +69,24 @@ class TlsPipe:
             except ssl.SSLZeroReturnError:
                 self.closed = True
                 break
-            if not chunk:
+            if not chunk:  # close_notify (SSLObject reports it as an empty read)
+                self.closed = True
                 break
             chunks.append(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def encrypt(self, data: bytes | memoryview) -> bytes:
-        """Application bytes → TLS records (plus anything else pending for the peer)."""
-        if data:
-            self.obj.write(data)
+        """Application bytes → TLS records of at most RECORD_PLAINTEXT bytes each (plus anything
+        else pending for the peer). One write makes one record."""
+        n = len(data)
+        if n <= RECORD_PLAINTEXT:
+            if n:
+                self.obj.write(data)
+        else:
+            mv = memoryview(data)
+            write = self.obj.write
+            for i in range(0, n, RECORD_PLAINTEXT):
+                write(mv[i:i + RECORD_PLAINTEXT])
         return self._out.read()
 
     def shutdown(self) -> bytes:

@@ -10,11 +10,17 @@ what lets the relay
   cannot succeed, so the server itself enters the error state (and marks an open transaction
   failed, as it would have for the refused statement); its error is swapped for the refusal;
 - record each statement with its rows, command tag, error and duration;
-- drop, after an error in the extended protocol, expectations for messages the server skips
-  until Sync.
+- drop, after an error in the extended protocol, expectations for every message the server
+  skips until Sync (a simple Query among them too: protocol docs, "Extended Query");
+- follow COPY FROM STDIN: while the server is in COPY-in it ignores Sync and Flush (libpq sends a
+  Sync right after an extended-protocol COPY), so Syncs the client sent between the COPY's
+  Execute and its CopyDone/CopyFail expect nothing.
 
 A response that matches no expectation means the relay has lost track of the conversation;
-`ProtocolError` then ends the connection rather than risk masking the wrong columns.
+`ProtocolError` then ends the connection rather than risk masking the wrong columns. Rows and
+COPY data only stream unseen while the oldest request is a query or Execute that may return
+them: a DataRow the tracker cannot attribute to its own request ends the session before a byte
+of it is forwarded.
 """
 
 from __future__ import annotations
@@ -142,13 +148,18 @@ class Portal:
     described: bool = False
 
 
-# expectation kinds
-QUERY, PARSE, BIND, DESC_S, DESC_P, EXECUTE, CLOSE, SYNC_K, REFUSE = range(9)
+# expectation kinds; COPY_END marks where the client ended a COPY-in (it expects no response)
+QUERY, PARSE, BIND, DESC_S, DESC_P, EXECUTE, CLOSE, SYNC_K, REFUSE, COPY_END = range(10)
+# Expect.copy states: no COPY, COPY-out running (CopyData may come), COPY-out being swallowed
+NO_COPY, COPY_OUT, COPY_DROP = range(3)
+BINARY_COPY_MASKED = wire.error_response(
+    "ERROR", "0A000", "interlock: binary COPY output cannot be masked; this statement's result was withheld",
+    detail="a mask rule applies to this statement", hint="use COPY ... TO STDOUT in text or CSV format")
 
 
 class Expect:
     __slots__ = ("kind", "stmts", "index", "masker", "portal", "prepared", "injected", "error", "copy_mask",
-                 "want_mask")
+                 "want_mask", "rows", "copy")
 
     def __init__(self, kind: int, stmts: list[Statement] | None = None):
         self.kind = kind
@@ -161,6 +172,8 @@ class Expect:
         self.error = b""  # REFUSE: the ErrorResponse the client gets instead of the server's
         self.copy_mask: MaskSpec | None = None
         self.want_mask = False
+        self.rows = kind == EXECUTE  # DataRows may come now (a query's after its RowDescription)
+        self.copy = NO_COPY
 
     @property
     def current(self) -> Statement | None:
@@ -179,19 +192,35 @@ class Tracker:
         self.finished: list[Statement] = []
         self.status = "I"
         self.params: dict[str, str] = {}
-        self.stream = b"Dd"
+        self.stream = b""
         self.unsafe: str | None = None  # a setting the server reported that breaks SQL parsing
+        # The server is in COPY-in and the client has not ended it yet: its Syncs expect nothing.
+        self.copy_in = False
 
     # ---- client side -------------------------------------------------------------------------
 
-    def push(self, kind: int) -> Expect:
+    def push(self, kind: int) -> Expect | None:
+        """Expect the response to one client message; None for a Sync the server will ignore."""
+        if self.copy_in:
+            if kind == SYNC_K:
+                return None
+            raise wire.ProtocolError(f"client sent {_REQUESTS[kind]} during COPY from stdin")
         e = Expect(kind)
         self.queue.append(e)
         if len(self.queue) == 1:  # only a new oldest request changes what may stream
             self._restream()
         return e
 
+    def copy_end(self) -> None:
+        """The client sent CopyDone or CopyFail: Syncs after it count again."""
+        if self.copy_in:
+            self.copy_in = False
+        elif self.queue:  # the server has not started the COPY yet (or never will)
+            self.queue.append(Expect(COPY_END))
+
     def query(self, stmts: list[Statement]) -> Expect:
+        if self.copy_in:
+            raise wire.ProtocolError("client sent a Query during COPY from stdin")
         e = Expect(QUERY, stmts)
         self.queue.append(e)
         if len(self.queue) == 1:
@@ -199,6 +228,8 @@ class Tracker:
         return e
 
     def execute(self, portal: Portal, stmt: Statement) -> Expect:
+        if self.copy_in:
+            raise wire.ProtocolError("client sent an Execute during COPY from stdin")
         e = Expect(EXECUTE, [stmt])
         e.portal = portal
         e.want_mask = stmt.mask is not None
@@ -210,6 +241,8 @@ class Tracker:
     def refusal(self, error: bytes, stmts: list[Statement], simple: bool) -> bytes:
         """Expect the stand-in's failure; returns what to send the server in place of the
         refused message (with a Sync of its own for a simple-protocol message)."""
+        if self.copy_in:
+            raise wire.ProtocolError("client sent a statement during COPY from stdin")
         e = Expect(REFUSE, stmts)
         e.error = error
         self.queue.append(e)
@@ -234,7 +267,11 @@ class Tracker:
         q = self.queue
         head = q[0] if q else None
         if t == 0x64:  # d CopyData
-            if head is not None and head.copy_mask is not None:
+            if head is None or head.copy == NO_COPY:
+                raise wire.ProtocolError("CopyData with no COPY out running")
+            if head.copy == COPY_DROP:
+                return None
+            if head.copy_mask is not None:
                 new = mask_copy_data(msg[5:], head.copy_mask)
                 if new is not None:
                     st = head.current
@@ -261,17 +298,21 @@ class Tracker:
                     break
             return msg
         if t == 0x45:  # E ErrorResponse
+            self.copy_in = False  # an error ends a COPY-in; the client's later Syncs count
             return self._error(head, msg)
         if head is None:
             raise wire.ProtocolError(f"server sent {chr(t)!r} with no request pending")
         k = head.kind
         if t == 0x43 or t == 0x49:  # C CommandComplete, I EmptyQueryResponse
             tag = bytes(msg[5:-1]).decode("utf-8", "replace") if t == 0x43 else "EMPTY"
+            out = msg
+            if head.copy == COPY_DROP:  # the client gets the refusal instead of the result
+                tag, out = "", BINARY_COPY_MASKED
             if k == QUERY:
                 st = head.current
                 if st is not None:
                     self._collect(head, st)
-                    st.finish(tag)
+                    st.finish(tag, error="" if tag else "refused: binary COPY output cannot be masked")
                     self.finished.append(st)
                     head.index += 1
                     nxt = head.current
@@ -279,19 +320,21 @@ class Tracker:
                         nxt.started = time.monotonic()
                 head.masker = None
                 head.copy_mask = None
+                head.rows, head.copy = False, NO_COPY
             elif k == EXECUTE:
                 q.popleft()
                 st = head.stmts[0]
                 self._collect(head, st)
-                st.finish(tag)
+                st.finish(tag, error="" if tag else "refused: binary COPY output cannot be masked")
                 self.finished.append(st)
             else:
                 raise wire.ProtocolError(f"CommandComplete while expecting {_NAMES[k]}")
-            return msg
+            return out
         if t == 0x54:  # T RowDescription (parsed only when its rows are masked)
             if k == QUERY:
                 st = head.current
                 head.masker = RowMasker(_description(msg), st.mask) if st is not None and st.mask is not None else None
+                head.rows = True
                 return msg
             if k == DESC_S:
                 q.popleft()
@@ -329,19 +372,46 @@ class Tracker:
         if t in (0x47, 0x48):  # G CopyInResponse, H CopyOutResponse
             if k not in (QUERY, EXECUTE):
                 raise wire.ProtocolError(f"COPY response while expecting {_NAMES[k]}")
+            if t == 0x47:
+                self._copy_in_started()
+                return msg
+            head.copy = COPY_OUT
             st = head.current
-            if t == 0x48 and st is not None and st.mask is not None:
+            if st is not None and st.mask is not None:
                 if msg[5] != 0:
-                    raise wire.ProtocolError("binary COPY output cannot be masked")
+                    # Binary COPY cannot be masked: its result is swallowed and refused (the
+                    # session goes on; the server ran a read the client never sees).
+                    head.copy = COPY_DROP
+                    return None
                 head.copy_mask = st.mask
             return msg
         if t == 0x63:  # c CopyDone
-            return msg
+            if head.copy == NO_COPY:
+                raise wire.ProtocolError("CopyDone with no COPY out running")
+            return None if head.copy == COPY_DROP else msg
         raise wire.ProtocolError(f"unexpected server message {chr(t)!r}")
 
+    def _copy_in_started(self) -> None:
+        """CopyInResponse: the server now ignores Sync (and Flush) until the client's CopyDone or
+        CopyFail, so Syncs queued behind the COPY up to that point expect nothing; any other
+        request there would fail the COPY server-side, which the relay does not follow."""
+        q = self.queue
+        end = len(q)
+        for i in range(1, len(q)):
+            k = q[i].kind
+            if k == COPY_END:
+                end = i + 1
+                break
+            if k != SYNC_K:
+                raise wire.ProtocolError(f"client sent {_REQUESTS[k]} during COPY from stdin")
+        else:
+            self.copy_in = True
+        for _ in range(end - 1):
+            del q[1]
+
     def _row(self, head: Expect | None, msg: memoryview) -> bytes | memoryview:
-        if head is None or head.kind not in (QUERY, EXECUTE):
-            raise wire.ProtocolError("DataRow with no query pending")
+        if head is None or not head.rows:
+            raise wire.ProtocolError("DataRow the relay cannot attribute to a query or Execute")
         m = head.masker
         if m is None and head.kind == EXECUTE and head.want_mask:
             m = head.masker = self._portal_masker(head)
@@ -394,6 +464,7 @@ class Tracker:
                 head.index = len(head.stmts)
             head.masker = None
             head.copy_mask = None
+            head.rows, head.copy = False, NO_COPY
         else:
             q.popleft()
             if head.kind == EXECUTE and st is not None:
@@ -404,9 +475,10 @@ class Tracker:
         return out
 
     def _skip_to_sync(self) -> None:
-        """After an error the server skips every extended-protocol message until Sync."""
+        """After an error in the extended protocol the server discards every message until Sync,
+        a simple Query included; none of them gets a response."""
         q = self.queue
-        while q and q[0].kind not in (SYNC_K, QUERY):
+        while q and q[0].kind != SYNC_K:
             self.finish_all(q.popleft(), "not run: skipped after an error")
 
     def finish_all(self, e: Expect, why: str) -> None:
@@ -417,18 +489,20 @@ class Tracker:
         e.index = len(e.stmts)
 
     def _restream(self) -> None:
-        """DataRows and CopyData may pass unseen unless the oldest request masks them."""
-        head = self.queue[0] if self.queue else None
+        """DataRows may pass unseen only while the oldest request is a query (after its
+        RowDescription) or an Execute whose rows need no masking; CopyData only during its
+        unmasked COPY out. Anything else is looked at, and refused if it belongs nowhere."""
+        q = self.queue
+        while q and q[0].kind == COPY_END:  # a CopyDone for a COPY the server never started
+            q.popleft()
+        head = q[0] if q else None
         if head is None:
-            self.stream = b"Dd"
+            self.stream = b""
             return
-        rows = head.masker is None or not head.masker.active
+        rows = head.rows and (head.masker is None or not head.masker.active)
         if head.kind == EXECUTE and head.want_mask and head.masker is None:
             rows = False
-        if head.kind == QUERY and head.masker is None:
-            st = head.current
-            rows = True if st is None or st.mask is None else rows
-        copy = head.copy_mask is None
+        copy = head.copy == COPY_OUT and head.copy_mask is None
         self.stream = (b"D" if rows else b"") + (b"d" if copy else b"")
 
 
@@ -445,4 +519,7 @@ def _masked_error(err: wire.ErrorResponse, spec: MaskSpec) -> bytes:
 
 _NAMES = {QUERY: "a query result", PARSE: "ParseComplete", BIND: "BindComplete", DESC_S: "a statement description",
           DESC_P: "a portal description", EXECUTE: "an Execute result", CLOSE: "CloseComplete",
-          SYNC_K: "ReadyForQuery", REFUSE: "the refusal's error"}
+          SYNC_K: "ReadyForQuery", REFUSE: "the refusal's error", COPY_END: "nothing (CopyDone)"}
+_REQUESTS = {QUERY: "a Query", PARSE: "a Parse", BIND: "a Bind", DESC_S: "a Describe", DESC_P: "a Describe",
+             EXECUTE: "an Execute", CLOSE: "a Close", SYNC_K: "a Sync", REFUSE: "a refused statement",
+             COPY_END: "CopyDone"}

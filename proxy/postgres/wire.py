@@ -346,10 +346,8 @@ class _Cursor:
         return v
 
     def count16(self) -> int:
-        n = self.int16()
-        if n < 0:
-            raise ProtocolError(f"{self.what}: negative count")
-        return n
+        """An Int16 count: unsigned on the wire (libpq sends up to 65 535 parameters)."""
+        return self.uint16()
 
     def int32(self) -> int:
         self._need(4)
@@ -435,7 +433,7 @@ def _value(v: bytes | bytearray | memoryview | str | None) -> bytes:
 
 def _int16s(values: Iterable[int]) -> bytes:
     vals = list(values)
-    return _I16.pack(len(vals)) + b"".join(_I16.pack(v) for v in vals)
+    return _U16.pack(len(vals)) + b"".join(_I16.pack(v) for v in vals)
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,7 +515,7 @@ class Parse(Message):
     param_types: tuple[int, ...] = ()
 
     def encode(self) -> bytes:
-        return _msg(b"P", _cstr(self.name), _cstr(self.sql), _I16.pack(len(self.param_types)),
+        return _msg(b"P", _cstr(self.name), _cstr(self.sql), _U16.pack(len(self.param_types)),
                     b"".join(_U32.pack(t) for t in self.param_types))
 
 
@@ -532,7 +530,7 @@ class Bind(Message):
 
     def encode(self) -> bytes:
         return _msg(b"B", _cstr(self.portal), _cstr(self.statement), _int16s(self.param_formats),
-                    _I16.pack(len(self.params)), b"".join(_value(v) for v in self.params),
+                    _U16.pack(len(self.params)), b"".join(_value(v) for v in self.params),
                     _int16s(self.result_formats))
 
     def result_format(self, column: int) -> int:
@@ -691,7 +689,7 @@ class FunctionCall(Message):
     result_format: int = 0
 
     def encode(self) -> bytes:
-        return _msg(b"F", _U32.pack(self.function_oid), _int16s(self.arg_formats), _I16.pack(len(self.args)),
+        return _msg(b"F", _U32.pack(self.function_oid), _int16s(self.arg_formats), _U16.pack(len(self.args)),
                     b"".join(_value(v) for v in self.args), _I16.pack(self.result_format))
 
 
@@ -816,7 +814,7 @@ class RowDescription(Message):
     fields: tuple[FieldDescription, ...]
 
     def encode(self) -> bytes:
-        return _msg(b"T", _I16.pack(len(self.fields)), b"".join(f.encode() for f in self.fields))
+        return _msg(b"T", _U16.pack(len(self.fields)), b"".join(f.encode() for f in self.fields))
 
 
 @dataclass(frozen=True, slots=True)
@@ -827,7 +825,7 @@ class DataRow(Message):
     values: tuple[memoryview | bytes | None, ...]
 
     def encode(self) -> bytes:
-        return _msg(b"D", _I16.pack(len(self.values)), b"".join(_value(v) for v in self.values))
+        return _msg(b"D", _U16.pack(len(self.values)), b"".join(_value(v) for v in self.values))
 
 
 @dataclass(frozen=True, slots=True)
@@ -945,7 +943,7 @@ class ParameterDescription(Message):
     type_oids: tuple[int, ...]
 
     def encode(self) -> bytes:
-        return _msg(b"t", _I16.pack(len(self.type_oids)), b"".join(_U32.pack(t) for t in self.type_oids))
+        return _msg(b"t", _U16.pack(len(self.type_oids)), b"".join(_U32.pack(t) for t in self.type_oids))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1325,7 +1323,7 @@ def command_complete(tag: str) -> bytes:
 def data_row(values: Iterable[bytes | bytearray | memoryview | str | None]) -> bytes:
     """DataRow; str values are UTF-8 encoded, None is NULL."""
     vals = list(values)
-    return _msg(b"D", _I16.pack(len(vals)), b"".join(_value(v) for v in vals))
+    return _msg(b"D", _U16.pack(len(vals)), b"".join(_value(v) for v in vals))
 
 
 def row_description(fields: Iterable[FieldDescription | str | tuple[str, int]]) -> bytes:
