@@ -199,3 +199,23 @@ def test_tls_shutdown_sends_close_notify():
     server, client = _tls_pair()
     client.receive(server.shutdown())
     assert client.closed, "the agent reads a clean end of TLS, not 'unexpected eof'"
+
+
+def test_syntax_errors_are_answered_as_the_server_would():
+    from proxy.postgres.analysis import Analyzer
+    from proxy.postgres.handler import syntax_error
+
+    for sql, message, pos in (("selec 1", 'syntax error at or near "selec"', "1"),
+                              ("select 1 from", "syntax error at end of input", "14"),
+                              ("select 'é', 'x' wat 1", 'syntax error at or near "1"', "21")):
+        err = wire.read_messages("backend", syntax_error(Analyzer().analyze(sql), sql))[0]
+        assert (err.code, err.message, err.fields.get("P")) == ("42601", message, pos)
+    assert syntax_error(Analyzer().analyze("select 1"), "select 1") is None
+
+
+def test_text_is_read_under_standard_conforming_strings_off_where_it_reads_the_same():
+    from proxy.postgres.reading import same_reading
+
+    assert same_reading("select 1") and same_reading("select E'a\\\\b', E'\\\\000'::bytea")
+    assert not same_reading("select 'a\\\\b'"), "a plain literal with a backslash reads differently"
+    assert not same_reading("select 'a\\' or 1=1 --'"), "one string or two"

@@ -227,11 +227,15 @@ def test_unexpected_responses_and_unsafe_settings():
     t = Tracker()
     with pytest.raises(wire.ProtocolError):
         _feed(t, wire.ParseComplete().encode())
-    for name, value in (("client_encoding", "SJIS"), ("standard_conforming_strings", "off")):
+    for name, value in (("client_encoding", "SJIS"),):
         t = Tracker()
         with pytest.raises(UnsafeSetting):
             _feed(t, wire.parameter_status(name, value))
         assert t.unsafe == f"{name}={value}"
+    # standard_conforming_strings=off is followed (the handler reads each text under it)
+    t = Tracker()
+    _feed(t, wire.parameter_status("standard_conforming_strings", "off"))
+    assert t.params["standard_conforming_strings"] == "off" and t.unsafe is None
     _feed(Tracker(), wire.parameter_status("client_encoding", "LATIN1"))
 
 

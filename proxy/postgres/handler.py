@@ -36,7 +36,7 @@ from typing import Any
 from policy.engine import Destination
 from policy.model import Decision, Operation, Verdict
 from proxy.handler import Handler, register
-from proxy.postgres import catalog, startup, wire
+from proxy.postgres import catalog, reading, startup, wire
 from proxy.postgres.analysis import Analyzer
 from proxy.postgres.masking import MaskSpec
 from proxy.postgres.scram import AuthenticationError, UpstreamAuthenticator
@@ -85,6 +85,9 @@ _cancel_keys: dict[tuple[int, bytes], tuple[str, int, bytes, weakref.ref]] = {}
 # next ReadyForQuery; until then (the "window") SQL is only forwarded if it reads the same under
 # any value they may take: ASCII without backslashes (see `ambiguous`).
 PARSING_SETTINGS = frozenset({"client_encoding", "standard_conforming_strings", "reset_all"})
+BUILTIN_MISREAD = Decision(Verdict.DENY, "builtin:nonstandard-strings",
+                           "with standard_conforming_strings off the server reads this text's backslashes "
+                           "differently from the proxy's analysis; write such strings as E'...'")
 BUILTIN_AMBIGUOUS = Decision(Verdict.DENY, "builtin:ambiguous-sql",
                              "a client_encoding or standard_conforming_strings change is pending; until the server "
                              "confirms it, SQL with backslashes or non-ASCII characters could read differently to it")
@@ -189,14 +192,26 @@ def changes_parsing(ops: list[Operation] | tuple[Operation, ...]) -> bool:
 
 def ambiguous(sql: str) -> bool:
     """Text whose meaning could depend on client_encoding or standard_conforming_strings: ASCII
-    is the same in every encoding the proxy allows, and only backslashes read differently with
-    standard_conforming_strings off."""
-    return not sql.isascii() or "\\" in sql
+    is the same in every encoding the proxy allows, and only backslashes can read differently
+    with standard_conforming_strings off (reading.same_reading tells whether they do)."""
+    return not sql.isascii() or not reading.same_reading(sql)
 
 
 def combine(decisions: list[Decision]) -> Decision:
     """The decision that governs a statement: deny over approve over mask over allow."""
     return max(decisions, key=lambda d: _RANK[d.verdict])
+
+
+def syntax_error(ops: list[Operation], sql: str) -> bytes | None:
+    """The server's own answer to text it cannot parse (SQLSTATE 42601, the parser's message and
+    position), when that is why the statement is refused."""
+    if not sql or not all(op.action == "unparseable" and "via" not in op.attributes for op in ops):
+        return None
+    err = reading.syntax_error(sql)
+    if err is None:
+        return None
+    message, pos = err
+    return wire.error_response("ERROR", "42601", message, **({"P": str(pos)} if pos > 0 else {}))
 
 
 def refusal_error(decision: Decision, outcome: str = "") -> bytes:
@@ -264,6 +279,7 @@ class PostgresHandler(Handler):
         self.tx_owned: set[str] = set()
         self.tx_failed = False
         self.creating: dict[Statement, str] = {}
+        self.plus_withheld = False  # pass-through SCRAM: the server offered -PLUS, the agent was not
 
     # ---- bytes in --------------------------------------------------------------------------
 
@@ -435,6 +451,11 @@ class PostgresHandler(Handler):
                 kind, mv = seg
                 if kind not in (_p, _X):
                     raise wire.ProtocolError(f"{chr(kind)!r} before authentication completed")
+                if self.plus_withheld and kind == _p:
+                    self.plus_withheld = False
+                    if _binds_tls(mv):
+                        self._fatal("08P01", CHANNEL_BINDING_ADVICE)
+                        return
                 self.sout.append(mv)
             else:
                 break  # the login is in progress: client bytes wait in the splitter
@@ -683,6 +704,7 @@ class PostgresHandler(Handler):
         if isinstance(msg, wire.AuthenticationSASL):
             # The agent cannot bind to the server's certificate through this proxy.
             mechs = tuple(m for m in msg.mechanisms if not m.endswith("-PLUS"))
+            self.plus_withheld = len(mechs) < len(msg.mechanisms)
             self.cout.append(wire.AuthenticationSASL(mechs).encode())
             return
         if isinstance(msg, wire.AuthenticationOk):
@@ -940,7 +962,7 @@ class PostgresHandler(Handler):
             self._note_creations(ops, stmts)
         d = combine(decisions)
         if d.verdict is Verdict.DENY:
-            self._refuse(ops, decisions, [fut], simple=True, stmts=stmts)
+            self._refuse(ops, decisions, [fut], simple=True, stmts=stmts, sql=sql)
             return False
         if d.verdict is Verdict.APPROVE:
             self._hold(_Pending(_Q, bytes(mv), stmts, ops, decisions), fut)
@@ -956,22 +978,32 @@ class PostgresHandler(Handler):
             self.window = e
 
     def _in_window(self, sql: str, ops_or_summary: str) -> bool:
-        """Refuse text that could read differently while a parsing-settings change is pending."""
-        if (self.window is None and not self.window_next_sync) or not ambiguous(sql):
+        """Refuse text that could read differently while a parsing-settings change is pending,
+        or that does read differently under standard_conforming_strings=off now in effect."""
+        if self.window is None and not self.window_next_sync:
+            if "\\" not in sql or self.tracker.params.get("standard_conforming_strings", "on").lower() != "off":
+                return False
+            if reading.same_reading(sql):
+                return False
+            decision, ops_or_summary = BUILTIN_MISREAD, "text whose backslashes read differently under " \
+                "standard_conforming_strings=off"
+        elif not ambiguous(sql):
             return False
+        else:
+            decision = BUILTIN_AMBIGUOUS
         op = Operation("postgres", "unparseable", (), ("unparseable",), ops_or_summary)
-        self._refuse([op], [BUILTIN_AMBIGUOUS], [self._record_builtin(op, BUILTIN_AMBIGUOUS)],
-                     simple=self._simple_refusal)
+        self._refuse([op], [decision], [self._record_builtin(op, decision)], simple=self._simple_refusal)
         return True
 
     def _refuse(self, ops: list[Operation], decisions: list[Decision], futs: list, *, simple: bool,
-                stmts: list[Statement] | None = None, outcome: str = "") -> None:
-        """Send the stand-in that fails server-side, and record the refusal."""
+                stmts: list[Statement] | None = None, outcome: str = "", sql: str = "") -> None:
+        """Send the stand-in that fails server-side, and record the refusal. Text that does not
+        parse gets the server's own syntax error; anything else Interlock's refusal."""
         d = combine(decisions)
         for fut in futs:
             if fut is not None:
                 self._gate(fut)
-        err = refusal_error(d, outcome)
+        err = (None if outcome else syntax_error(ops, sql)) or refusal_error(d, outcome)
         why = f"refused: {outcome}" if outcome else f"refused by rule {d.rule}"
         for st in stmts or [Statement(ops[0].summary if ops else "", d.verdict.value, d.rule)]:
             st.finish(error=why if st.verdict in ("deny", "approve") else "not run: the query string was refused")
@@ -994,7 +1026,7 @@ class PostgresHandler(Handler):
         summary = ops[0].summary
         if d.verdict is Verdict.DENY:
             self._refuse(ops, decisions, [fut], simple=False,
-                         stmts=[Statement(summary, d.verdict.value, d.rule)])
+                         stmts=[Statement(summary, d.verdict.value, d.rule)], sql=sql)
             return False
         if len(self.statements) >= MAX_PREPARED and name not in self.statements:
             raise wire.ProtocolError(f"more than {MAX_PREPARED} prepared statements")
@@ -1149,6 +1181,24 @@ class PostgresHandler(Handler):
             self._record()
         if self.window is not None and self.window not in tr.queue:
             self.window = None  # its ReadyForQuery (and any ParameterStatus before it) is in
+
+
+CHANNEL_BINDING_ADVICE = (
+    "interlock: SCRAM channel binding cannot pass through Interlock, which ends the agent's TLS itself; the "
+    "client announced it can bind (libpq's channel_binding=prefer over TLS) and the server would refuse the "
+    "login as a downgrade. Fix: store a credential for this target (`interlock credentials set NAME --kind "
+    "postgres`, named in the target's `credentials`) so Interlock logs in with channel binding itself, or "
+    "connect with channel_binding=disable")
+
+
+def _binds_tls(mv: memoryview) -> bool:
+    """Whether a SASLInitialResponse is SCRAM with the gs2 flag 'y' ("I can bind, the server
+    cannot"), which a server that offered SCRAM-SHA-256-PLUS rejects (RFC 5802 section 6)."""
+    body = bytes(mv[5:])
+    end = body.find(b"\0")
+    if end < 0 or not body[:end].startswith(b"SCRAM-SHA-256") or len(body) < end + 6:
+        return False
+    return body[end + 5:end + 6] == b"y"
 
 
 def _query_text(mv: memoryview) -> str:

@@ -284,7 +284,8 @@ class Tracker:
         if t == 0x53:  # S ParameterStatus
             p = wire.parse_backend(wire.Frame(b"S", 0, msg, 5))
             self.params[p.name] = p.value
-            if not setting_safe(p.name, p.value):
+            # standard_conforming_strings=off is followed: the handler reads each text under it
+            if p.name != "standard_conforming_strings" and not setting_safe(p.name, p.value):
                 self.unsafe = f"{p.name}={p.value}"
                 raise UnsafeSetting(f"interlock: the session now runs with {self.unsafe}, which the proxy "
                                     "cannot read SQL under; closing it")
