@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
@@ -30,6 +31,16 @@ from lab.postgres import Postgres
 from lab.testing import instance_name
 
 POLICY = "default: allow\n"  # allow everything: the relay itself is what is judged
+# --core: the modules that exercise the wire (libpq, connections, cursors, COPY, pipelines,
+# prepared statements, transactions, SQL composition, escaping), in their synchronous form;
+# the whole suite takes hours on a loaded 2-core host.
+CORE = ["tests/pq", "tests/test_connection.py", "tests/test_connection_info.py", "tests/test_conninfo_attempts.py",
+        "tests/test_cursor.py", "tests/test_cursor_common.py", "tests/test_cursor_client.py",
+        "tests/test_cursor_raw.py", "tests/test_cursor_server.py", "tests/test_copy.py", "tests/test_pipeline.py",
+        "tests/test_prepared.py", "tests/test_transaction.py", "tests/test_tpc.py", "tests/test_sql.py",
+        "tests/test_errors.py", "tests/test_notify.py", "tests/test_concurrency.py", "tests/test_query.py",
+        "tests/test_rows.py", "tests/test_adapt.py", "tests/test_psycopg_dbapi20.py", "tests/types/test_string.py",
+        "tests/types/test_array.py", "tests/types/test_json.py"]
 
 
 def outcomes(junit: Path) -> dict[str, str]:
@@ -157,10 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=("direct", "interlock"), help="run one side only")
     p.add_argument("--tls", action="store_true", help="server with TLS, clients with sslmode=require")
     p.add_argument("--timeout", type=int, default=60, help="seconds per test before it counts as hung")
+    p.add_argument("--core", action="store_true", help="only the wire-heavy modules (see CORE), not slow ones")
     p.add_argument("--compare", nargs=2, metavar=("DIRECT_XML", "INTERLOCK_XML"),
                    help="only compare two JUnit XML files from earlier runs")
     p.add_argument("pytest", nargs="*", help="pytest arguments after --")
     args = p.parse_args(argv)
+    if args.core:
+        args.pytest = ["-m", "not slow and not timing", *args.pytest, *CORE]
+    # SIGTERM unwinds like Ctrl-C: the lab, the server and the instance are removed on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.compare:
         return report({"direct": outcomes(Path(args.compare[0])), "interlock": outcomes(Path(args.compare[1]))},
                       Path(args.out or "."))

@@ -60,15 +60,24 @@ def _parse(sql: str, flags: int) -> tuple[bool, bytes, int]:
         lib.pg_query_free_parse_result(r)
 
 
+# Statements whose body is SQL the server parses later, under the setting in force then: a body
+# with a backslash may read differently at run time whatever the outer text does.
+_LATER = (b'"DoStmt"', b'"CreateFunctionStmt"', b'"CreateTrigStmt"', b'"RuleStmt"')
+
+
 def same_reading(sql: str) -> bool:
     """Whether the server reads `sql` the same with standard_conforming_strings on and off
-    (text without a backslash always does). False when it cannot be told."""
+    (text without a backslash always does). False when it cannot be told, and for a DO block or
+    a function body with a backslash (parsed again when it runs)."""
     if "\\" not in sql or "\0" in sql:
         return "\\" not in sql
     try:
-        return _parse(sql, 0) == _parse(sql, DISABLE_STANDARD_CONFORMING_STRINGS)
+        on = _parse(sql, 0)
+        if on != _parse(sql, DISABLE_STANDARD_CONFORMING_STRINGS):
+            return False
     except RuntimeError:
         return False
+    return not any(k in on[1] for k in _LATER)
 
 
 def syntax_error(sql: str) -> tuple[str, int] | None:
