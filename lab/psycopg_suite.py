@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, str]] = {}
     certdir = Path(tempfile.mkdtemp(prefix="interlock-psycopg-cert-"))
-    with Lab("ps") as lab:
+    with Lab() as lab:
         settings = _tls_settings(certdir) if args.tls else None
         with Postgres(lab.b, settings=settings) as pg:
             for db in ("psycopg_direct", "psycopg_interlock"):
@@ -175,8 +175,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.core:
         args.pytest = ["-m", "not slow and not timing", *args.pytest, *CORE]
-    # SIGTERM unwinds like Ctrl-C: the lab, the server and the instance are removed on the way out
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # SIGTERM unwinds like Ctrl-C: the lab, the server and the instance are removed on the way out.
+    # Only in this process: a forked helper (pyroute2's NetNS) must not unwind our stack and
+    # tear the lab down under us.
+    main_pid = os.getpid()
+
+    def on_term(signum: int, _frame: object) -> None:
+        if os.getpid() == main_pid:
+            sys.exit(143)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, on_term)
     if args.compare:
         return report({"direct": outcomes(Path(args.compare[0])), "interlock": outcomes(Path(args.compare[1]))},
                       Path(args.out or "."))
