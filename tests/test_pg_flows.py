@@ -222,3 +222,17 @@ def test_text_is_read_under_standard_conforming_strings_off_where_it_reads_the_s
     # a body the server parses when it runs (DO, functions) may read differently then
     assert not same_reading("do $$ begin perform 'a\\''; drop table t; --'; end $$")
     assert same_reading("do $$ begin perform 1; end $$")
+
+
+def test_sql_is_read_in_the_client_encoding_the_server_reports():
+    from proxy.postgres.handler import _query_text
+
+    t = Tracker()
+    feed(t, wire.parameter_status("client_encoding", "LATIN9"))
+    text = 'select 1 from "foo\u20acbar"'.encode("latin9") + b"\0"
+    q = memoryview(b"Q" + struct.pack("!I", 4 + len(text)) + text)
+    assert _query_text(q, t.codec) == 'select 1 from "foo\u20acbar"'
+    p = memoryview(wire.Parse("s", "select '\u20ac'", ()).encode().replace("\u20ac".encode(), "\u20ac".encode("latin9")))
+    assert parse_fields(p, t.codec)[1] == "select '\u20ac'"
+    feed(t, wire.parameter_status("client_encoding", "UTF8"))
+    assert t.codec == "utf-8"

@@ -250,6 +250,12 @@ def test_standard_conforming_strings_off_is_followed_and_syntax_errors_are_the_s
             except psycopg.errors.SyntaxError as e:
                 res["syntax2"] = [e.sqlstate, e.diag.message_primary, e.diag.statement_position]
             res["alive"] = c.execute("select 2").fetchone()[0]
+            c.execute("set client_encoding to latin9")  # text in a single-byte encoding is read as such
+            try:
+                c.pgconn.exec_('select 1 from "foo\u20acbar"'.encode("latin9"))
+                res["latin9"] = c.pgconn.error_message.decode("latin9").splitlines()[0]
+            except psycopg.Error as e:
+                res["latin9"] = str(e)
         print(json.dumps(res))
     """, dsn=dsn(lab))
     assert out["scs"] == "off" and out["roundtrip"] is True, out
@@ -257,6 +263,7 @@ def test_standard_conforming_strings_off_is_followed_and_syntax_errors_are_the_s
     assert out["syntax"] == ["42601", 'syntax error at or near "selec"', "1"], out
     assert out["syntax2"] == ["42601", 'syntax error at or near "1"', "16"], out
     assert out["alive"] == 2
+    assert out["latin9"] == 'ERROR:  relation "foo\u20acbar" does not exist', out  # the server's own answer
     assert pg.psql("select count(*) from items where id = 930") == "0"
     refused = [e["data"] for e in inst.events("decision") if e["data"]["action"] == "unparseable"]
     assert any(d["summary"] == "selec 1" for d in refused), "the refusal is on record"

@@ -946,7 +946,7 @@ class PostgresHandler(Handler):
         return out
 
     def _query(self, mv: memoryview) -> bool:
-        sql = _query_text(mv)
+        sql = _query_text(mv, self.tracker.codec)
         self._simple_refusal = True
         if self._in_window(sql, "query text during a settings change"):
             return False
@@ -1013,7 +1013,7 @@ class PostgresHandler(Handler):
             self.dropping = True
 
     def _parse(self, mv: memoryview) -> bool:
-        name, sql, param_types = parse_fields(mv)
+        name, sql, param_types = parse_fields(mv, self.tracker.codec)
         self._simple_refusal = False
         if self._in_window(sql, "statement text during a settings change"):
             return False
@@ -1201,12 +1201,12 @@ def _binds_tls(mv: memoryview) -> bool:
     return body[end + 5:end + 6] == b"y"
 
 
-def _query_text(mv: memoryview) -> str:
-    """A Query message's SQL (what wire.parse_frontend gives, without the message object)."""
+def _query_text(mv: memoryview, encoding: str = "utf-8") -> str:
+    """A Query message's SQL, read in the client's encoding."""
     body = mv[5:].tobytes()
     if not body.endswith(b"\0") or b"\0" in body[:-1]:
         raise wire.ProtocolError("Query: the SQL text is not one NUL-terminated string")
-    return body[:-1].decode("utf-8", "surrogateescape")
+    return body[:-1].decode(encoding, "surrogateescape")
 
 
 def _join(parts: list) -> bytes:

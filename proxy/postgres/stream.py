@@ -182,11 +182,30 @@ _U16 = struct.Struct("!H").unpack_from
 _I32 = struct.Struct("!i").unpack_from
 
 
-def _cstr(body: bytes, pos: int, what: str) -> tuple[str, int]:
+def _cstr(body: bytes, pos: int, what: str, encoding: str = "utf-8") -> tuple[str, int]:
     end = body.find(b"\0", pos)
     if end < 0:
         raise ProtocolError(f"{what}: unterminated string")
-    return body[pos:end].decode("utf-8", "surrogateescape"), end + 1
+    return body[pos:end].decode(encoding, "surrogateescape"), end + 1
+
+
+# PostgreSQL's client encodings whose text the proxy can read (ASCII-compatible; every byte of a
+# multi-byte character >= 0x80), by the name the server reports; others read as UTF-8, where
+# non-ASCII text then fails to parse and is refused.
+PG_CODECS = {"UTF8": "utf-8", "SQL_ASCII": "latin-1", "LATIN1": "iso8859-1", "LATIN2": "iso8859-2",
+             "LATIN3": "iso8859-3", "LATIN4": "iso8859-4", "LATIN5": "iso8859-9", "LATIN6": "iso8859-10",
+             "LATIN7": "iso8859-13", "LATIN8": "iso8859-14", "LATIN9": "iso8859-15", "LATIN10": "iso8859-16",
+             "ISO_8859_5": "iso8859-5", "ISO_8859_6": "iso8859-6", "ISO_8859_7": "iso8859-7",
+             "ISO_8859_8": "iso8859-8", "WIN866": "cp866", "WIN874": "cp874", "WIN1250": "cp1250",
+             "WIN1251": "cp1251", "WIN1252": "cp1252", "WIN1253": "cp1253", "WIN1254": "cp1254",
+             "WIN1255": "cp1255", "WIN1256": "cp1256", "WIN1257": "cp1257", "WIN1258": "cp1258",
+             "KOI8R": "koi8-r", "KOI8U": "koi8-u", "EUC_JP": "euc-jp", "EUC_KR": "euc-kr",
+             "EUC_JIS_2004": "euc-jis-2004", "EUC_CN": "gb2312"}
+
+
+def python_codec(client_encoding: str) -> str:
+    """The Python codec for a client_encoding the server reported ("utf-8" when unknown)."""
+    return PG_CODECS.get(client_encoding.upper(), "utf-8")
 
 
 def _count(body: bytes, pos: int, what: str) -> tuple[int, int]:
@@ -209,11 +228,11 @@ def _done(body: bytes, pos: int, what: str) -> None:
         raise ProtocolError(f"{what}: {len(body) - pos} trailing bytes")
 
 
-def parse_fields(msg: memoryview) -> tuple[str, str, tuple[int, ...]]:
-    """Parse: (statement name, SQL, parameter type OIDs)."""
+def parse_fields(msg: memoryview, encoding: str = "utf-8") -> tuple[str, str, tuple[int, ...]]:
+    """Parse: (statement name, SQL in the client's encoding, parameter type OIDs)."""
     body = msg[5:].tobytes()
     name, pos = _cstr(body, 0, "Parse")
-    sql, pos = _cstr(body, pos, "Parse")
+    sql, pos = _cstr(body, pos, "Parse", encoding)
     n, pos = _count(body, pos, "Parse")
     end = pos + 4 * n
     if end > len(body):

@@ -34,6 +34,7 @@ from policy import detectors
 from proxy.postgres import wire
 from proxy.postgres.masking import MaskSpec, RowMasker, mask_copy_data
 from proxy.postgres.startup import setting_safe
+from proxy.postgres.stream import python_codec
 
 # The Parse that stands in for a refused message: it fails in the parser, runs nothing, creates
 # nothing (a failed Parse leaves no statement) and names itself in the server's log.
@@ -196,6 +197,7 @@ class Tracker:
         self.unsafe: str | None = None  # a setting the server reported that breaks SQL parsing
         # The server is in COPY-in and the client has not ended it yet: its Syncs expect nothing.
         self.copy_in = False
+        self.codec = "utf-8"  # the Python codec of the client_encoding the server reports
 
     # ---- client side -------------------------------------------------------------------------
 
@@ -284,6 +286,8 @@ class Tracker:
         if t == 0x53:  # S ParameterStatus
             p = wire.parse_backend(wire.Frame(b"S", 0, msg, 5))
             self.params[p.name] = p.value
+            if p.name == "client_encoding":
+                self.codec = python_codec(p.value)
             # standard_conforming_strings=off is followed: the handler reads each text under it
             if p.name != "standard_conforming_strings" and not setting_safe(p.name, p.value):
                 self.unsafe = f"{p.name}={p.value}"
