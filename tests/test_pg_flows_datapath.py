@@ -279,3 +279,7 @@ def test_pass_through_scram_over_tls_names_the_fix(inst, lab, pgtls):
     ok = psql(inst, lab, "select current_user;", user="app_tls", v6=True, port=5433,
               conn=base + " channel_binding=disable", env={"PGPASSWORD": TLS_PW})
     assert ok.returncode == 0 and ok.stdout.strip() == "app_tls", ok.stderr
+    # sslmode=prefer: libpq retries without TLS after the error, as it does direct
+    prefer = psql(inst, lab, "select current_user;", user="app_tls", v6=True, port=5433, conn="sslmode=prefer",
+                  env={"PGPASSWORD": TLS_PW})
+    assert prefer.returncode == 0 and prefer.stdout.strip() == "app_tls", prefer.stderr
