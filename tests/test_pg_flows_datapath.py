@@ -11,20 +11,13 @@ import sys
 import textwrap
 
 import pytest
-from test_postgres_datapath import (  # noqa: F401  (module fixtures, re-used here)
-    EMAILS,
-    REPO,
-    TLS_PW,
-    dsn,
-    inst,
-    pg,
-    pgtls,
-    psql,
-    py,
-    statements,
-)
+import test_postgres_datapath as base
+from test_postgres_datapath import EMAILS, REPO, TLS_PW, dsn, psql, py, statements
 
 from lab.testing import SLOWDOWN
+
+# The same servers, roles, policy and instance (module-scoped fixtures: this module gets its own).
+globals().update(pg=base.pg, pgtls=base.pgtls, inst=base.inst)
 
 pytestmark = pytest.mark.datapath
 UNPRIVILEGED = ["setpriv", "--reuid", "65533", "--regid", "65533", "--clear-groups"]
