@@ -41,6 +41,10 @@ CORE = ["tests/pq", "tests/test_connection.py", "tests/test_connection_info.py",
         "tests/test_errors.py", "tests/test_notify.py", "tests/test_concurrency.py", "tests/test_query.py",
         "tests/test_rows.py", "tests/test_adapt.py", "tests/test_psycopg_dbapi20.py", "tests/types/test_string.py",
         "tests/types/test_array.py", "tests/types/test_json.py"]
+# --sync: the async modules repeat the sync ones over asyncio and take most of the suite's time;
+# the pool needs psycopg_pool, crdb CockroachDB, test_typing mypy.
+SYNC_ONLY = ["--ignore-glob=*_async.py", "--ignore-glob=*_async_*.py", "--ignore=tests/pool", "--ignore=tests/crdb",
+             "--ignore=tests/test_typing.py"]
 
 
 def outcomes(junit: Path) -> dict[str, str]:
@@ -169,12 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls", action="store_true", help="server with TLS, clients with sslmode=require")
     p.add_argument("--timeout", type=int, default=60, help="seconds per test before it counts as hung")
     p.add_argument("--core", action="store_true", help="only the wire-heavy modules (see CORE), not slow ones")
+    p.add_argument("--sync", action="store_true",
+                   help="every synchronous module (not *_async, not the pool, CockroachDB or mypy ones), not slow ones")
     p.add_argument("--compare", nargs=2, metavar=("DIRECT_XML", "INTERLOCK_XML"),
                    help="only compare two JUnit XML files from earlier runs")
     p.add_argument("pytest", nargs="*", help="pytest arguments after --")
     args = p.parse_args(argv)
     if args.core:
         args.pytest = ["-m", "not slow and not timing", *args.pytest, *CORE]
+    elif args.sync:
+        args.pytest = ["-m", "not slow and not timing", *SYNC_ONLY, *args.pytest]
     # SIGTERM unwinds like Ctrl-C: the lab, the server and the instance are removed on the way out.
     # Only in this process: a forked helper (pyroute2's NetNS) must not unwind our stack and
     # tear the lab down under us.
