@@ -133,6 +133,7 @@ def report(results: dict[str, dict[str, str]], out: Path) -> int:
         print(f"passed through Interlock, not direct: {len(better)}")
         for t in better:
             print(f"  {t}")
+    out.mkdir(parents=True, exist_ok=True)
     (out / "worse.txt").write_text("".join(t + "\n" for t in worse))
     print(f"JUnit XML and daemon log in {out}")
     return 1 if worse else 0
