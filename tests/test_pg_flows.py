@@ -236,3 +236,12 @@ def test_sql_is_read_in_the_client_encoding_the_server_reports():
     assert parse_fields(p, t.codec)[1] == "select '\u20ac'"
     feed(t, wire.parameter_status("client_encoding", "UTF8"))
     assert t.codec == "utf-8"
+
+
+def test_copy_data_after_copy_done_belongs_nowhere():
+    t = Tracker()
+    t.query([Statement("copy t to stdout", "allow", "a")])
+    out = feed(t, wire.CopyOutResponse(0, (0,)).encode() + wire.CopyData(b"1\n").encode() + wire.CopyDone().encode())
+    assert out.endswith(wire.CopyDone().encode()) and b"d" not in t.stream
+    with pytest.raises(wire.ProtocolError, match="CopyData"):
+        feed(t, wire.CopyData(b"2\n").encode())

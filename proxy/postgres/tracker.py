@@ -393,7 +393,10 @@ class Tracker:
         if t == 0x63:  # c CopyDone
             if head.copy == NO_COPY:
                 raise wire.ProtocolError("CopyDone with no COPY out running")
-            return None if head.copy == COPY_DROP else msg
+            if head.copy == COPY_DROP:
+                return None  # (kept until CommandComplete, which the refusal replaces)
+            head.copy = NO_COPY  # no CopyData after CopyDone
+            return msg
         raise wire.ProtocolError(f"unexpected server message {chr(t)!r}")
 
     def _copy_in_started(self) -> None:
