@@ -19,6 +19,7 @@ from interceptor import config as config_mod
 from interceptor.cgroups import CgroupError
 from interceptor.control import DaemonUnavailable, request
 from interceptor.layout import InstanceInfo, Layout
+from recorder.printable import printable
 
 
 class CliError(Exception):
@@ -268,14 +269,15 @@ def cmd_sessions(args) -> int:
     if not rows:
         print("no sessions recorded yet")
         return 0
+    p = printable  # agents choose exe, comm and what ends up in detail: escaped, one line per session
     print(f"{'session':21}  {'started':19}  {'agent':12} {'pid':>7}  {'exe':24} {'destination':28} {'proto':8} {'up':>8} "
           f"{'down':>8}  outcome")
     for r in rows:
         dst = f"[{r['dst_addr']}]:{r['dst_port']}" if ":" in (r["dst_addr"] or "") else f"{r['dst_addr']}:{r['dst_port']}"
         started = datetime.fromtimestamp(r["started"]).strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{r['id']:21}  {started:19}  {r['agent'][:12]:12} {r['tgid']:>7}  {(r['exe'] or r['comm'])[-24:]:24} {dst:28} "
-              f"{r['protocol'][:8]:8} {r['bytes_up']:>8} {r['bytes_down']:>8}  {r['outcome']}"
-              + (f" ({r['detail']})" if r["detail"] else ""))
+        print(f"{p(r['id']):21}  {started:19}  {p(r['agent'])[:12]:12} {r['tgid']:>7}  {p(r['exe'] or r['comm'])[-24:]:24} "
+              f"{p(dst):28} {p(r['protocol'])[:8]:8} {r['bytes_up']:>8} {r['bytes_down']:>8}  {p(r['outcome'])}"
+              + (f" ({p(r['detail'])})" if r["detail"] else ""))
     return 0
 
 
@@ -299,11 +301,20 @@ def cmd_status(args) -> int:
     if st["daemon"] == "running":
         print(f"  proxy: {'listening on port ' + str(st['proxy_port']) if st['proxy_listening'] else 'DOWN (agent connections are refused)'}")
         print(f"  nft table inet {st['nft_table']}: {'intact' if st['nft_intact'] else 'MISSING OR ALTERED'}")
-        print(f"  lockdown: {st['lockdown'] or 'no'}")
+        print(f"  lockdown: {printable(st['lockdown'] or 'no')}")
+        rec = st.get("recorder")
+        if rec:
+            where = f" {printable(Path(rec['db']).parent)}" if rec.get("db") else " the state dir"
+            if rec["state"] == "ok":
+                print("  recorder: writing" + (f" to {printable(rec['db'])}" if rec.get("db") else ""))
+            else:
+                since = datetime.fromtimestamp(rec["since"]).strftime("%H:%M:%S") if rec.get("since") else "?"
+                print(f"  recorder: FAILED since {since}: {printable(rec.get('failed') or 'cannot write')}; agent "
+                      f"connections are refused until it can write again (free space or fix{where})")
         for name, pids in st.get("enrolled", {}).items():
-            print(f"  agent {name}: {len(pids)} process(es) {' '.join(map(str, pids[:20]))}")
+            print(f"  agent {printable(name)}: {len(pids)} process(es) {' '.join(map(str, pids[:20]))}")
         if st.get("restricted"):
-            print(f"  ({st['restricted']})")
+            print(f"  ({printable(st['restricted'])})")
     else:
         print(f"  {st['note']}")
     return 0 if st["daemon"] == "running" else 3
@@ -391,8 +402,9 @@ def cmd_approvals(args) -> int:
     for r in rows:
         left = r["timeout_at"] - time.time()
         state = f"{r['status']}" + (f", {int(left)}s left" if r["status"] == "pending" else f" by {r['decided_by']}")
-        print(f"{r['id']}  {r['agent']:12} {r['destination']:24} {r['protocol']}:{r['action']}  {r['summary'][:60]!r}  "
-              f"rule {r['rule']}  [{state}]")
+        p = printable  # the summary quotes the agent's SQL, path or host
+        print(f"{p(r['id'])}  {p(r['agent']):12} {p(r['destination']):24} {p(r['protocol'])}:{p(r['action'])}  "
+              f"'{p(r['summary'])[:60]}'  rule {p(r['rule'])}  [{p(state)}]")
     return 0
 
 

@@ -59,6 +59,9 @@ class Daemon:
         self.refusal_budget: dict[int, tuple[int, int, int]] = {}  # uid -> (second, recorded, suppressed)
         self.inbound_seen: dict[str, int] = {}
         self.inbound_next = 0.0
+        self.proxy_pipe: int | None = None  # the proxy's "ready" pipe, then its recorder state
+        self.proxy_recorder: dict | None = None
+        self._pipe_rest = b""
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -76,7 +79,7 @@ class Daemon:
         cgroups.ensure(lay.daemon_cgroup)
         cgroups.mark_instance(lay.cgroup_root, cfg.instance)
         cgroups.move(os.getpid(), lay.daemon_cgroup)
-        self.recorder = Recorder(lay.db)
+        self.recorder = Recorder(lay.db, who="daemon")
         self.recorder.db["agents"].create({"id": int, "name": str}, pk="id", if_not_exists=True)
         self.agent_ids = {r["name"]: r["id"] for r in self.recorder.db["agents"].rows}
         self.lockdown_reason = self._saved_lockdown()
@@ -193,12 +196,51 @@ class Daemon:
             cmd += ["--state-dir", str(self.layout.state_dir)]
         self.proxy = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL)
         os.close(w)
-        with os.fdopen(r, "rb") as ready:
-            line = ready.readline()
+        if self.proxy_pipe is not None:
+            os.close(self.proxy_pipe)
+        self.proxy_pipe, self.proxy_recorder, self._pipe_rest = r, None, b""
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = os.read(r, 1)  # byte by byte: what follows "ready" is the proxy's state
+            if not chunk:
+                break
+            line += chunk
+        os.set_blocking(r, False)
         if line.strip() != b"ready":
             code = self.proxy.wait(timeout=5)
             raise DaemonError(f"the proxy failed to start (exit {code}); see the messages above")
         self.recorder.event("proxy-start", {"pid": self.proxy.pid})
+
+    def _read_proxy_state(self) -> None:
+        """The proxy's latest recorder state from its pipe (JSON lines; see proxy/server.py)."""
+        if self.proxy_pipe is None:
+            return
+        data = b""
+        try:
+            while chunk := os.read(self.proxy_pipe, 65536):
+                data += chunk
+        except BlockingIOError:
+            pass
+        except OSError:
+            return
+        *lines, self._pipe_rest = (self._pipe_rest + data).split(b"\n")
+        for line in lines:
+            try:
+                self.proxy_recorder = json.loads(line)["recorder"]
+            except (ValueError, KeyError, TypeError):
+                continue
+
+    def recorder_status(self) -> dict:
+        """Whether records can be written, by the proxy and by the daemon: while either cannot,
+        agent traffic is refused (the proxy's part) and the reason is here."""
+        with self.lock:
+            self._read_proxy_state()
+        mine = self.recorder.health.as_dict()
+        proxy = self.proxy_recorder or {}
+        failed = proxy.get("failed") or mine["failed"]
+        return {"state": "failed" if failed else "ok", "failed": failed,
+                "since": proxy.get("since") or mine["since"], "db": str(self.layout.db),
+                "proxy": proxy or None, "daemon": mine}
 
     def _previous_info(self) -> InstanceInfo | None:
         try:
@@ -240,6 +282,9 @@ class Daemon:
 
     def check_once(self) -> None:
         with self.lock:
+            self._read_proxy_state()
+            if self.recorder.failed:
+                self.recorder.recover()
             if not firewall.intact(self.backstop):
                 self.lockdown("nftables table removed or altered")
                 firewall.install(self.backstop)
@@ -537,6 +582,7 @@ class Daemon:
         keep = ("instance", "proxy_port", "proxy_listening", "programs_attached", "nft_table", "nft_intact")
         return {**{k: full[k] for k in keep}, "programs": full["programs"],
                 "lockdown": "yes" if full["lockdown"] else None,
+                "recorder": {"state": full["recorder"]["state"]},  # whether agent traffic can be recorded
                 "restricted": "agents, selectors and pids are shown to root and the operator group only"}
 
     def status(self) -> dict:
@@ -558,6 +604,7 @@ class Daemon:
             "nft_table": lay.nft_table,
             "nft_intact": firewall.intact(self.backstop),
             "lockdown": self.lockdown_reason,
+            "recorder": self.recorder_status(),
             "cgroup_root": str(lay.cgroup_root),
             "capture_cgroup": str(lay.capture_cgroup),
             "enrolled": agents,

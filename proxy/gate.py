@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -146,9 +147,13 @@ class Holds:
             self._remember(rec, decision, op, approvals.APPROVED)
             return approvals.APPROVED
         timeout = decision.approval_timeout or 300.0
-        approval_id = approvals.request(conn, approvals.HeldOperation(
-            rec.id, rec.agent, dest, op.protocol, op.action, op.objects, op.summary, decision.rule,
-            decision.reason, timeout))
+        try:
+            approval_id = approvals.request(conn, approvals.HeldOperation(
+                rec.id, rec.agent, dest, op.protocol, op.action, op.objects, op.summary, decision.rule,
+                decision.reason, timeout))
+        except sqlite3.Error as e:  # no pending approval on record: nobody could answer it
+            self.proxy.recorder.fail(e, [])
+            return "recorder-error"
         self.proxy.recorder.event("approval-requested", {"approval": approval_id, "rule": decision.rule,
                                                           "summary": op.summary, "timeout": timeout}, rec.id)
         fut = self.loop.create_future()
@@ -179,8 +184,14 @@ class Holds:
             now = time.monotonic()
             for approval_id, (status, by) in approvals.statuses(conn, list(self.waiting)).items():
                 fut, deadline = self.waiting[approval_id]
-                if status == approvals.PENDING and now >= deadline and approvals.expire(conn, approval_id):
-                    status, by = approvals.EXPIRED, "timeout"
+                if status == approvals.PENDING and now >= deadline:
+                    try:
+                        expired = approvals.expire(conn, approval_id)
+                    except sqlite3.Error as e:  # cannot mark it expired: refuse it all the same
+                        self.proxy.recorder.fail(e, [])
+                        expired = True
+                    if expired:
+                        status, by = approvals.EXPIRED, "timeout"
                 if status != approvals.PENDING:
                     del self.waiting[approval_id]
                     self.since.pop(approval_id, None)

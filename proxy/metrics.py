@@ -38,10 +38,22 @@ class ProxyMetrics:
         self.recorder_queue = Gauge("interlock_recorder_queue", "Writes waiting for the next group commit",
                                     registry=reg)
         self.lockdown = Gauge("interlock_lockdown", "1 while the instance is locked down (tamper seen)", registry=reg)
+        self.recorder_failed = Gauge("interlock_recorder_failed",
+                                     "1 while the recorder cannot write (agent traffic is refused)", registry=reg)
+        self.recorder_refused = Gauge("interlock_recorder_refused",
+                                      "Connections and operations refused for want of a record since start",
+                                      registry=reg)
+        self.recorder_failures = Gauge("interlock_recorder_failures",
+                                       "Times the recorder entered its failed state since start", registry=reg)
 
     def watch(self, holds_pending: Callable[[], float], hold_oldest: Callable[[], float],
-              recorder_queue: Callable[[], float], lockdown_file: Path) -> None:
-        """Gauges computed when scraped, from the proxy's own state."""
+              recorder_queue: Callable[[], float], lockdown_file: Path, recorder_health=None) -> None:
+        """Gauges computed when scraped, from the proxy's own state (recorder_health: a
+        recorder.store.Health, read only)."""
+        if recorder_health is not None:
+            self.recorder_failed.set_function(lambda: 1.0 if recorder_health.failed else 0.0)
+            self.recorder_refused.set_function(lambda: float(recorder_health.refused))
+            self.recorder_failures.set_function(lambda: float(recorder_health.failures))
         self.holds_pending.set_function(holds_pending)
         self.hold_oldest.set_function(hold_oldest)
         self.recorder_queue.set_function(recorder_queue)

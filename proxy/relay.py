@@ -23,7 +23,7 @@ from proxy import naming
 from proxy.handler import HANDLERS, Handler
 from proxy.splice import SPLICE_AFTER, Splice
 from proxy.splice import available as splice_available
-from recorder.store import SessionRecord
+from recorder.store import RecorderDown, SessionRecord
 
 if TYPE_CHECKING:
     from proxy.server import Proxy
@@ -155,11 +155,19 @@ class AgentSide(asyncio.Protocol):
 
     async def _connect(self) -> None:
         rec = self.rec
+        if self.transport.is_closing():
+            return  # cut meanwhile (the recorder failed): not even a SYN goes upstream
         try:
             async with asyncio.timeout(self.proxy.config.connect_timeout):
                 _, up = await self.proxy.loop.create_connection(lambda: UpstreamSide(self), rec.dst_addr, rec.dst_port)
         except (TimeoutError, OSError) as e:
             self.close("upstream-error", str(e) or type(e).__name__)
+            return
+        try:
+            await self.proxy.recorded(rec)  # no byte goes upstream before the session row is on record
+        except RecorderDown as e:
+            up.transport.close()
+            self.close("recorder-error", str(e))
             return
         if self.transport.is_closing():
             up.transport.close()
@@ -249,10 +257,12 @@ class AgentSide(asyncio.Protocol):
             up.resume_reading()
             return
         self.event("splice", {"after_up": self.rec.bytes_up, "after_down": self.rec.bytes_down})
-        Splice(self.proxy.loop, self.transport.get_extra_info("socket").fileno(),
-               up.get_extra_info("socket").fileno(), self._spliced)
+        splice = Splice(self.proxy.loop, self.transport.get_extra_info("socket").fileno(),
+                        up.get_extra_info("socket").fileno(), self._spliced)
+        self.proxy.recorder.live_counts[self.rec.id] = splice.moved  # in the periodic byte flush
 
     def _spliced(self, up: int, down: int, error: str | None) -> None:
+        self.proxy.recorder.live_counts.pop(self.rec.id, None)
         self.rec.bytes_up += up
         self.rec.bytes_down += down
         if error and self.rec.outcome == "open":

@@ -1,16 +1,24 @@
 """The proxy process: listeners on loopback for redirected TCP and DNS, one uvloop loop.
 
 Started and supervised by the daemon; it dies with the daemon (PR_SET_PDEATHSIG), so a killed
-daemon leaves agents pointed at a closed port rather than at an unsupervised proxy."""
+daemon leaves agents pointed at a closed port rather than at an unsupervised proxy.
+
+Recording is a precondition of the data path: a connection is admitted only while the recorder
+can write, its first byte goes upstream only after its session row is committed, and when the
+recorder fails every open agent connection is cut. The recorder's state goes to the daemon as
+JSON lines on the pipe that said "ready" (for `interlock status`)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import ctypes
+import json
 import os
 import signal
+import socket
 import sys
+import time
 from pathlib import Path
 
 import uvloop
@@ -31,10 +39,11 @@ from proxy.relay import AgentSide
 from proxy.resolver import Resolver, system_nameserver
 from proxy.tls.ca import CertificateAuthority, LeafMinter, write_bundle
 from recorder import approvals
-from recorder.store import Recorder, SessionRecord, new_session_id
+from recorder.store import Health, Recorder, RecorderDown, SessionRecord, new_session_id
 
 PR_SET_PDEATHSIG = 1
 LOOPBACKS = ("127.0.0.1", "::1")
+COUNT_FLUSH_INTERVAL = 1.0  # seconds: how stale an open session's byte counts may be on disk
 
 
 class Proxy:
@@ -43,12 +52,21 @@ class Proxy:
         self.layout = layout
         self.loop = loop
         self.origins = Origins(layout.pin_dir)
-        self.recorder = Recorder(layout.db, loop)
+        self.recorder = Recorder(layout.db, loop, who="proxy", on_health=self._recorder_health)
         approvals.ensure_schema(self.recorder.db)
         self.metrics = ProxyMetrics()
         self.recorder.writer.on_commit = self.metrics.committed
         self.recorder.on_session_close = lambda r: self.metrics.session_closed(r.agent, r.protocol, r.outcome,
                                                                                r.bytes_up, r.bytes_down)
+        # Sessions the previous proxy left open were cut when it died: say so, with the byte
+        # counts it last flushed (COUNT_FLUSH_INTERVAL).
+        self.recorder.close_out("proxy-died", "the proxy relaying it stopped without closing it (killed or crashed);"
+                                " byte counts as last flushed")
+        # Open agent connections by session id: the transport (cut if the recorder fails) and the
+        # future of the session row's commit (awaited before the first byte goes upstream).
+        self.live: dict[str, tuple[asyncio.BaseTransport, asyncio.Future]] = {}
+        self.status_fd: int | None = None
+        self._reported: dict | None = None
         self.policy = PolicyHolder(config.policy, self.recorder, on_load=self.metrics.policy_loaded)
         self.names = NameBindings()
         self.credentials = CredentialStore(layout.state_dir)
@@ -62,7 +80,7 @@ class Proxy:
         self.holds = Holds(self, loop)
         self.metrics.watch(holds_pending=lambda: len(self.holds.waiting), hold_oldest=self.holds.oldest_age,
                            recorder_queue=lambda: len(self.recorder.writer.batch),
-                           lockdown_file=layout.state_dir / "lockdown")
+                           lockdown_file=layout.state_dir / "lockdown", recorder_health=self.recorder.health)
         if config.metrics_address:
             self.metrics.serve(config.metrics_address)
         self._agent_names: dict[int, str] = {}
@@ -131,16 +149,69 @@ class Proxy:
             rec.outcome, rec.detail, rec.ended = "refused", "loop: destination is the proxy itself", rec.started
             self.recorder.session_open(rec)
             return None
+        if self.recorder.failed:
+            # No record, no connection: refused now, on record once the recorder writes again.
+            rec.outcome, rec.detail, rec.ended = "recorder-error", f"the recorder cannot write: {self.recorder.failed}", rec.started
+            self.recorder.session_open(rec)
+            self.recorder.health.refused += 1
+            return None
         early = self.early_decision(rec)
         if early is not None:
             rec.verdict, rec.rule = early.verdict.value, early.rule
             self.metrics.operation(rec.agent, "tcp", early.verdict.value)
-        self.recorder.session_open(rec)
+        written = self.recorder.session_open(rec, wait=True)
+        written.add_done_callback(_retrieved)
+        self.live[rec.id] = (transport, written)
         return rec
 
     def session_for(self, dest, ident) -> SessionRecord:
         """A new session row (not yet written) for what the hooks filed about an agent socket."""
         return self._record(dest, ident)
+
+    def recorded(self, rec: SessionRecord) -> asyncio.Future:
+        """Resolves once rec's session row (with a decision made at accept) is committed; raises
+        RecorderDown if it cannot be. Nothing of the agent's goes upstream before."""
+        entry = self.live.get(rec.id)
+        if entry is not None:
+            return entry[1]
+        fut = self.loop.create_future()
+        fut.set_exception(RecorderDown(self.recorder.failed or "the session is not on record"))
+        return fut
+
+    def _recorder_health(self, health: Health) -> None:
+        """The recorder failed or recovered. Failed: cut every open agent connection (nothing of
+        theirs could be recorded); either way, tell the daemon."""
+        if health.failed:
+            for sid, (transport, _) in list(self.live.items()):
+                rec = self.recorder.open.get(sid)
+                if rec is None:
+                    continue
+                if rec.outcome == "open":
+                    rec.outcome, rec.detail = "recorder-error", f"the recorder cannot write: {health.failed}"
+                _cut(transport)
+        self._report()
+
+    def _report(self) -> None:
+        """The recorder's state as one JSON line on the daemon's pipe, when it changed."""
+        state = self.recorder.health.as_dict()
+        if self.status_fd is None or state == self._reported:
+            return
+        try:
+            os.write(self.status_fd, (json.dumps({"recorder": state}) + "\n").encode())
+            self._reported = state
+        except BlockingIOError:
+            pass  # the daemon is behind; the next tick tries again
+        except OSError:
+            self.status_fd = None
+
+    async def tick(self, interval: float = COUNT_FLUSH_INTERVAL) -> None:
+        """Every interval: flush open sessions' byte counts, forget closed ones, report the state."""
+        while True:
+            await asyncio.sleep(interval)
+            self.recorder.flush_counts()
+            for sid in [s for s in self.live if s not in self.recorder.open]:
+                del self.live[sid]
+            self._report()
 
     def _record(self, dest, ident) -> SessionRecord:
         return SessionRecord(
@@ -178,22 +249,49 @@ class Proxy:
         servers += await inbound.serve(self)
         if ready_fd is not None:
             os.write(ready_fd, b"ready\n")
-            os.close(ready_fd)
+            os.set_blocking(ready_fd, False)
+            self.status_fd = ready_fd  # from now on: the recorder's state, for the daemon
+            self._report()
         stop = self.loop.create_future()
         self.loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
         self.loop.add_signal_handler(signal.SIGHUP, self.policy.reload)
-        tasks = [self.loop.create_task(self.policy.watch()), self.loop.create_task(self.sweep())]
+        tasks = [self.loop.create_task(self.policy.watch()), self.loop.create_task(self.sweep()),
+                 self.loop.create_task(self.tick())]
         await stop
         for task in tasks:
             task.cancel()
         for resolver in resolvers:
             resolver.close()
+        for rec in list(self.recorder.open.values()):
+            rec.outcome, rec.detail, rec.ended = "proxy-stopped", "the proxy was stopped", rec.ended or time.time()
+            self.recorder.session_close(rec)
         self.recorder.close()
         for s in servers:
             s.close()
 
 
 _MISS = object()
+
+
+def _retrieved(fut: asyncio.Future) -> None:
+    """Mark a failure as seen: the connection it refused needs no traceback in the log."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _cut(transport: asyncio.BaseTransport) -> None:
+    """Reset an agent connection, also one whose bytes splice threads move (shutdown wakes them)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            s = socket.socket(fileno=os.dup(sock.fileno()))
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            finally:
+                s.close()
+        except OSError:
+            pass
+    transport.abort()
 # Every protocol name the classifier can give a connection: a connect decision that is the same
 # for all of them does not need the first bytes.
 PROTOCOLS = LABELS

@@ -4,7 +4,13 @@ The proxy writes through a group commit: writes queued during one turn of its ev
 committed in one transaction at the end of the turn, with a future per write that needs it. The proxy
 awaits that future before it acts on a connection, so a session row and its decision are on
 disk before the first byte goes upstream, and refusals and holds are fsynced (synchronous=FULL)
-before they take effect; many connections share one commit under load."""
+before they take effect; many connections share one commit under load.
+
+Recording is a precondition, not a side effect: when a write fails (disk full, I/O error,
+read-only file system) the recorder enters a failed state, every write that something waits on
+fails at once (the proxy refuses the agent), and every write is kept in a bounded backlog that is
+committed, with a `recorder-failed` and a `recorder-recovered` event, as soon as the database can
+be written again. `Health` is that state as status and metrics read it."""
 
 from __future__ import annotations
 
@@ -13,9 +19,10 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import sqlite_utils
@@ -82,20 +89,72 @@ class SessionRecord:
                 self.bytes_up, self.bytes_down, self.outcome, self.detail, self.verdict, self.rule)
 
 
+class RecorderDown(Exception):
+    """The recorder cannot write: whatever waited on this write must not take effect."""
+
+
+def describe(e: BaseException) -> str:
+    """One line for an operator: SQLite's error name and message (e.g. 'SQLITE_FULL: database or disk is full')."""
+    name = getattr(e, "sqlite_errorname", None)
+    return f"{name}: {e}" if name else f"{type(e).__name__}: {e}"
+
+
+@dataclass
+class Health:
+    """Whether the recorder can write, and counters a metric can read (`as_dict()`).
+
+    `failed` is the reason while writes fail, None otherwise; `failures` counts entries into the
+    failed state, `refused` the connections and operations refused for want of a record (each
+    was waiting on a write that failed or came while failed), `dropped` backlog entries lost to
+    its bound (MAX_BACKLOG); `backlog` is what waits to be written."""
+
+    failed: str | None = None
+    since: float | None = None
+    failures: int = 0
+    refused: int = 0
+    dropped: int = 0
+    backlog: int = 0
+    recovered_at: float | None = None
+
+    def as_dict(self) -> dict:
+        return {"state": "failed" if self.failed else "ok", **asdict(self)}
+
+
+def _say(level: int, kind: str, msg: str, data: dict) -> None:
+    """The operator's log (stderr/journald), which may itself sit on the full disk: never raises."""
+    try:
+        _events_log.log(level, "%s: %s", kind, msg, extra={"event": kind, "session": None, "data": data})
+    except Exception:  # noqa: BLE001
+        pass
+
+
+MAX_BACKLOG = 20000  # entries kept while the database cannot be written (~ a few MB)
+RETRY_INTERVAL = 1.0  # seconds between attempts to write the backlog
+_Entry = tuple  # (sql, params, durable, future | None)
+
+
 class GroupWriter:
     """Writes queued during one turn of the event loop, committed together at its end.
 
     On the loop's own thread: no lock, no thread wake-up, no GIL hand-off per connection; under
-    load many connections share one commit."""
+    load many connections share one commit. A failed commit puts the recorder in its failed
+    state (Recorder.fail); the writer then retries the backlog every RETRY_INTERVAL."""
 
-    def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop):
-        self.conn, self.loop = conn, loop
-        self.batch: list[tuple] = []
+    def __init__(self, recorder: Recorder, loop: asyncio.AbstractEventLoop):
+        self.recorder, self.loop = recorder, loop
+        self.batch: list[_Entry] = []
         self.scheduled = False
+        self.retrying: asyncio.TimerHandle | None = None
         self.on_commit: Callable[[float, int], None] | None = None  # (seconds, rows): for metrics
 
     def submit(self, sql: str, params: tuple, durable: bool = False, wait: bool = False) -> asyncio.Future | None:
         fut = self.loop.create_future() if (wait or durable) else None
+        if self.recorder.health.failed:
+            self.recorder.keep([(sql, params, durable, None)])
+            self.recorder.health.refused += fut is not None
+            if fut is not None:
+                fut.set_exception(RecorderDown(self.recorder.health.failed))
+            return fut
         self.batch.append((sql, params, durable, fut))
         if not self.scheduled:
             self.scheduled = True
@@ -107,38 +166,34 @@ class GroupWriter:
         batch, self.batch = self.batch, []
         if not batch:
             return
-        conn = self.conn
-        durable = any(b[2] for b in batch)
-        error: Exception | None = None
         started = time.perf_counter()
-        try:
-            if durable:
-                conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("BEGIN")
-            for sql, params, _, _ in batch:
-                conn.execute(sql, params)
-            conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            error = e
-            _events_log.error("recorder write failed: %s", e, extra={"event": "recorder-write-failed"})
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-        finally:
-            if durable:
-                conn.execute("PRAGMA synchronous=NORMAL")
-        if self.on_commit is not None and error is None:
+        error = self.recorder.commit(batch)
+        if error is None and self.on_commit is not None:
             self.on_commit(time.perf_counter() - started, len(batch))
+        if error is not None:
+            self.recorder.health.refused += sum(1 for e in batch if e[3] is not None)
+            self.recorder.fail(error, batch)
         for _, _, _, fut in batch:
             if fut is not None and not fut.done():
                 if error is None:
                     fut.set_result(None)
                 else:
-                    fut.set_exception(error)
+                    fut.set_exception(RecorderDown(describe(error)))
+
+    def arm(self) -> None:
+        if self.retrying is None:
+            self.retrying = self.loop.call_later(RETRY_INTERVAL, self._retry)
+
+    def _retry(self) -> None:
+        self.retrying = None
+        if not self.recorder.recover():
+            self.arm()
 
     def close(self) -> None:
         self.flush()
+        if self.retrying is not None:
+            self.retrying.cancel()
+            self.recorder.recover()
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -153,15 +208,18 @@ _OPEN_SQL = "INSERT INTO sessions ({}) VALUES ({})".format(",".join(SESSION_COLU
 _CLOSE_SQL = ("UPDATE sessions SET ended=?, bytes_up=?, bytes_down=?, outcome=?, detail=?, protocol=?, verdict=?, rule=?"
               " WHERE id=?")
 _EVENT_SQL = "INSERT INTO events (at, kind, session, data) VALUES (?,?,?,?)"
+_COUNTS_SQL = "UPDATE sessions SET bytes_up=?, bytes_down=? WHERE id=? AND outcome='open'"
 
 
 class Recorder:
     """The one interface the proxy and the daemon report through.
 
     With a loop (the proxy) writes go through the group commit and durable ones return a
-    future; without (daemon, CLI) they are written before the call returns."""
+    future; without (daemon, CLI) they are written before the call returns. Either way a write
+    that fails is kept for later (see the module docstring) instead of raising."""
 
-    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop | None = None, who: str = "proxy",
+                 on_health: Callable[[Health], None] | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = _connect(path)
         os.chmod(path, 0o600)
@@ -173,29 +231,157 @@ class Recorder:
         if "events" not in self.db.table_names():
             self.db["events"].create(EVENT_COLUMNS, pk="id", if_not_exists=True)
             self.db["events"].create_index(["session"], if_not_exists=True)
-        self.writer = GroupWriter(conn, loop) if loop is not None else None
+        self.who = who  # which process writes: named in recorder-failed/recovered events
+        self.health = Health()
+        self.on_health = on_health
+        self.backlog: list[_Entry] = []
+        self.open: dict[str, SessionRecord] = {}  # sessions still open, for the periodic byte flush
+        self.live_counts: dict[str, dict] = {}  # bytes moved outside the loop (splice threads), by session
+        self._flushed: dict[str, tuple[int, int]] = {}
         self.on_session_close: Callable[[SessionRecord], None] | None = None  # for metrics
+        self._lock = threading.RLock()  # daemon: control threads and the watcher share the connection
+        self.writer = GroupWriter(self, loop) if loop is not None else None
+
+    # ---- writing, failing, recovering ------------------------------------------------------
+
+    def commit(self, entries: list[_Entry]) -> sqlite3.Error | None:
+        """Write entries in one transaction (synchronous=FULL if any is durable); the error, if any."""
+        conn = self.conn
+        durable = any(e[2] for e in entries)
+        single = len(entries) == 1  # one statement commits by itself (autocommit): no BEGIN to share
+        try:
+            if durable:
+                conn.execute("PRAGMA synchronous=FULL")
+            if not single:
+                conn.execute("BEGIN IMMEDIATE")  # the write lock now, through the busy timeout
+            for sql, params, _, fut in entries:
+                try:
+                    conn.execute(sql, params)
+                except sqlite3.IntegrityError as e:  # one bad row must not block the others for ever
+                    _say(logging.ERROR, "recorder-row-skipped", str(e), {"error": str(e)})
+                    if fut is not None and not fut.done():
+                        fut.set_exception(RecorderDown(describe(e)))
+            if not single:
+                conn.execute("COMMIT")
+            return None
+        except sqlite3.Error as e:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            return e
+        finally:
+            if durable:
+                try:
+                    conn.execute("PRAGMA synchronous=NORMAL")
+                except sqlite3.Error:
+                    pass
+
+    def keep(self, entries: list[_Entry]) -> None:
+        """Hold writes for the recovery; past MAX_BACKLOG the oldest go (counted in `dropped`),
+        never the recorder-failed event at the head."""
+        self.backlog.extend((sql, params, durable, None) for sql, params, durable, _ in entries)
+        over = len(self.backlog) - MAX_BACKLOG
+        if over > 0:
+            del self.backlog[1:over + 1]  # [0] is the recorder-failed event
+            self.health.dropped += over
+        self.health.backlog = len(self.backlog)
+
+    def fail(self, error: sqlite3.Error, entries: list[_Entry]) -> None:
+        """Enter (or stay in) the failed state: agent traffic is refused until recover()."""
+        reason = describe(error)
+        first = self.health.failed is None
+        if first:
+            _say(logging.CRITICAL, "recorder-failed", f"cannot write ({reason}); refusing agent traffic until it can",
+                 {"by": self.who, "reason": reason})
+            self.health.since = time.time()
+            self.health.failures += 1
+            self.backlog.insert(0, (_EVENT_SQL, (self.health.since, "recorder-failed", None, json.dumps(
+                {"by": self.who, "reason": reason}, sort_keys=True)), True, None))
+        self.health.failed = reason
+        self.keep(entries)
+        if self.writer is not None:
+            self.writer.arm()
+        if first and self.on_health is not None:
+            self.on_health(self.health)
+
+    def recover(self) -> bool:
+        """Try to write the backlog and a recorder-recovered event; True when the recorder works."""
+        with self._lock:
+            h = self.health
+            if h.failed is None:
+                return True
+            now = time.time()
+            done = (_EVENT_SQL, (now, "recorder-recovered", None, json.dumps(
+                {"by": self.who, "reason": h.failed, "since": h.since, "seconds": round(now - h.since, 3),
+                 "refused": h.refused, "written": len(self.backlog), "dropped": h.dropped}, sort_keys=True)), True, None)
+            error = self.commit([*self.backlog, done])
+            if error is not None:
+                h.failed = describe(error)
+                return False
+            _say(logging.WARNING, "recorder-recovered", f"writing again after {now - h.since:.1f}s "
+                 f"({len(self.backlog)} records kept meanwhile, {h.dropped} dropped)", {"by": self.who})
+            self.backlog = []
+            h.failed, h.since, h.backlog, h.recovered_at = None, None, 0, now
+        if self.on_health is not None:
+            self.on_health(h)
+        return True
 
     def _write(self, sql: str, params: tuple, durable: bool = False, wait: bool = False) -> asyncio.Future | None:
         if self.writer is not None:
             return self.writer.submit(sql, params, durable, wait)
-        if durable:
-            self.conn.execute("PRAGMA synchronous=FULL")
-        try:
-            self.conn.execute(sql, params)
-        finally:
-            if durable:
-                self.conn.execute("PRAGMA synchronous=NORMAL")
+        with self._lock:
+            entry = (sql, params, durable, None)
+            if self.health.failed is not None and not self.recover():
+                self.keep([entry])
+                return None
+            error = self.commit([entry])
+            if error is not None:
+                self.fail(error, [entry])
         return None
 
-    def session_open(self, rec: SessionRecord) -> None:
-        self._write(_OPEN_SQL, rec.row())
+    @property
+    def failed(self) -> str | None:
+        """Why the recorder cannot write, or None: while set, agent traffic is refused."""
+        return self.health.failed
+
+    # ---- what the proxy and the daemon record ------------------------------------------
+
+    def session_open(self, rec: SessionRecord, wait: bool = False) -> asyncio.Future | None:
+        """The session row; with wait, a future that resolves once it is committed (act after it)."""
+        if rec.outcome == "open":
+            self.open[rec.id] = rec
+        return self._write(_OPEN_SQL, rec.row(), wait=wait)
 
     def session_close(self, rec: SessionRecord) -> None:
         if self.on_session_close is not None:
             self.on_session_close(rec)
+        self.open.pop(rec.id, None)
+        self._flushed.pop(rec.id, None)
+        self.live_counts.pop(rec.id, None)
         self._write(_CLOSE_SQL, (rec.ended or time.time(), rec.bytes_up, rec.bytes_down, rec.outcome, rec.detail,
                                  rec.protocol, rec.verdict, rec.rule, rec.id))
+
+    def flush_counts(self) -> int:
+        """Write the byte counts of open sessions that moved since the last flush (one commit for
+        all; not fsynced): a proxy that dies leaves counts at most one interval old. Returns how
+        many sessions were written."""
+        n = 0
+        for sid, rec in self.open.items():
+            extra = self.live_counts.get(sid)
+            counts = (rec.bytes_up + extra["up"], rec.bytes_down + extra["down"]) if extra else \
+                (rec.bytes_up, rec.bytes_down)
+            if self._flushed.get(sid, (0, 0)) != counts:
+                self._flushed[sid] = counts
+                self._write(_COUNTS_SQL, (*counts, sid))
+                n += 1
+        return n
+
+    def close_out(self, outcome: str, detail: str) -> None:
+        """Sessions a previous proxy left open (it was killed): closed with their last flushed counts."""
+        self._write("UPDATE sessions SET outcome=?, detail=?, ended=? WHERE outcome='open' AND ended IS NULL",
+                    (outcome, detail, time.time()))
 
     def event(self, kind: str, data: dict, session: str | None = None, durable: bool = False,
               wait: bool = False) -> asyncio.Future | None:
@@ -215,6 +401,8 @@ class Recorder:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        elif self.health.failed:
+            self.recover()
         self.conn.close()
 
 

@@ -1,0 +1,177 @@
+"""The recorder as a precondition: a write that cannot be made refuses what waited on it, is kept,
+and is written with a recorder-failed/recorder-recovered pair once the database takes writes
+again; byte counts of open sessions are flushed; a new proxy closes out what an old one left
+open; and one escaping function keeps agent strings on one visible line.
+
+The failure is real: SQLite's own page limit (PRAGMA max_page_count) makes the database full,
+which SQLite reports exactly as a full disk (SQLITE_FULL); the datapath test in
+tests/adversarial/test_recording.py fills a real file system."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from recorder import store
+from recorder.printable import printable
+from recorder.replay import render, timeline
+from recorder.store import Recorder, RecorderDown, SessionRecord, new_session_id, read_events, read_sessions
+
+
+def session(**kw) -> SessionRecord:
+    base = dict(id=new_session_id(), agent="bot", pid=10, tgid=10, uid=65533, gid=65533, comm="python3",
+                exe="/usr/bin/python3", cmdline="python3 x.py", cgroup_id=1, dst_addr="10.0.0.2",
+                dst_port=7000, family="ipv4")
+    return SessionRecord(**{**base, **kw})
+
+
+def fill(rec: Recorder) -> None:
+    """Make the database full at its current size (SQLITE_FULL on the next page it needs)."""
+    pages = rec.conn.execute("PRAGMA page_count").fetchone()[0]
+    rec.conn.execute(f"PRAGMA max_page_count={pages}")
+
+
+def unfill(rec: Recorder) -> None:
+    rec.conn.execute("PRAGMA max_page_count=1073741823")
+
+
+@pytest.fixture
+def loop():
+    lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()
+
+
+def test_a_full_database_refuses_then_recovers_with_everything_on_record(tmp_path, loop, monkeypatch):
+    monkeypatch.setattr(store, "RETRY_INTERVAL", 0.05)
+    changes = []
+    rec = Recorder(tmp_path / "r.db", loop, on_health=lambda h: changes.append(h.failed))
+    ok = session()
+    loop.run_until_complete(rec.session_open(ok, wait=True))  # control: a row commits
+    fill(rec)
+    big = session(cmdline="x" * 20000)  # needs new pages
+    fut = rec.session_open(big, wait=True)
+    with pytest.raises(RecorderDown, match="SQLITE_FULL"):
+        loop.run_until_complete(fut)
+    assert rec.failed and rec.health.failures == 1 and rec.health.refused == 1 and changes == [rec.failed]
+    # while failed: what waits is refused at once, everything is kept
+    later = rec.event("decision", {"verdict": "allow"}, big.id, wait=True)
+    assert later.done() and isinstance(later.exception(), RecorderDown)
+    big.outcome = "recorder-error"
+    rec.session_close(big)
+    assert rec.health.backlog == 4  # recorder-failed, the row, the event, the close
+    loop.run_until_complete(asyncio.sleep(0.2))
+    assert rec.failed, "still full: still failed"
+    unfill(rec)
+    loop.run_until_complete(asyncio.sleep(0.2))
+    assert rec.failed is None and changes[-1] is None
+    rows = {r["id"]: r for r in read_sessions(tmp_path / "r.db")}
+    assert rows[big.id]["outcome"] == "recorder-error" and len(rows[big.id]["cmdline"]) == 20000
+    kinds = [e["kind"] for e in read_events(tmp_path / "r.db")]
+    assert kinds.index("recorder-failed") < kinds.index("decision") < kinds.index("recorder-recovered")
+    rec_ev = read_events(tmp_path / "r.db", "recorder-recovered")[-1]["data"]
+    assert rec_ev["refused"] == 2 and rec_ev["written"] == 4 and "SQLITE_FULL" in rec_ev["reason"]
+    rec.close()
+
+
+def test_daemon_writes_never_raise_and_are_kept(tmp_path):
+    rec = Recorder(tmp_path / "d.db", who="daemon")
+    fill(rec)
+    rec.event("tamper", {"what": "x" * 20000})  # would raise sqlite3.OperationalError before
+    assert rec.failed and rec.health.backlog == 2
+    unfill(rec)
+    rec.event("proxy-start", {"pid": 1})
+    assert rec.failed is None
+    assert [e["kind"] for e in read_events(tmp_path / "d.db")] == [
+        "recorder-failed", "tamper", "recorder-recovered", "proxy-start"]
+    rec.close()
+
+
+def test_open_sessions_byte_counts_are_flushed_and_closed_out_by_the_next_proxy(tmp_path, loop):
+    rec = Recorder(tmp_path / "c.db", loop)
+    s = session()
+    loop.run_until_complete(rec.session_open(s, wait=True))
+    s.bytes_up, s.bytes_down = 5000, 10
+    moved = {"up": 1 << 20, "down": 0}
+    rec.live_counts[s.id] = moved  # a spliced connection's threads
+    assert rec.flush_counts() == 1 and rec.flush_counts() == 0, "unchanged counts are not written again"
+    loop.run_until_complete(asyncio.sleep(0))
+    row = read_sessions(tmp_path / "c.db")[0]
+    assert (row["outcome"], row["bytes_up"], row["bytes_down"]) == ("open", 5000 + (1 << 20), 10)
+    rec.conn.close()  # the proxy is killed: no close
+    nxt = Recorder(tmp_path / "c.db", loop)
+    nxt.close_out("proxy-died", "killed")
+    loop.run_until_complete(asyncio.sleep(0))
+    row = read_sessions(tmp_path / "c.db")[0]
+    assert row["outcome"] == "proxy-died" and row["ended"] and row["bytes_up"] == 5000 + (1 << 20)
+    nxt.close()
+
+
+FORGED = "x.py\n  +    0.000s  ALLOW    tcp:connect 10.0.0.2:22\x1b[2K\x1b[1A\u202eYNED\x9b31m\x7f\\n\u2028"
+
+
+def test_printable_escapes_every_control_and_keeps_text():
+    out = printable(FORGED)
+    assert "\n" not in out and "\x1b" not in out and "\u202e" not in out and "\x9b" not in out
+    assert "\x7f" not in out and "\u2028" not in out
+    assert out == ("x.py\\n  +    0.000s  ALLOW    tcp:connect 10.0.0.2:22\\x1b[2K\\x1b[1A\\u202eYNED\\x9b31m"
+                   "\\x7f\\\\n\\u2028")
+    for plain in ("psql -c 'select 1'", "naïve café 日本語 🙂", "/usr/bin/python3", ""):
+        assert printable(plain) == plain
+    assert printable(None) == "" and printable(7000) == "7000"
+
+
+def test_replay_prints_one_line_per_event_whatever_the_agent_wrote(tmp_path):
+    rec = Recorder(tmp_path / "p.db")
+    s = session(cmdline=FORGED, comm="a\nb", exe="/tmp/\x1b[8m")
+    s.outcome, s.ended = "denied", s.started + 1
+    rec.session_open(s)
+
+    class Op:
+        protocol, action, objects, risks, summary = "tcp", "connect", ("10.0.0.2:22",), (), "connect \x1b[1A\n"
+
+    class Dec:
+        class verdict:  # noqa: N801
+            value = "deny"
+        rule, reason = "no-ssh", "off limits"
+
+    rec.decision(s.id, Op, Dec)
+    rec.event("http", {"method": "GET", "host": "h\r\n", "path": "/\u202e", "status": 403, "up": 1, "down": 2,
+                       "ms": 1, "outcome": "denied"}, s.id)
+    rec.close()
+    text = render(timeline(tmp_path / "p.db", s.id))
+    lines = text.split("\n")
+    assert len(lines) == 4 + 2 + 1, text  # header, two events, the end line
+    assert sum("DENY" in line for line in lines) == 1 and "ALLOW" in lines[2]  # the forged ALLOW: on the command line
+    assert not any(c in text for c in "\x1b\u202e\r\x9b\x7f\u2028")
+    assert json.dumps(timeline(tmp_path / "p.db", s.id))  # JSON keeps the exact strings
+    assert timeline(tmp_path / "p.db", s.id)["session"]["cmdline"] == FORGED
+
+
+def test_cli_sessions_and_approvals_print_agent_strings_escaped(tmp_path):
+    import subprocess
+    import sys
+
+    from recorder import approvals
+
+    rec = Recorder(tmp_path / "recorder.db")
+    approvals.ensure_schema(rec.db)
+    rec.session_open(session(exe="/tmp/\x1b[2K\x1b[1Afake\nline", cmdline=FORGED))
+    approvals.request(rec.conn, approvals.HeldOperation(
+        "s1", "bot", "10.0.0.2:5432", "postgres", "delete", ("t",), "DELETE FROM t\n\x1b[1A\u202e-- ok",
+        "hold", "why", 300))
+    rec.close()
+
+    def cli(*args: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "interceptor.cli", *args, "--state-dir", str(tmp_path)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    for out, rows in ((cli("sessions"), 1), (cli("approvals"), 1)):
+        assert len(out.rstrip("\n").split("\n")) == rows + (out.startswith("started") or 0), out
+        assert not any(c in out for c in "\x1b\u202e\r"), repr(out)
+    assert "DELETE FROM t\\n\\x1b[1A\\u202e-- ok" in cli("approvals")
+    assert json.loads(cli("approvals", "--json"))[0]["summary"] == "DELETE FROM t\n\x1b[1A\u202e-- ok"
