@@ -170,8 +170,8 @@ def test_cli_sessions_and_approvals_print_agent_strings_escaped(tmp_path):
         assert r.returncode == 0, r.stderr
         return r.stdout
 
-    for out, rows in ((cli("sessions"), 1), (cli("approvals"), 1)):
-        assert len(out.rstrip("\n").split("\n")) == rows + (out.startswith("started") or 0), out
+    for out, lines in ((cli("sessions"), 2), (cli("approvals"), 1)):  # a header and one session; one approval
+        assert len(out.rstrip("\n").split("\n")) == lines, out
         assert not any(c in out for c in "\x1b\u202e\r"), repr(out)
     assert "DELETE FROM t\\n\\x1b[1A\\u202e-- ok" in cli("approvals")
     assert json.loads(cli("approvals", "--json"))[0]["summary"] == "DELETE FROM t\n\x1b[1A\u202e-- ok"

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.datapath
 AGENT_UID = 65533
 AS_AGENT = ["setpriv", "--reuid", str(AGENT_UID), "--regid", str(AGENT_UID), "--clear-groups"]
 DISK = "4m"
+METRICS_PORT = 16190
 
 
 def policy_text(b4: str) -> str:
@@ -59,7 +60,8 @@ def full_disk_instance(lab, small_disk, tmp_path):
     config and log live elsewhere, as /etc and the journal would."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(policy_text(lab.b.addr4))
-    inst = Instance(lab.a, instance_name("rf"), proxy_port=16101, dns_port=16153, policy=str(policy))
+    inst = Instance(lab.a, instance_name("rf"), proxy_port=16101, dns_port=16153, policy=str(policy),
+                    metrics_address=f"127.0.0.1:{METRICS_PORT}")
     os.rmdir(inst.state_dir)
     inst.state_dir = small_disk
     inst.config_file, inst.log = tmp_path / "config.yaml", tmp_path / "daemon.log"
@@ -84,6 +86,15 @@ def fill(directory: Path) -> Path:
         os.close(fd)
     assert os.statvfs(directory).f_bavail == 0
     return filler
+
+
+def recorder_metrics(inst: Instance) -> dict[str, float]:
+    """The proxy's interlock_recorder_* gauges (Prometheus text, scraped in the agent host's namespace)."""
+    fetch = f"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{METRICS_PORT}/metrics', timeout=5).read().decode())"
+    r = inst.host.run([sys.executable, "-c", fetch])
+    assert r.returncode == 0, r.stderr[-2000:]
+    pairs = (line.split(" ") for line in r.stdout.splitlines() if line.startswith("interlock_recorder_"))
+    return {k: float(v) for k, v in pairs}
 
 
 def agent_probe(inst: Instance, host: str) -> dict:
@@ -121,6 +132,8 @@ def test_a_full_disk_refuses_agent_traffic_until_it_can_record_again(full_disk_i
     assert "SQLITE_FULL" in st["recorder"]["failed"] and st["recorder"]["proxy"]["refused"] >= 3
     text = inst.cli("status").stdout
     assert "recorder: FAILED" in text and "disk is full" in text and "refused" in text, text
+    m = recorder_metrics(inst)
+    assert m["interlock_recorder_failed"] == 1 and m["interlock_recorder_refused"] >= 3, m
 
     filler.unlink()
     assert wait_until(lambda: inst.status()["recorder"]["state"] == "ok", timeout=15), inst.status()
@@ -140,6 +153,8 @@ def test_a_full_disk_refuses_agent_traffic_until_it_can_record_again(full_disk_i
     recovered = [e for e in inst.events("recorder-recovered") if e["data"]["by"] == "proxy"]
     assert failed and recovered and failed[-1]["id"] < recovered[-1]["id"]
     assert recovered[-1]["data"]["refused"] >= 3 and recovered[-1]["data"]["dropped"] == 0
+    m = recorder_metrics(inst)
+    assert m["interlock_recorder_failed"] == 0 and m["interlock_recorder_failures"] == 1, m
 
 
 STREAM = """
