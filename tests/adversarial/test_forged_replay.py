@@ -98,7 +98,7 @@ def test_forged_argv_cannot_hide_a_real_deny(inst, lab, echo, other):
     time.sleep(0.3)
     assert len(other.seen()) == before, "the denied server saw the connection"
     s = session_of(inst, r["pid"])
-    assert s and s["outcome"] == "denied" and s["uid"] == AGENT_UID
+    assert s and s["outcome"] == "denied" and s["uid"] == AGENT_UID, (r, inst.sessions(), inst.log.read_text()[-3000:])
     assert all(f in s["cmdline"] for f in forged), "the record keeps the exact argv (JSON output is exact)"
     assert "\x1b" in s["comm"]
 

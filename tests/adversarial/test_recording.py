@@ -109,7 +109,7 @@ def test_a_full_disk_refuses_agent_traffic_until_it_can_record_again(full_disk_i
     inst = full_disk_instance
     # control before: the lab works and the agent is allowed
     first = agent_probe(inst, lab.b.addr4)
-    assert first["ok"], first
+    assert first["ok"], (first, inst.log.read_text()[-3000:])
     assert inst.status()["recorder"]["state"] == "ok"
 
     # an agent enrolled before the disk fills (a long-running one), and one enrolled after
@@ -126,10 +126,11 @@ def test_a_full_disk_refuses_agent_traffic_until_it_can_record_again(full_disk_i
     time.sleep(0.5)
     assert len(refused) == 3 and not any(r["ok"] for r in refused), refused
     assert len(echo.seen("tcp")) == before, "the server saw a connection the recorder could not record"
+    # the proxy reports its state when it fails and then once a second
     st = wait_until(lambda: (s := inst.status())["recorder"]["proxy"] and
-                    s["recorder"]["proxy"]["state"] == "failed" and s)
+                    s["recorder"]["proxy"]["state"] == "failed" and s["recorder"]["proxy"]["refused"] >= 3 and s)
     assert st, inst.status()
-    assert "SQLITE_FULL" in st["recorder"]["failed"] and st["recorder"]["proxy"]["refused"] >= 3
+    assert "SQLITE_FULL" in st["recorder"]["failed"]
     text = inst.cli("status").stdout
     assert "recorder: FAILED" in text and "disk is full" in text and "refused" in text, text
     m = recorder_metrics(inst)
@@ -190,7 +191,7 @@ def test_a_killed_proxy_leaves_a_closed_out_session_with_its_bytes(make_instance
         # while it streams, its byte counts reach the disk (past 1 MiB the splice threads move them)
         live = wait_until(lambda: next((s for s in inst.sessions("bulk") if s["outcome"] == "open"
                                         and s["bytes_up"] > 4 << 20), None), timeout=30)
-        assert live, inst.sessions("bulk")
+        assert live, (inst.sessions("bulk"), inst.log.read_text()[-3000:])
         assert any(e["session"] == live["id"] for e in inst.events("splice"))
         proxy_pid = inst.status()["proxy_pid"]
         os.kill(proxy_pid, signal.SIGKILL)
