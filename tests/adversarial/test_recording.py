@@ -1,8 +1,8 @@
 """Hole 9: recording is a precondition of the data path.
 
 An unprivileged agent (uid 65533, dropped by setpriv inside `interlock run`) talks to the lab
-echo server while the instance's state dir is a real, small tmpfs that the test fills: nothing
-reaches the server, the agent is refused, `interlock status` says why; once space is freed the
+echo server (and asks DNS) while the instance's state dir is a real, small tmpfs that the test
+fills: nothing reaches the server or the nameserver, the agent is refused, `interlock status` says why; once space is freed the
 same connection works again and the failure, the refused attempts and the recovery are on record.
 And a proxy killed (SIGKILL) in the middle of a bulk transfer leaves a session that the next
 proxy closes out, with the byte counts flushed while it ran."""
@@ -38,6 +38,10 @@ rules:
   - name: echo-ok
     target: echo
     decision: allow
+  - name: lab-names
+    protocol: dns
+    object: "*.example.test"
+    decision: allow
 """
 
 
@@ -55,13 +59,13 @@ def small_disk(tmp_path):
 
 
 @pytest.fixture
-def full_disk_instance(lab, small_disk, tmp_path):
+def full_disk_instance(lab, small_disk, tmp_path, dns_echo):
     """An instance whose state dir (recorder database, run files, CA) is the small tmpfs; its
     config and log live elsewhere, as /etc and the journal would."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(policy_text(lab.b.addr4))
     inst = Instance(lab.a, instance_name("rf"), proxy_port=16101, dns_port=16153, policy=str(policy),
-                    metrics_address=f"127.0.0.1:{METRICS_PORT}")
+                    metrics_address=f"127.0.0.1:{METRICS_PORT}", dns_upstream=lab.b.addr4)
     os.rmdir(inst.state_dir)
     inst.state_dir = small_disk
     inst.config_file, inst.log = tmp_path / "config.yaml", tmp_path / "daemon.log"
@@ -97,15 +101,17 @@ def recorder_metrics(inst: Instance) -> dict[str, float]:
     return {k: float(v) for k, v in pairs}
 
 
-def agent_probe(inst: Instance, host: str) -> dict:
-    r = inst.agent([*AS_AGENT, sys.executable, "-m", "lab.probe", "tcp", host, str(ECHO_PORT)], agent="bot")
+def agent_probe(inst: Instance, host: str, *how: str) -> dict:
+    """lab.probe as the unprivileged agent: `tcp HOST 7000` by default, or `udp HOST 53 --dns NAME`."""
+    args = how or ("tcp", host, str(ECHO_PORT))
+    r = inst.agent([*AS_AGENT, sys.executable, "-m", "lab.probe", *args], agent="bot")
     try:
         return json.loads(r.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
         return {"ok": False, "error": "no result", "stdout": r.stdout, "stderr": r.stderr}
 
 
-def test_a_full_disk_refuses_agent_traffic_until_it_can_record_again(full_disk_instance, lab, echo):
+def test_a_full_disk_refuses_agent_traffic_until_it_can_record_again(full_disk_instance, lab, echo, dns_echo):
     inst = full_disk_instance
     # control before: the lab works and the agent is allowed
     first = agent_probe(inst, lab.b.addr4)
@@ -126,6 +132,10 @@ def test_a_full_disk_refuses_agent_traffic_until_it_can_record_again(full_disk_i
     time.sleep(0.5)
     assert len(refused) == 3 and not any(r["ok"] for r in refused), refused
     assert len(echo.seen("tcp")) == before, "the server saw a connection the recorder could not record"
+    dns_before = len(dns_echo.seen("udp"))
+    agent_probe(inst, lab.b.addr4, "udp", lab.b.addr4, "53", "--dns", "full.example.test")  # answered SERVFAIL
+    time.sleep(0.3)
+    assert len(dns_echo.seen("udp")) == dns_before, "a DNS query reached the nameserver unrecorded"
     # the proxy reports its state when it fails and then once a second
     st = wait_until(lambda: (s := inst.status())["recorder"]["proxy"] and
                     s["recorder"]["proxy"]["state"] == "failed" and s["recorder"]["proxy"]["refused"] >= 3 and s)
@@ -142,6 +152,8 @@ def test_a_full_disk_refuses_agent_traffic_until_it_can_record_again(full_disk_i
     again = agent_probe(inst, lab.b.addr4)
     assert again["ok"], again
     assert len(echo.seen("tcp")) == before + 1
+    agent_probe(inst, lab.b.addr4, "udp", lab.b.addr4, "53", "--dns", "free.example.test")
+    assert wait_until(lambda: len(dns_echo.seen("udp")) > dns_before), "control: DNS goes upstream again"
 
     rows = [s for s in inst.sessions("bot") if s["uid"] == AGENT_UID]
     by_pid = {s["tgid"]: s for s in rows}
