@@ -165,6 +165,7 @@ class InboundSide(asyncio.Protocol):
         recorder.session_open(rec)
         recorder.event("inbound", {"peer": f"{peer_addr}:{peer[1]}", "local": f"{local_addr}:{local[1]}"}, rec.id)
         written = recorder.decision(rec.id, op, decision)
+        self.proxy.live[rec.id] = (transport, written)  # cut with the agents' own if the recorder fails
         self.proxy.loop.create_task(self._act(decision, written, op, (local_addr, local[1])))
 
     async def _act(self, decision, written, op: Operation, listener: tuple[str, int]) -> None:
