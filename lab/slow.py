@@ -178,7 +178,7 @@ def client_hello(sni: bytes) -> bytes:
         return struct.pack("!HH", t, len(b)) + b
     sni_ext = ext(0, struct.pack("!HBH", len(sni) + 3, 0, len(sni)) + sni)
     exts = sni_ext + ext(16, b"\x00\x09\x08http/1.1") + ext(43, b"\x04\x03\x04\x03\x03") + \
-        ext(10, b"\x00\x02\x00\x1d") + ext(13, b"\x00\x02\x08\x04") + ext(51, b"\x00\x24\x00\x1d\x00\x20" + os.urandom(32))
+        ext(10, b"\x00\x02\x00\x1d") + ext(13, b"\x00\x0a\x04\x03\x08\x04\x04\x01\x05\x03\x08\x07") + ext(51, b"\x00\x24\x00\x1d\x00\x20" + os.urandom(32))
     body = (b"\x03\x03" + os.urandom(32) + b"\x20" + os.urandom(32) + b"\x00\x02\x13\x01" + b"\x01\x00"
             + struct.pack("!H", len(exts)) + exts)
     hs = b"\x01" + len(body).to_bytes(3, "big") + body
@@ -200,7 +200,6 @@ def hello(a) -> dict:
 def hoard(a) -> dict:
     socks: list[socket.socket] = []
     outcome: dict[str, int] = {}
-    pushed = 0
     for _ in range(a.count):
         try:
             socks.append(_conn(a.host, a.port, 10))
@@ -209,20 +208,11 @@ def hoard(a) -> dict:
             outcome[key] = outcome.get(key, 0) + 1
     head = b"GET /trickle HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 4096
     chunk = os.urandom(64 << 10)
+    want = a.push << 10
+    sent = [0] * len(socks)
     for s in socks:
         s.setblocking(False)
-        if a.push:
-            want = a.push << 10
-            sent = 0
-            while sent < want:
-                try:
-                    sent += s.send(chunk[:min(len(chunk), want - sent)])
-                except BlockingIOError:
-                    break  # the proxy stopped reading: what is left stays with us
-                except OSError:
-                    break
-            pushed += sent
-    print(json.dumps({"connected": len(socks), "pushed": pushed, "pid": os.getpid(), "phase": "holding"}), flush=True)
+    print(json.dumps({"phase": "connected", "connected": len(socks), "pid": os.getpid()}), flush=True)
     deadline = time.monotonic() + a.hold
     alive = set(range(len(socks)))
     i = 0
@@ -230,8 +220,7 @@ def hoard(a) -> dict:
         for k in list(alive):
             s = socks[k]
             try:
-                data = s.recv(4096)
-                if not data:
+                if not s.recv(65536):
                     alive.discard(k)
                     outcome["eof"] = outcome.get("eof", 0) + 1
                     continue
@@ -242,15 +231,17 @@ def hoard(a) -> dict:
                 key = errno.errorcode.get(e.errno or 0, "?")
                 outcome[key] = outcome.get(key, 0) + 1
                 continue
-            if a.trickle and i < len(head):
-                try:
+            try:
+                while sent[k] < want:  # push until the proxy stops reading (or all is sent)
+                    sent[k] += s.send(chunk[:min(len(chunk), want - sent[k])])
+                if a.trickle and i < len(head):
                     s.send(head[i:i + 1])
-                except OSError:
-                    pass
+            except (BlockingIOError, OSError):
+                pass
         i += 1
-        time.sleep(a.trickle or 0.2)
+        time.sleep(a.trickle or 0.1)
     outcome["open"] = len(alive)
-    return {"ok": True, "connected": len(socks), "pushed": pushed, "outcome": outcome}
+    return {"ok": True, "connected": len(socks), "pushed": sum(sent), "outcome": outcome}
 
 
 def connect(a) -> dict:
