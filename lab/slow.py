@@ -177,8 +177,10 @@ def client_hello(sni: bytes) -> bytes:
     def ext(t: int, b: bytes) -> bytes:
         return struct.pack("!HH", t, len(b)) + b
     sni_ext = ext(0, struct.pack("!HBH", len(sni) + 3, 0, len(sni)) + sni)
+    sigalgs = ext(13, b"\x00\x0a\x04\x03\x08\x04\x04\x01\x05\x03\x08\x07")
+    key_share = ext(51, b"\x00\x24\x00\x1d\x00\x20" + os.urandom(32))  # x25519
     exts = sni_ext + ext(16, b"\x00\x09\x08http/1.1") + ext(43, b"\x04\x03\x04\x03\x03") + \
-        ext(10, b"\x00\x02\x00\x1d") + ext(13, b"\x00\x0a\x04\x03\x08\x04\x04\x01\x05\x03\x08\x07") + ext(51, b"\x00\x24\x00\x1d\x00\x20" + os.urandom(32))
+        ext(10, b"\x00\x02\x00\x1d") + sigalgs + key_share
     body = (b"\x03\x03" + os.urandom(32) + b"\x20" + os.urandom(32) + b"\x00\x02\x13\x01" + b"\x01\x00"
             + struct.pack("!H", len(exts)) + exts)
     hs = b"\x01" + len(body).to_bytes(3, "big") + body

@@ -175,3 +175,15 @@ def test_slow_postgres_ssl_request_is_answered_by_the_proxy(pg, lab):
     assert r["received"] in ("S", "N"), r
     s = session(pg, r["pid"])
     assert s["protocol"] == "postgres", "an SSLRequest sent slowly was relayed unread"
+
+
+def test_a_kept_alive_connection_that_stalls_in_its_next_head_is_closed(web, lab):
+    first = f"GET /index.html HTTP/1.1\r\nHost: {WWW}\r\n\r\n".encode()
+    stalled = b"GET /admin/index.html HTTP/1.1\r\nHo"
+    before = nginx_saw(web.nginx, "/admin")
+    r = slow(web, "send", lab.b.addr4, "80", (first + stalled).hex(), "--dribble", "0",
+             "--wait", str(HEADER_TIMEOUT + 10 * SLOWDOWN))
+    assert r["received"].startswith("HTTP/1.1 200") and r["end"] == "ECONNRESET", r  # the control, then the reset
+    assert nginx_saw(web.nginx, "/admin") == before
+    s = session(web, r["pid"])
+    assert s["outcome"] == "header-timeout" and "header_timeout" in s["detail"], s
