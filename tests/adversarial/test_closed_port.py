@@ -45,7 +45,8 @@ def test_closed_port_gives_a_reset_not_an_eof(inst, lab, echo, send):
     assert direct["connect"] == "ECONNREFUSED", direct
     through = attempt(inst, CLOSED, *extra)
     print(f"closed port, {'write' if send else 'read'} first: direct {direct} / through Interlock {through}")
-    assert through["connect"] == "ok" and through["read"] == "ECONNRESET", through
+    # the reset may even beat the agent's connect() back to user space: then connect() itself fails
+    assert through["connect"] == "ECONNRESET" or (through["connect"], through["read"]) == ("ok", "ECONNRESET"), through
     s = wait_until(lambda: next((x for x in inst.sessions() if x["tgid"] == through["pid"] and x["ended"]), None))
     assert s["outcome"] == "upstream-error" and "refused" in s["detail"].lower(), s
     # control: an open port through the same path answers
