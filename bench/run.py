@@ -37,13 +37,14 @@ from bench import web as web_bench
 from lab.instance import Instance, leftovers
 from lab.netns import Host, Lab
 from lab.postgres import PG_USER, Postgres
-from lab.testing import stop_process, wait_listening
+from lab.testing import default_policy_plus_opaque, stop_process, wait_listening
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
 PATHS = ("direct", "haproxy", "interlock")
 GROUPS = ("pg", "iperf", "conn")
+
 EXTRA_GROUPS = ("web",)  # bench/web.py: HTTP and HTTPS with wrk, its own servers and proxies
 SERVICE_PORT = {"pg": 5432, "iperf": 5201, "conn": 7000}
 HAPROXY_PORT = {"pg": 25432, "iperf": 25201, "conn": 27000}
@@ -235,8 +236,11 @@ class Bench:
 
     def _start_interlock(self) -> None:
         assert INTERLOCK_PROXY_PORT not in HAPROXY_PORT.values()
+        policy = self.tmp / "policy.yaml"
+        # the default policy; iperf3's and the echo's bytes may be relayed unread
+        policy.write_text(default_policy_plus_opaque([self.b.addr4], [SERVICE_PORT["iperf"], SERVICE_PORT["conn"]]))
         self.inst = Instance(self.a, f"bench{os.getpid() % 100000}", proxy_port=INTERLOCK_PROXY_PORT,
-                             dns_port=INTERLOCK_DNS_PORT)
+                             dns_port=INTERLOCK_DNS_PORT, policy=str(policy))
         self.stack.callback(self._close_interlock, self.inst)
         self.inst.start()
 

@@ -17,8 +17,8 @@ Per connection the proxy keeps one `Classifier` and owns the sockets and the clo
 
 `classify_client` / `classify_server` are the same decisions as pure functions of a byte prefix."""
 
-from .engine import DEFAULT_MAX_BYTES, Classifier, classify_client, classify_server
+from .engine import DEFAULT_MAX_BYTES, Classifier, candidates, classify_client, classify_server, could_become
 from .verdict import LABELS, NEED_MORE, TCP, NeedMore, Result, Verdict
 
 __all__ = ["Classifier", "classify_client", "classify_server", "Verdict", "NeedMore", "NEED_MORE", "Result",
-           "TCP", "LABELS", "DEFAULT_MAX_BYTES"]
+           "TCP", "LABELS", "DEFAULT_MAX_BYTES", "candidates", "could_become"]

@@ -239,7 +239,8 @@ def detect_postgres(data: bytes, final: bool) -> Verdict | NeedMore | None:
         return Verdict("postgres", 1.0 if length == 16 else 0.95,
                        {"message": "cancel_request", "pid": int.from_bytes(data[8:12], "big")})
     major, minor = code >> 16, code & 0xFFFF
-    if major != 3 or minor > 0xFF or not 8 < length <= _PG_MAX_STARTUP:
+    # Any 3.x: the server answers a minor it does not know with NegotiateProtocolVersion and goes on.
+    if major != 3 or not 8 < length <= _PG_MAX_STARTUP:
         return None
     details: dict[str, Any] = {"message": "startup", "pg_version": f"{major}.{minor}"}
     if len(data) < length:
@@ -514,3 +515,9 @@ CLIENT_DETECTORS: tuple[Detector, ...] = (
     detect_mongodb, detect_dns, detect_ssh_client,
 )
 """Order breaks ties between equally sure verdicts."""
+
+CLIENT_LABELS: dict[Detector, str] = {
+    detect_client_hello: "tls", detect_http2: "http2", detect_http1: "http", detect_postgres: "postgres",
+    detect_redis: "redis", detect_mongodb: "mongodb", detect_dns: "dns", detect_ssh_client: "ssh",
+}
+"""The label each client detector gives: what a prefix it has not ruled out could still become."""

@@ -48,8 +48,15 @@ class Config:
     proxy_restart_delay: float = 1.0
     connect_timeout: float = 10.0
     watch_interval: float = 0.2
-    # How long a silent client may wait before its connection is judged as plain tcp.
+    # How long a silent client may wait before the proxy connects to read a server greeting.
     first_byte_timeout: float = 0.25
+    # How long a connection may take to name its protocol (an HTTP request head, a PostgreSQL
+    # startup packet, a TLS ClientHello; or both sides silent): then it is refused and recorded.
+    header_timeout: float = 30.0
+    # A connection with no byte either way for this long is closed (0: never).
+    idle_timeout: float = 3600.0
+    # Open connections one agent may have through the proxy; past it, refused (0: no cap).
+    max_connections_per_agent: int = 512
     policy: str | None = None  # policy file; the embedded default when unset
     tls_trust: str | None = None  # CAs the proxy trusts for services (default: the system store)
     splice: bool = True  # move bulk opaque connections to kernel splice threads
@@ -65,7 +72,8 @@ class Config:
 _SCALARS = {"instance": str, "cgroup_root": str, "capture_cgroup": str, "proxy_port": int, "dns_port": int,
             "inbound_port": int, "mark": int,
             "dns_upstream": str, "dns_timeout": float, "proxy_restart_delay": float, "connect_timeout": float,
-            "watch_interval": float, "first_byte_timeout": float, "policy": str, "tls_trust": str,
+            "watch_interval": float, "first_byte_timeout": float, "header_timeout": float,
+            "idle_timeout": float, "max_connections_per_agent": int, "policy": str, "tls_trust": str,
             "splice": bool, "metrics_address": str, "log_format": str}
 
 
@@ -142,6 +150,12 @@ def _check(path: Path, cfg: Config) -> None:
     for key in ("proxy_port", "dns_port"):
         if not 1 <= getattr(cfg, key) <= 65535:
             raise ConfigError(f"{path}: '{key}' must be a port number 1..65535")
+    for key in ("first_byte_timeout", "header_timeout"):
+        if not getattr(cfg, key) > 0:
+            raise ConfigError(f"{path}: '{key}' must be a number of seconds above 0")
+    for key in ("idle_timeout", "max_connections_per_agent"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{path}: '{key}' must be 0 (off) or more")
     if cfg.proxy_port == cfg.dns_port:
         raise ConfigError(f"{path}: 'proxy_port' and 'dns_port' must differ")
     if cfg.log_format not in ("text", "json"):

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from lab.netns import Host
 
 ECHO_PORT = 7000
@@ -83,3 +85,17 @@ def stop_process(p: subprocess.Popen, timeout: float = 10) -> None:
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait(timeout=10)
+
+
+def default_policy_plus_opaque(addresses: list[str], ports: list[int]) -> str:
+    """The embedded default policy, plus an allow for servers whose bytes are no protocol
+    Interlock reads (iperf3, the echo server's random bulk data): the default refuses those
+    (docs/POLICY.md, "Connections Interlock cannot read"), a catch-all allow for their target
+    says they may be relayed unread."""
+    from policy.engine import EMBEDDED_DEFAULT
+
+    doc = yaml.safe_load(EMBEDDED_DEFAULT.read_text())
+    doc["targets"] = {"opaque-services": {"cidr": list(addresses), "port": list(ports)}}
+    doc["rules"].insert(0, {"name": "opaque-services", "target": "opaque-services", "decision": "allow"})
+    return yaml.safe_dump(doc, sort_keys=False)
+

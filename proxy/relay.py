@@ -12,12 +12,15 @@ opaque connection moves to kernel splice threads (proxy/splice.py)."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 from typing import TYPE_CHECKING, Any
 
 from classifier import Classifier
 from classifier import Verdict as Classified
 from policy.engine import Destination
+from policy.inspection import INSPECTED, opaque_refusal
 from policy.model import Decision, Operation, Verdict
 from proxy import naming
 from proxy.handler import HANDLERS, Handler
@@ -28,8 +31,14 @@ from recorder.store import RecorderDown, SessionRecord
 if TYPE_CHECKING:
     from proxy.server import Proxy
 
-MAX_PENDING_CHUNKS = 64
+# Bytes kept per direction while a connection is not flowing yet (classifying, judging, held for
+# a human, connecting upstream): past it that side stops being read, and the kernel's socket
+# buffers and TCP flow control hold the rest. At least the classifier's 16 KiB window.
+PENDING_LIMIT = 64 << 10
 SPLICE_ENABLED = splice_available()
+_LINGER_RST = struct.pack("ii", 1, 0)
+INSPECTABLE = frozenset(INSPECTED)
+"""Labels the proxy reads (each has a handler): the classifier waits for them."""
 
 
 class AgentSide(asyncio.Protocol):
@@ -44,10 +53,18 @@ class AgentSide(asyncio.Protocol):
         self.classifier: Classifier | None = None
         self.details: dict[str, Any] = {}
         self.pending: list[bytes] = []  # client bytes not yet handed on
+        self.pending_size = 0
         self.server_pending: list[bytes] = []  # server bytes that arrived before classification
+        self.server_pending_size = 0
         self.classified = False
         self.decided = False  # a decision exists (it may still be on its way to disk)
+        self.provisional: str | None = None  # the label a decision was made for before classification
         self.allowed = False
+        self.connecting = False
+        self.deadline: asyncio.TimerHandle | None = None  # header_timeout: classify by then
+        self.holding = 0  # operations waiting for a human (the idle sweep leaves them be)
+        self.idle_mark: tuple[int, int] = (-1, -1)
+        self.idle_since = 0.0
         self.flowing = False  # allowed, connected, classified: bytes go across
         self.eof_in = False
         self.eof_pending = False
@@ -64,9 +81,17 @@ class AgentSide(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.rec = self.proxy.admit(transport)
         if self.rec is None:
-            transport.abort()
+            _reset(transport)
             return
-        self.classifier = Classifier(client_silence=self.proxy.config.first_byte_timeout)
+        config = self.proxy.config
+        if not self.proxy.limits.admit(self):
+            self.close("refused", f"agent {self.rec.agent!r} has {config.max_connections_per_agent} connections "
+                                  "open (max_connections_per_agent)")
+            return
+        # Wait for any protocol we can inspect: a client that stalls half-way through one is never
+        # labelled by its silence (it would be relayed unread).
+        self.classifier = Classifier(client_silence=config.first_byte_timeout, hold_for=INSPECTABLE)
+        self.deadline = self.proxy.loop.call_later(config.header_timeout, self._unclassified)
         if self.rec.verdict:
             # Judged at accept (the answer cannot depend on the protocol) and on the session row:
             # connect now, in parallel with the client's first write.
@@ -88,11 +113,35 @@ class AgentSide(asyncio.Protocol):
         if r:
             self._classified(r)
             return
-        if not self.decided:
-            # The client waits for a server greeting. Nothing may reach the server before a
-            # decision, so this connection is judged as plain tcp.
+        if not self.decided and self.classifier.waiting_for_server:
+            # The client waits for a server greeting. Nothing of the agent's reaches the server
+            # before a decision: connect is judged as plain tcp, and judged again once the
+            # greeting (or the client's first bytes) names the protocol.
+            self.provisional = "tcp"
             self._judge()
         self._arm()
+
+    def _unclassified(self) -> None:
+        """header_timeout passed and the connection has not named its protocol: refuse it."""
+        self.deadline = None
+        if self.classified or self.transport.is_closing():
+            return
+        sent = self.rec.bytes_up
+        what = f"sent {sent} bytes that could still become {'/'.join(sorted(self.classifier.candidates & INSPECTABLE))}" \
+            if sent else "both sides stayed silent"
+        self._refuse("unclassified", f"the connection did not name its protocol within "
+                                     f"{self.proxy.config.header_timeout:g}s (header_timeout): {what}")
+
+    def _refuse(self, rule: str, reason: str) -> None:
+        """A refusal of Interlock's own (not a policy rule's): on record first, then a reset."""
+        rec = self.rec
+        decision = Decision(Verdict.DENY, rule, reason)
+        op = Operation(rec.protocol if rec.protocol != "unknown" else "tcp", "connect",
+                       (f"{rec.dst_addr}:{rec.dst_port}",), summary=f"connect {rec.dst_addr}:{rec.dst_port}")
+        self.decided, self.allowed = True, False
+        rec.verdict, rec.rule = "deny", rule
+        written = self.proxy.recorder.decision(rec.id, op, decision)
+        self.proxy.loop.create_task(self._act(decision, written))
 
     def _feed(self, data: bytes) -> None:
         r = self.classifier.feed(data)
@@ -106,12 +155,40 @@ class AgentSide(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
         self.rec.protocol = v.protocol
         self.details = v.details
-        if not self.decided:
-            self._judge()
+        if self._unreadable(v):
+            return
+        if not self.decided or (self.provisional is not None and self.provisional != v.protocol):
+            self._judge()  # first decision, or the provisional one was for another label
         else:
             self._start_flow()
+
+    def _unreadable(self, v: Classified) -> bool:
+        """Refuse a connection we cannot read where the policy needs it read (policy/inspection.py).
+
+        Only the agent's own bytes count: a server that spoke first is no HTTP, TLS or PostgreSQL
+        server, and a client that sent nothing has nothing to hide."""
+        if v.protocol in HANDLERS or v.side != "client" or not self.rec.bytes_up:
+            return False
+        rec = self.rec
+        policy = self.proxy.policy.current
+        dest = Destination(rec.dst_addr, rec.dst_port, self.names(), v.protocol)
+        allowed_by = rec.rule
+        if not self.decided or self.provisional:
+            d = policy.decide(rec.agent, dest, Operation(v.protocol, "connect", (f"{rec.dst_addr}:{rec.dst_port}",)))
+            if d.verdict not in (Verdict.ALLOW, Verdict.MASK):
+                return False  # refused or held at connect anyway: the judge says so in its own words
+            allowed_by = d.rule
+        rule = opaque_refusal(policy, rec.agent, dest, v.protocol, allowed_by or "default")
+        if rule is None:
+            return False
+        self._refuse("uninspectable", f"the policy reads {v.protocol} connections here (rule '{rule}') and this one "
+                                      f"cannot be read: relayed unread it would dodge that rule")
+        return True
 
     # ---- names: what may count as the destination's name (proxy/naming.py) -----------------
 
@@ -127,6 +204,9 @@ class AgentSide(asyncio.Protocol):
         self.decided = True
         if self.rec.protocol == "unknown":
             self.rec.protocol = "tcp"
+        if self.classified:
+            self.provisional = None
+        self.allowed = False  # until this decision is on record
         decision, written = naming.judge_connection(self)
         self.rec.verdict, self.rec.rule = decision.verdict.value, decision.rule
         self.proxy.loop.create_task(self._act(decision, written))
@@ -144,25 +224,37 @@ class AgentSide(asyncio.Protocol):
             self.close("denied", f"{decision.rule}: {decision.reason}")
             return
         if decision.verdict is Verdict.APPROVE:
-            outcome = await self.proxy.hold(self.rec, decision)
+            self.holding += 1
+            try:
+                outcome = await self.proxy.hold(self.rec, decision)
+            finally:
+                self.holding -= 1
             if self.transport.is_closing():
                 return
             if outcome != "approved":
                 self.close(outcome, f"{decision.rule}: approval {outcome}")
                 return
         self.allowed = True
-        await self._connect()
+        if self.upstream is None and not self.connecting:
+            await self._connect()
+        else:
+            self._start_flow()
 
     async def _connect(self) -> None:
         rec = self.rec
         if self.transport.is_closing():
             return  # cut meanwhile (the recorder failed): not even a SYN goes upstream
+        self.connecting = True
         try:
             async with asyncio.timeout(self.proxy.config.connect_timeout):
                 _, up = await self.proxy.loop.create_connection(lambda: UpstreamSide(self), rec.dst_addr, rec.dst_port)
         except (TimeoutError, OSError) as e:
+            # A reset, not a clean close: the nearest the agent can get to the ECONNREFUSED it
+            # would have had direct (its connect() already succeeded against the proxy).
             self.close("upstream-error", str(e) or type(e).__name__)
             return
+        finally:
+            self.connecting = False
         try:
             await self.proxy.recorded(rec)  # no byte goes upstream before the session row is on record
         except RecorderDown as e:
@@ -183,13 +275,20 @@ class AgentSide(asyncio.Protocol):
         handler_cls = HANDLERS.get(self.rec.protocol)
         pending, self.pending = self.pending, []
         server_pending, self.server_pending = self.server_pending, []
+        self.pending_size = self.server_pending_size = 0
         if handler_cls is not None:
-            self.handler = handler_cls(self, self.details)
-            self.handler.start()
-            for chunk in pending:
-                self.handler.on_client(chunk)
-            for chunk in server_pending:
-                self.handler.on_server(chunk)
+            try:
+                self.handler = handler_cls(self, self.details)
+                self.handler.start()
+                for chunk in pending:
+                    if self.transport.is_closing():
+                        return
+                    self.handler.on_client(chunk)
+                for chunk in server_pending:
+                    self.handler.on_server(chunk)
+            except Exception as e:  # noqa: BLE001 - a handler bug costs this connection, never a hang
+                self._handler_failed(e)
+                return
         else:
             if pending:
                 self.upstream.transport.writelines(pending)
@@ -210,13 +309,17 @@ class AgentSide(asyncio.Protocol):
                 if self.rec.bytes_up > SPLICE_AFTER and self.splice_ok:
                     self._begin_splice()
             else:
-                self.handler.on_client(data)
+                try:
+                    self.handler.on_client(data)
+                except Exception as e:  # noqa: BLE001 - see _handler_failed
+                    self._handler_failed(e)
             return
         self.pending.append(data)
+        self.pending_size += len(data)
         if not self.classified:
             self._feed(data)
-        if len(self.pending) > MAX_PENDING_CHUNKS and not self.flowing:
-            self.transport.pause_reading()
+        if self.pending_size > PENDING_LIMIT and not self.flowing:
+            self.transport.pause_reading()  # held: resumed by _start_flow
 
     def server_data(self, data: bytes) -> None:
         if self.flowing:
@@ -225,15 +328,24 @@ class AgentSide(asyncio.Protocol):
                 if self.rec.bytes_down > SPLICE_AFTER and self.splice_ok:
                     self._begin_splice()
             else:
-                self.handler.on_server(data)
+                try:
+                    self.handler.on_server(data)
+                except Exception as e:  # noqa: BLE001 - see _handler_failed
+                    self._handler_failed(e)
             return
         self.server_pending.append(data)
+        self.server_pending_size += len(data)
         if not self.classified:
             r = self.classifier.feed_server(data)
             if r:
                 self._classified(r)
-        if len(self.server_pending) > MAX_PENDING_CHUNKS and not self.flowing:
+        if self.server_pending_size > PENDING_LIMIT and not self.flowing and self.upstream is not None:
             self.upstream.transport.pause_reading()
+
+    def _handler_failed(self, e: Exception) -> None:
+        """A protocol handler raised: record it and reset the agent, never leave it hanging."""
+        self.event("handler-error", {"protocol": self.rec.protocol, "error": f"{type(e).__name__}: {e}"[:300]})
+        self.close("handler-error", f"{type(e).__name__}: {e}"[:300])
 
     # ---- bulk: hand an opaque connection to the kernel -----------------------------------
 
@@ -302,6 +414,9 @@ class AgentSide(asyncio.Protocol):
             return
         if self.timer is not None:
             self.timer.cancel()
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
         if self.upstream is not None:
             self.upstream.transport.close()
         self.side_done(exc)
@@ -317,8 +432,12 @@ class AgentSide(asyncio.Protocol):
         rec = self.rec
         if rec.ended is not None:
             return
+        self.proxy.limits.release(self)
         if self.handler is not None:
-            self.handler.on_close()
+            try:
+                self.handler.on_close()
+            except Exception as e:  # noqa: BLE001 - the session row must still be closed
+                rec.detail = rec.detail or f"handler-error at close: {type(e).__name__}: {e}"[:300]
         rec.ended = time.time()
         if rec.outcome == "open":
             rec.outcome = "closed"
@@ -367,7 +486,11 @@ class AgentSide(asyncio.Protocol):
 
     async def hold(self, op: Operation, decision: Decision) -> str:
         """Wait for a human: 'approved', 'denied' or 'expired'."""
-        return await self.proxy.hold(self.rec, decision, op)
+        self.holding += 1
+        try:
+            return await self.proxy.hold(self.rec, decision, op)
+        finally:
+            self.holding -= 1
 
     def event(self, kind: str, data: dict) -> None:
         self.proxy.recorder.event(kind, data, self.rec.id)
@@ -380,11 +503,22 @@ class AgentSide(asyncio.Protocol):
         if self.rec.outcome == "open":
             self.rec.outcome, self.rec.detail = outcome, detail
         if abort:
-            self.transport.abort()
+            _reset(self.transport)
         else:
             self.transport.close()
         if self.upstream is not None:
             self.upstream.transport.close()
+
+
+def _reset(transport: asyncio.BaseTransport) -> None:
+    """Close with a TCP RST (SO_LINGER 0), not a FIN: the agent sees ECONNRESET, not a clean end."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        except OSError:
+            pass
+    transport.abort()
 
 
 class UpstreamSide(asyncio.Protocol):

@@ -33,6 +33,7 @@ from policy.engine import Destination
 from policy.model import Decision, Operation, Verdict
 from proxy import inbound
 from proxy.gate import Holds, NameBindings, PolicyHolder
+from proxy.limits import Limits
 from proxy.metrics import ProxyMetrics
 from proxy.origins import Origins
 from proxy.relay import AgentSide
@@ -83,6 +84,7 @@ class Proxy:
                            lockdown_file=layout.state_dir / "lockdown", recorder_health=self.recorder.health)
         if config.metrics_address:
             self.metrics.serve(config.metrics_address)
+        self.limits = Limits(config, loop)  # per-agent connection caps, idle sweep
         self._agent_names: dict[int, str] = {}
         self._early: dict[tuple, Decision | None] = {}
         self._own = {self.config.proxy_port, self.config.dns_port, self.config.inbound_port}

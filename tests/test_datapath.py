@@ -17,19 +17,22 @@ import pytest
 
 from interceptor import bpf_loader
 from lab.instance import Instance, leftovers
-from lab.testing import ECHO_PORT, SLOWDOWN, instance_name, wait_until
+from lab.testing import ECHO_PORT, SLOWDOWN, default_policy_plus_opaque, instance_name, wait_until
 
 pytestmark = pytest.mark.datapath
 
 
 @pytest.fixture(scope="module")
-def inst(lab, dns_echo):
+def inst(lab, dns_echo, tmp_path_factory):
     # Capture scope = the lab host's whole cgroup, as "/" would be on a real host: the exe
     # selector then reaches processes that start anywhere on it.
     name = instance_name("dp")
     scope = str(lab.cgroup.relative_to(lab.cgroup.parent))
     (lab.cgroup / "svc").mkdir()  # stands in for a systemd unit's cgroup
-    i = Instance(lab.a, name, proxy_port=15101, dns_port=15153, dns_upstream=lab.b.addr4,
+    # The embedded default, plus: the echo server's bulk bytes may be relayed unread (opaque, spliced).
+    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
+    policy.write_text(default_policy_plus_opaque([lab.b.addr4, lab.b.addr6], [ECHO_PORT]))
+    i = Instance(lab.a, name, proxy_port=15101, dns_port=15153, dns_upstream=lab.b.addr4, policy=str(policy),
                  cgroup_root=f"{scope}/interlock-{name}", capture_cgroup=scope,
                  agents=[{"name": "sel", "exe": ["/usr/bin/curl"]},
                          {"name": "by-uid", "uid": [65534]},

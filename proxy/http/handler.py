@@ -126,6 +126,7 @@ class HttpHandler(Handler):
         self.batch = 0
         self.out_agent: list[bytes] = []
         self.out_origin: list[bytes] = []
+        self.head_timer = None  # header_timeout for a kept-alive connection's next request head
 
     # ---- byte seams (the TLS handler overrides these) -------------------------------------------
 
@@ -221,6 +222,14 @@ class HttpHandler(Handler):
             return
         self._pump_agent()
 
+    def _head_timeout(self) -> None:
+        self.head_timer = None
+        if not self.busy and not self.ending and self.agent.in_head:
+            self.conn.event("http-header-timeout", {"after": self.conn.proxy.config.header_timeout})
+            self.ending = True
+            self.conn.close("header-timeout", f"a request head took longer than "
+                                              f"{self.conn.proxy.config.header_timeout:g}s (header_timeout)")
+
     def _pump_agent(self) -> None:
         try:
             for ev in self.agent.events():
@@ -238,8 +247,15 @@ class HttpHandler(Handler):
                     return
         except HttpProtocolError as e:
             self._bad_request(e)
+            return
+        if self.head_timer is None and self.agent.in_head:
+            # a request head begun and left unfinished (one byte a second): bounded like the first
+            self.head_timer = self.conn.proxy.loop.call_later(self.conn.proxy.config.header_timeout, self._head_timeout)
 
     def _request(self, head: RequestHead) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
         req = self.req = Exchange(head)
         req.call = identify_request(head)
         if not _has_body(head):
@@ -613,5 +629,7 @@ class HttpHandler(Handler):
         """Last bytes before the close (the TLS handler sends close_notify)."""
 
     def on_close(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
         if self.req is not None and self.req.op is not None:
             self._finish(self.req, "agent-gone" if not self.req.answered else "incomplete")

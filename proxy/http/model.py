@@ -373,6 +373,11 @@ class _Side:
         p.set_dangerous_leniencies(lenient_chunked_length=True)
         return p
 
+    @property
+    def in_head(self) -> bool:
+        """A message head has begun and is not complete yet (what a header timeout measures)."""
+        return self._in_head
+
     # ---- llhttp callbacks ----------------------------------------------------------------------
 
     def on_message_begin(self) -> None:

@@ -25,6 +25,10 @@ from proxy.http.handler import UNREAD_LIMIT, HttpHandler
 from proxy.tls.ca import SYSTEM_BUNDLE, CertificateAuthority
 
 ALPN = ("http/1.1",)  # what the handler speaks; an agent offering h2 is negotiated down
+# A fatal unrecognized_name alert (RFC 8446 §6; RFC 6066 §3), in a plaintext record before any
+# ServerHello: what an agent gets for a server_name that is no host name.
+ALERT_UNRECOGNIZED_NAME = bytes([21, 3, 3, 0, 2, 2, 112])
+_LDH = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 _READ = 256 << 10
 
 _upstream: dict[tuple, ssl.SSLContext] = {}
@@ -72,6 +76,15 @@ def upstream_context(ca: CertificateAuthority, trust: str | os.PathLike[str] | N
     return ctx
 
 
+def valid_sni(name: str) -> bool:
+    """A DNS host name as RFC 6066 §3 asks of server_name: ASCII letters, digits, hyphens (and the
+    underscores real names carry), labels of 1..63, at most 253 in all; one trailing dot is let be."""
+    name = name[:-1] if name.endswith(".") else name
+    if not 0 < len(name) <= 253:
+        return False
+    return all(0 < len(label) <= 63 and _LDH.issuperset(label) for label in name.split("."))
+
+
 def passthrough(targets: list) -> bool:
     return any(getattr(t, "tls", None) == "passthrough" for t in targets)
 
@@ -84,6 +97,17 @@ class TlsHandler(HttpHandler):
     def start(self) -> None:
         super().start()
         self.sni: str | None = self.details.get("sni") or None
+        self.raw = False
+        self.failed_upstream = False
+        self.a_ready = self.o_ready = False
+        if self.sni is not None and not valid_sni(self.sni):
+            # Not a name a certificate can be minted or verified for: a TLS alert, on record.
+            self.ending = True
+            self.conn.event("tls-bad-sni", {"sni": self.sni[:300]})
+            self.conn.to_client(ALERT_UNRECOGNIZED_NAME)
+            self.conn.close("tls-error", f"server_name {self.sni[:80]!r} is not a host name (TLS alert "
+                                         "unrecognized_name)", abort=False)
+            return
         rec = self.conn.rec
         # By the SNI alone when it counts (proxy/naming.py): other names of the address are other
         # hosts, and an SNI that counts for nothing leaves the address's own targets.
@@ -109,7 +133,6 @@ class TlsHandler(HttpHandler):
         self.a_ready = self.o_ready = False
         self.o_pending: list[bytes] = []  # plaintext for the service before its handshake is done
         self.o_pending_size = 0
-        self.failed_upstream = False
         self._handshake_origin()
 
     # ---- agent side ---------------------------------------------------------------------------
