@@ -244,23 +244,24 @@ class AgentSide(asyncio.Protocol):
         rec = self.rec
         if self.transport.is_closing():
             return  # cut meanwhile (the recorder failed): not even a SYN goes upstream
-        self.connecting = True
+        self.connecting = True  # until the upstream is usable: a second judge must not dial again
         try:
-            async with asyncio.timeout(self.proxy.config.connect_timeout):
-                _, up = await self.proxy.loop.create_connection(lambda: UpstreamSide(self), rec.dst_addr, rec.dst_port)
-        except (TimeoutError, OSError) as e:
-            # A reset, not a clean close: the nearest the agent can get to the ECONNREFUSED it
-            # would have had direct (its connect() already succeeded against the proxy).
-            self.close("upstream-error", str(e) or type(e).__name__)
-            return
+            try:
+                async with asyncio.timeout(self.proxy.config.connect_timeout):
+                    _, up = await self.proxy.loop.create_connection(lambda: UpstreamSide(self), rec.dst_addr, rec.dst_port)
+            except (TimeoutError, OSError) as e:
+                # A reset, not a clean close: the nearest the agent can get to the ECONNREFUSED it
+                # would have had direct (its connect() already succeeded against the proxy).
+                self.close("upstream-error", str(e) or type(e).__name__)
+                return
+            try:
+                await self.proxy.recorded(rec)  # no byte goes upstream before the session row is on record
+            except RecorderDown as e:
+                up.transport.close()
+                self.close("recorder-error", str(e))
+                return
         finally:
             self.connecting = False
-        try:
-            await self.proxy.recorded(rec)  # no byte goes upstream before the session row is on record
-        except RecorderDown as e:
-            up.transport.close()
-            self.close("recorder-error", str(e))
-            return
         if self.transport.is_closing():
             up.transport.close()
             return
