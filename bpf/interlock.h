@@ -8,6 +8,8 @@
 #define IL_SOCK_STREAM 1
 #define IL_SOCK_DGRAM 2
 #define IL_SOCK_RAW 3
+#define IL_IPPROTO_ICMP 1
+#define IL_IPPROTO_ICMPV6 58
 #define IL_COMM_LEN 16
 #define IL_PATH_LEN 256
 
@@ -45,6 +47,25 @@ struct il_exec_event {
     __u32 ppid;
     __u32 uid;
     __u32 agent_id;
+    __u64 cgroup_id;
+    char comm[IL_COMM_LEN];
+    __u32 outside_scope;     /* a selector matched, but below no capture hook: not enrolled */
+    __u32 pad;
+};
+
+/* An agent's ptrace-class syscall that a guard refused (EPERM), reported to the daemon. */
+#define IL_SYS_PTRACE 1
+#define IL_SYS_PROCESS_VM_WRITEV 2
+#define IL_SYS_PROCESS_VM_READV 3
+#define IL_SYS_PIDFD_GETFD 4
+#define IL_SYS_SOCKET 5          /* target_tgid: family << 24 | type << 16 | protocol */
+struct il_guard_event {
+    __u32 tgid;          /* the agent process that asked */
+    __u32 target_tgid;   /* the pid it named (the pidfd number, for pidfd_getfd) */
+    __u32 uid;
+    __u32 agent_id;
+    __u32 syscall;       /* IL_SYS_* */
+    __u32 pad;
     __u64 cgroup_id;
     char comm[IL_COMM_LEN];
 };

@@ -8,11 +8,16 @@
 #include "interlock.h"
 #include "maps.h"
 
+/* The capture cgroup (index 0, set by the daemon): a selector enrols only a process that execs
+ * below it, where the socket hooks see its first socket. One that starts outside would make
+ * sockets no hook sees until the daemon moved it: it is reported instead (IL_EXEC_OUTSIDE_SCOPE). */
+BPF_CGROUP_ARRAY(capture_scope, 1);
+
 /* sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm) */
 int il_exec(struct bpf_raw_tracepoint_args *ctx) {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u32 *agent = agent_tgids.lookup(&tgid);
-    u32 found = 0;
+    u32 found = 0, outside = 0;
     if (!agent) {
         u32 zero = 0;
         struct il_path *p = path_scratch.lookup(&zero);
@@ -30,11 +35,15 @@ int il_exec(struct bpf_raw_tracepoint_args *ctx) {
         if (!agent)
             return 0;
         found = *agent;
-        agent_tgids.update(&tgid, &found);
+        if (capture_scope.check_current_task(0) != 1)
+            outside = 1;
+        else
+            agent_tgids.update(&tgid, &found);
     } else {
         found = *agent;
     }
     struct il_exec_event ev = {};
+    ev.outside_scope = outside;
     ev.tgid = tgid;
     ev.uid = (u32)bpf_get_current_uid_gid();
     ev.agent_id = found;

@@ -180,15 +180,21 @@ int il_sockops(struct bpf_sock_ops *skops) {
     return 1;
 }
 
+/* ICMP "ping" datagram sockets (net.ipv4.ping_group_range): they carry data in echo requests
+ * and no connect/sendmsg hook sees them. */
+static __always_inline int is_ping(struct bpf_sock *sk) {
+    return sk->type == IL_SOCK_DGRAM && (sk->protocol == IL_IPPROTO_ICMP || sk->protocol == IL_IPPROTO_ICMPV6);
+}
+
 /* Every inet socket an agent opens carries the instance mark, so the nftables backstop sees it
- * even before the daemon has moved a selector-enrolled process into its cgroup. Raw sockets are
- * refused outright: they would bypass connect(). */
+ * even before the daemon has moved a selector-enrolled process into its cgroup. Raw and ping
+ * sockets are refused outright: they would bypass connect(). */
 int il_sock_create(struct bpf_sock *sk) {
     u32 agent;
     if (!enrolled(&agent))
         return 1;
     struct il_settings *s = get_settings();
-    if (!s || sk->type == IL_SOCK_RAW)
+    if (!s || sk->type == IL_SOCK_RAW || is_ping(sk))
         return 0;
     sk->mark = s->mark;
     return 1;

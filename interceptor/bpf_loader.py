@@ -59,7 +59,12 @@ HOOKS = (
     Hook("il_ingress", PROG_CGROUP_SKB, 0, "5.1"),  # bpf/inbound.bpf.c
 )
 
-PROGRAM_FILES = ("redirect.bpf.c", "lineage.bpf.c", "inbound.bpf.c")
+PROGRAM_FILES = ("redirect.bpf.c", "lineage.bpf.c", "inbound.bpf.c", "guard.bpf.c")
+# BPF LSM programs of the ptrace guard (bpf/guard.bpf.c): (bcc function, pin name of its link).
+GUARD = ((b"lsm__ptrace_access_check", "link_ptrace_access"), (b"lsm__ptrace_traceme", "link_ptrace_traceme"))
+# Syscalls whose refusals the guard records (syscall tracepoints, where the kernel has them).
+GUARD_SYSCALLS = ("ptrace", "process_vm_writev", "process_vm_readv", "pidfd_getfd", "socket")
+TRACEFS_SYSCALLS = Path("/sys/kernel/tracing/events/syscalls")
 PROG_RAW_TRACEPOINT = 17
 # Raw tracepoint programs of the lineage family: (function, tracepoint, pin name).
 LINEAGE = (("il_exec", "sched_process_exec", "link_exec"), ("il_fork", "sched_process_fork", "link_fork"),
@@ -114,6 +119,8 @@ class Datapath:
         self.bpf = None
         self.funcs: dict[str, object] = {}
         self.lineage_error: str | None = None
+        self.guard_error: str | None = None  # why the ptrace guard was not compiled
+        self.guard_record = False  # refused ptrace-class syscalls are traced
 
     def compile(self) -> None:
         from bcc import BPF  # bcc loads LLVM; only the daemon pays for it
@@ -136,7 +143,7 @@ class Datapath:
                 offsets = {"IL_BPRM_FILENAME_OFF": 0, "IL_TASK_TGID_OFF": 0}
                 self.lineage_error = str(e)
             defines = [f"-D{k}={v}" for k, v in offsets.items()]
-            self.bpf = BPF(text=text, cflags=[f"-I{tmp}", *defines])
+            self.bpf = self._compile_with_guard(BPF, text, [f"-I{tmp}", *defines])
         for name in PINNED_MAPS if self.pin else ():
             pin = self.pin_dir / name
             if not pin.exists():
@@ -146,6 +153,70 @@ class Datapath:
                 self.funcs[hook.func] = self.bpf.load_func(hook.func, hook.prog_type, attach_type=hook.attach_type)
             except Exception as e:
                 raise HookLoadError(hook, str(e).splitlines()[0][:200]) from None
+
+    def _compile_with_guard(self, bpf_class, text: str, cflags: list[str]):
+        """Compile with the ptrace guard and its refusal tracepoints where the kernel takes them,
+        dropping what it refuses: the guard must never cost the capture (guard_error says why).
+        bcc attaches the lsm__ and tracepoint__ functions as it loads them (links we hold)."""
+        guard = self._guard_defines()
+        record = ["-DIL_GUARD_RECORD=1"] if all(
+            Path(TRACEFS_SYSCALLS, f"sys_{d}_{c}").is_dir() for d in ("enter", "exit") for c in GUARD_SYSCALLS) else []
+        attempts: list[list[str]] = []
+        for a in ([*guard, *record], record, []):
+            if a not in attempts:
+                attempts.append(a)
+        for extra in attempts:
+            try:
+                compiled = bpf_class(text=text, cflags=[*cflags, *extra])
+                if record and record[0] in extra:
+                    for call in GUARD_SYSCALLS:
+                        for side in ("enter", "exit"):
+                            compiled.attach_tracepoint(tp=f"syscalls:sys_{side}_{call}", fn_name=f"il_sys_{side}")
+            except Exception as e:
+                if not extra:
+                    raise
+                if guard and "-DIL_GUARD=1" in extra:
+                    reason = str(e).splitlines()[0][:160]
+                    if "super-user" in reason:  # bcc's words for EPERM from BPF_PROG_LOAD
+                        reason = "loading BPF LSM programs is not permitted here (EPERM)"
+                    self.guard_error = f"the kernel refused the ptrace guard: {reason}"
+                continue
+            self.guard_record = bool(record) and record[0] in extra
+            return compiled
+        raise AssertionError("the last attempt compiles without the guard or raises")
+
+    def _guard_defines(self) -> list[str]:
+        """-D flags that compile the ptrace guard, or [] (with guard_error set) where it cannot be."""
+        from bcc import BPF
+
+        self.guard_error = None
+        if not BPF.support_lsm():
+            self.guard_error = "the kernel has no BPF LSM (CONFIG_BPF_LSM)"
+            return []
+        try:
+            btf.lineage_offsets()  # the guard also reads task_struct.tgid, passed in for the lineage
+            offsets = btf.guard_offsets()
+        except btf.BTFError as e:
+            self.guard_error = str(e)
+            return []
+        return ["-DIL_GUARD=1", *(f"-D{k}={v}" for k, v in offsets.items())]
+
+    def pin_guard(self) -> None:
+        """Pin the guard's links: the guard stays in force while the daemon is down. A restart's
+        new links are attached (at compile) before the old pins are dropped, so there is no gap."""
+        if self.guard_error:
+            return
+        for func, pin_name in GUARD:
+            pin = self.pin_dir / pin_name
+            pin.unlink(missing_ok=True)
+            sc.obj_pin(self.bpf.lsm_fds[func], str(pin))
+
+    def open_guard_events(self, callback) -> bool:
+        """Report refused ptrace-class syscalls of agents; False where they cannot be traced."""
+        if not self.guard_record:
+            return False
+        self.bpf["guard_events"].open_perf_buffer(callback)
+        return True
 
     def attach(self) -> None:
         """Attach every hook, replacing this project's previous program in place if there is one."""
@@ -172,6 +243,7 @@ class Datapath:
         daemon is down. A restart attaches the new links before it drops the old pins."""
         if self.lineage_error:
             raise RuntimeError(f"exe/uid selectors need the lineage programs: {self.lineage_error}")
+        self.bpf["capture_scope"][0] = str(self.cgroup_dir)  # before any link: no exec unjudged
         for func, tp, pin_name in LINEAGE:
             fn = self.bpf.load_func(func, PROG_RAW_TRACEPOINT)
             link = sc.raw_tracepoint_open(tp, fn.fd)

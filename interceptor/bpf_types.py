@@ -67,6 +67,24 @@ class ExecEvent(ctypes.Structure):
         ("agent_id", ctypes.c_uint32),
         ("cgroup_id", ctypes.c_uint64),
         ("comm", ctypes.c_char * COMM_LEN),
+        ("outside_scope", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+GUARD_SYSCALLS = {1: "ptrace", 2: "process_vm_writev", 3: "process_vm_readv", 4: "pidfd_getfd", 5: "socket"}
+
+
+class GuardEvent(ctypes.Structure):
+    _fields_ = [
+        ("tgid", ctypes.c_uint32),
+        ("target_tgid", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("agent_id", ctypes.c_uint32),
+        ("syscall", ctypes.c_uint32),  # GUARD_SYSCALLS key
+        ("pad", ctypes.c_uint32),
+        ("cgroup_id", ctypes.c_uint64),
+        ("comm", ctypes.c_char * COMM_LEN),
     ]
 
 

@@ -58,7 +58,31 @@ def member_offsets(wanted: dict[str, set[str]], path: Path = VMLINUX) -> dict[tu
     return found
 
 
+# Every member the programs read, found in one walk of the kernel's BTF (a few MB; the walk is
+# pure Python, slow under emulation, so it is done once a process).
+_WANTED = {"linux_binprm": {"filename"}, "task_struct": {"tgid", "cgroups"}, "css_set": {"dfl_cgrp"},
+           "cgroup": {"kn"}, "kernfs_node": {"id"}}
+_found: dict[tuple[str, str], int] | None = None
+
+
+def _offsets() -> dict[tuple[str, str], int]:
+    global _found
+    if _found is None:
+        _found = member_offsets(_WANTED)
+    return _found
+
+
 def lineage_offsets() -> dict[str, int]:
     """What the lineage programs read: the exec'd path and a new task's process id."""
-    off = member_offsets({"linux_binprm": {"filename"}, "task_struct": {"tgid"}})
+    off = _offsets()
     return {"IL_BPRM_FILENAME_OFF": off[("linux_binprm", "filename")], "IL_TASK_TGID_OFF": off[("task_struct", "tgid")]}
+
+
+def guard_offsets() -> dict[str, int]:
+    """What the ptrace guard reads: a task's cgroup id on the default hierarchy
+    (task->cgroups->dfl_cgrp->kn->id) and its process id."""
+    off = _offsets()
+    return {"IL_TASK_CGROUPS_OFF": off[("task_struct", "cgroups")],
+            "IL_CSS_SET_DFL_CGRP_OFF": off[("css_set", "dfl_cgrp")],
+            "IL_CGROUP_KN_OFF": off[("cgroup", "kn")],
+            "IL_KERNFS_NODE_ID_OFF": off[("kernfs_node", "id")]}

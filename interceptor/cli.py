@@ -159,6 +159,7 @@ def cmd_run(args) -> int:
         info = InstanceInfo.load(_layout(args).instance_file)
     except (OSError, ValueError, TypeError):
         info = None
+    _confine(info)
     if info is not None and info.ca_bundle and Path(info.ca_bundle).is_file():
         for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "AWS_CA_BUNDLE", "CURL_CA_BUNDLE"):
             os.environ[var] = info.ca_bundle
@@ -219,6 +220,20 @@ def _become(uid: int, gid: int, login: str | None) -> None:
         import pwd
 
         os.environ.update(USER=login, LOGNAME=login, HOME=pwd.getpwnam(login).pw_dir)
+
+
+def _confine(info: InstanceInfo | None) -> None:
+    """Make the agent its own Landlock domain: it cannot ptrace (or pidfd_getfd, or write the
+    memory of) any process outside it. Where Landlock is missing, the daemon's guard must be one
+    that covers every agent (BPF LSM or Yama) — or the operator accepted running without one."""
+    from interceptor import ptrace_guard
+
+    try:
+        ptrace_guard.confine_self()
+    except ptrace_guard.GuardError as e:
+        if info is not None and info.ptrace_guard in ("landlock", ""):
+            raise CliError(f"cannot run the agent unguarded: {e}; the daemon's ptrace guard is "
+                           f"'{info.ptrace_guard or 'unknown'}' (see interlock doctor)") from None
 
 
 def _agent_name(exe: str) -> str:

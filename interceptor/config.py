@@ -66,6 +66,9 @@ class Config:
     # processes and see status details. Unset: root only.
     operator_group: str | int | None = None
     agents: list[AgentSelector] = field(default_factory=list)
+    # Start even where no ptrace guard (BPF LSM, Yama, Landlock) can stop an agent borrowing an
+    # un-enrolled process of its uid: the operator accepts that risk (interceptor/ptrace_guard.py).
+    allow_unguarded_ptrace: bool = False
     source: str | None = None
 
 
@@ -74,7 +77,7 @@ _SCALARS = {"instance": str, "cgroup_root": str, "capture_cgroup": str, "proxy_p
             "dns_upstream": str, "dns_timeout": float, "proxy_restart_delay": float, "connect_timeout": float,
             "watch_interval": float, "first_byte_timeout": float, "header_timeout": float,
             "idle_timeout": float, "max_connections_per_agent": int, "policy": str, "tls_trust": str,
-            "splice": bool, "metrics_address": str, "log_format": str}
+            "splice": bool, "metrics_address": str, "log_format": str, "allow_unguarded_ptrace": bool}
 
 
 def load(path: Path | None) -> Config:

@@ -17,8 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-from interceptor import authority, bpf_loader, cgroups, enrolment, firewall
-from interceptor.bpf_types import ExecEvent, Settings
+from interceptor import authority, bpf_loader, cgroups, enrolment, firewall, ptrace_guard
+from interceptor.bpf_types import GUARD_SYSCALLS, ExecEvent, GuardEvent, Settings
 from interceptor.bpf_types import Path as BpfPath
 from interceptor.config import Config
 from interceptor.control import peer_credentials, peer_groups, receive
@@ -33,6 +33,10 @@ INBOUND_COUNTER_INTERVAL = 1.0  # seconds between reads of the inbound refusal c
 
 class DaemonError(RuntimeError):
     pass
+
+
+# The agent id of the ptrace guard's self-test process (real agent ids count up from 1).
+GUARD_PROBE_AGENT = 0xFFFFFFFF
 
 
 def netns_id() -> str:
@@ -52,6 +56,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.teardown_requested = False
         self.backstop: firewall.Backstop | None = None
+        self.nft_expected: firewall.Snapshot | None = None  # the table as installed, compared whole
         self.agent_ids: dict[str, int] = {}
         self.server: socketserver.BaseServer | None = None
         self.operator_gid: int | None = None
@@ -62,6 +67,8 @@ class Daemon:
         self.proxy_pipe: int | None = None  # the proxy's "ready" pipe, then its recorder state
         self.proxy_recorder: dict | None = None
         self._pipe_rest = b""
+        self.ptrace_defence: ptrace_guard.Defence | None = None
+        self._guard_seen: set[tuple[int, int, int]] = set()
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -72,6 +79,7 @@ class Daemon:
         except KeyError:
             raise DaemonError(f"operator_group '{cfg.operator_group}': no such group (create it with groupadd, "
                               f"or give a numeric gid)") from None
+        self._check_selector_scope()
         for d in (lay.state_dir, lay.run_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o755)
         os.chmod(lay.state_dir, 0o700)
@@ -90,6 +98,7 @@ class Daemon:
         for name in {p.name for p in lay.agents_cgroup.iterdir() if p.is_dir()} | {a.name for a in cfg.agents}:
             self.ensure_agent(name)
         self._load_selectors()
+        self._choose_ptrace_defence()
         self.datapath.attach()
         if any(a.exe or a.uid for a in cfg.agents):
             try:
@@ -103,13 +112,37 @@ class Daemon:
             table=lay.nft_table, agents_cgroup=lay.agents_cgroup,
             cgroup_level=len(lay.agents_cgroup.relative_to(mount).parts), mark=cfg.mark,
             proxy_port=cfg.proxy_port, dns_port=cfg.dns_port, inbound_port=cfg.inbound_port)
-        firewall.install(self.backstop)
+        self.nft_expected = firewall.install(self.backstop)
         self.inbound_seen = firewall.inbound_refusals(lay.nft_table)
         self.datapath.open_exec_events(self._on_exec)
+        recording = self.datapath.open_guard_events(self._on_guard)
         self._start_proxy()
         self._publish()
         self.recorder.event("daemon-start", {"pid": os.getpid(), "instance": cfg.instance,
                                              "lockdown": self.lockdown_reason})
+        d = self.ptrace_defence
+        self.recorder.event("ptrace-guard", {"defence": d.name, "detail": d.detail, "covers_all": d.covers_all,
+                                             "refusals_recorded": recording})
+        if not d.covers_all:
+            print(f"interlock daemon: warning: ptrace guard: {d.name}: {d.detail}", file=sys.stderr, flush=True)
+
+    def _check_selector_scope(self) -> None:
+        """exe/uid selectors enrol a process at exec, but only the capture cgroup's hooks see its
+        sockets: with the default scope (the instance's own tree, where no such process starts)
+        every socket it makes before the daemon moves it would escape. Refuse that; a narrower
+        scope than the whole host is allowed, and its outsiders are recorded, not enrolled."""
+        named = [a.name for a in self.config.agents if a.exe or a.uid]
+        if not named:
+            return
+        if self.config.capture_cgroup is None:
+            raise DaemonError(
+                f"agents {', '.join(named)} use exe/uid selectors, but the hooks cover only the instance's own "
+                f"cgroup ({self.layout.cgroup_root}), where no selected process starts: set capture_cgroup: / "
+                "(the whole host) so no socket of a selected process is made before capture")
+        if self.layout.capture_cgroup != cgroups.cgroup2_mount():
+            print(f"interlock daemon: warning: exe/uid selectors apply only to processes that start below "
+                  f"capture_cgroup {self.layout.capture_cgroup}; others are recorded (selector-outside-scope), "
+                  "not enrolled. capture_cgroup: / covers the whole host", file=sys.stderr, flush=True)
 
     def _write_settings(self) -> None:
         cfg = self.config
@@ -156,6 +189,51 @@ class Daemon:
         finally:
             for m in (exe, uid, cg):
                 m.close()
+
+    def _choose_ptrace_defence(self) -> None:
+        """Pick the defence against borrowing un-enrolled processes; refuse to start without one."""
+        why = self.datapath.guard_error or self._guard_self_test()
+        try:
+            self.ptrace_defence = ptrace_guard.decide(why, ptrace_guard.yama_scope(), ptrace_guard.landlock_abi(),
+                                                      self.config.allow_unguarded_ptrace)
+        except ptrace_guard.GuardError as e:
+            raise DaemonError(str(e)) from None
+        if self.ptrace_defence.name == "bpf-lsm":
+            self.datapath.pin_guard()
+
+    def _guard_self_test(self) -> str | None:
+        """None when the BPF LSM guard refuses a process in an agent cgroup attach access to an
+        un-enrolled one (the daemon); otherwise why not. The hook can load and attach, yet never
+        be called, where `bpf` is not in the boot's lsm= list: only running it tells."""
+        probe = cgroups.ensure(self.layout.cgroup_root / "guard-probe")
+        key = ctypes.c_uint64(cgroups.cgroup_id(probe))
+        m = bpf_loader.PinnedMap(self.layout.pin_dir / "agent_cgroups")
+        try:
+            m.update(key, ctypes.c_uint32(GUARD_PROBE_AGENT))
+            pid = os.fork()
+            if pid == 0:  # the child: enrolled by its cgroup, it asks for its parent's memory
+                code = 2
+                try:
+                    (probe / "cgroup.procs").write_text(str(os.getpid()))
+                    os.close(os.open(f"/proc/{os.getppid()}/mem", os.O_RDONLY))
+                    code = 1
+                except PermissionError:
+                    code = 0
+                finally:
+                    os._exit(code)
+            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        finally:
+            m.delete(key)
+            m.close()
+            try:
+                probe.rmdir()
+            except OSError:
+                pass
+        if code == 0:
+            return None
+        if code == 1:
+            return "the BPF LSM hook is not called (is `bpf` in the boot's lsm= list?)"
+        return f"the self-test failed (exit {code})"
 
     def _adopt_enrolled(self) -> None:
         """Processes enrolled at exec while no daemon ran: give them their agent cgroup now."""
@@ -256,6 +334,7 @@ class Daemon:
             capture_cgroup=str(self.layout.capture_cgroup),
             netns=netns_id(), state_dir=str(self.layout.state_dir),
             ca_cert=str(self.layout.ca_cert), ca_bundle=str(self.layout.ca_bundle),
+            ptrace_guard=self.ptrace_defence.name if self.ptrace_defence else "",
         )
         info.save(self.layout.instance_file)
         info.save(self.layout.last_instance_file)
@@ -285,10 +364,12 @@ class Daemon:
             self._read_proxy_state()
             if self.recorder.failed:
                 self.recorder.recover()
-            if not firewall.intact(self.backstop):
+            installed = firewall.snapshot(self.backstop.table)
+            if installed != self.nft_expected:
                 self.lockdown("nftables table removed or altered")
-                firewall.install(self.backstop)
-                self.recorder.event("tamper", {"what": "nft", "action": "reinstalled"})
+                self.nft_expected = firewall.install(self.backstop)
+                self.recorder.event("tamper", {"what": "nft", "action": "reinstalled",
+                                               "differences": firewall.differences(self.nft_expected, installed)})
             self._record_inbound_refusals()
             missing = [h for h, n in bpf_loader.attached(self.layout.capture_cgroup).items() if not n]
             if missing:
@@ -322,6 +403,11 @@ class Daemon:
         ev = ctypes.cast(data, ctypes.POINTER(ExecEvent)).contents
         name = next((n for n, i in self.agent_ids.items() if i == ev.agent_id), None)
         if name is None:
+            return
+        if ev.outside_scope:  # matched, but started where no hook sees its sockets: not enrolled
+            self.recorder.event("selector-outside-scope", {
+                "pid": ev.tgid, "agent": name, "uid": ev.uid, "comm": ev.comm.decode(errors="replace"),
+                "capture_cgroup": str(self.layout.capture_cgroup)})
             return
         why = self._selector_refusal(ev.tgid)
         if why is not None:
@@ -365,6 +451,32 @@ class Daemon:
                 m.delete(ctypes.c_uint32(pid))
             finally:
                 m.close()
+
+    def _on_guard(self, cpu, data, size) -> None:
+        """A refused ptrace-class syscall or socket() of an agent: on record as an attack (once
+        per process, syscall and target; a loop of attempts does not flood the record)."""
+        ev = ctypes.cast(data, ctypes.POINTER(GuardEvent)).contents
+        if ev.agent_id == GUARD_PROBE_AGENT:
+            return
+        key = (ev.tgid, ev.syscall, ev.target_tgid)
+        if key in self._guard_seen:
+            return
+        if len(self._guard_seen) > 10000:
+            self._guard_seen.clear()
+        self._guard_seen.add(key)
+        name = next((n for n, i in self.agent_ids.items() if i == ev.agent_id), str(ev.agent_id))
+        syscall = GUARD_SYSCALLS.get(ev.syscall, str(ev.syscall))
+        if syscall == "socket":  # a raw or ping socket the sock_create hook refused
+            asked = ev.target_tgid
+            self.recorder.event("socket-refused", {
+                "agent": name, "pid": ev.tgid, "uid": ev.uid, "family": asked >> 24, "type": (asked >> 16) & 0xFF,
+                "protocol": asked & 0xFFFF, "comm": ev.comm.decode(errors="replace")})
+            return
+        self.recorder.event("ptrace-refused", {
+            "agent": name, "pid": ev.tgid, "uid": ev.uid, "syscall": syscall,
+            ("pidfd" if syscall == "pidfd_getfd" else "target_pid"): ev.target_tgid,
+            "comm": ev.comm.decode(errors="replace"),
+            "defence": self.ptrace_defence.name if self.ptrace_defence else None})
 
     def run(self) -> None:
         self.server = _ControlServer(str(self.layout.control_socket), self)
@@ -602,9 +714,11 @@ class Daemon:
             "programs": progs,
             "programs_attached": all(progs.values()),
             "nft_table": lay.nft_table,
-            "nft_intact": firewall.intact(self.backstop),
+            "nft_intact": firewall.intact(self.backstop, self.nft_expected),
             "lockdown": self.lockdown_reason,
             "recorder": self.recorder_status(),
+            "ptrace_guard": ({**vars(self.ptrace_defence), "covers_all": self.ptrace_defence.covers_all}
+                             if self.ptrace_defence else None),
             "cgroup_root": str(lay.cgroup_root),
             "capture_cgroup": str(lay.capture_cgroup),
             "enrolled": agents,

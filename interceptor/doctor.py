@@ -36,8 +36,32 @@ def kernel_version(release: str | None = None) -> tuple[int, int]:
 def run_checks(quick: bool = False) -> list[Check]:
     out = [_root(), _kernel(), _cgroup2(), _btf(), _bcc(), _headers(), _nft()]
     if not quick and all(c.ok for c in out if c.fatal):
-        out.append(_programs())
+        programs, guard_error = _programs()
+        out.append(programs)
+        out.append(_ptrace_guard(guard_error))
     return out
+
+
+def _ptrace_guard(guard_error: str | None) -> Check:
+    """Which defence would stop an agent borrowing an un-enrolled process (interceptor/ptrace_guard.py)."""
+    from interceptor import ptrace_guard as pg
+
+    lsms = pg.active_lsms()
+    if guard_error is None and lsms is not None and "bpf" not in lsms:
+        guard_error = f"`bpf` is not in the active LSMs ({','.join(lsms)})"
+    bpf = guard_error if guard_error is not None else None
+    try:
+        d = pg.decide(bpf, pg.yama_scope(), pg.landlock_abi(), allow_unguarded=False)
+    except pg.GuardError as e:
+        return Check("ptrace guard", False, str(e), "boot with lsm=...,bpf, or sysctl kernel.yama.ptrace_scope=1 "
+                     "(see docs/KERNELS.md)", fatal=False)
+    detail = f"{d.name}: {d.detail}"
+    if d.name == "bpf-lsm":
+        detail = ("bpf-lsm: the guard loads" + (f"; active LSMs {','.join(lsms)}" if lsms else "")
+                  + "; the daemon's self-test at start confirms the hook is called")
+    return Check("ptrace guard", d.covers_all, detail,
+                 "boot with lsm=...,bpf, or sysctl kernel.yama.ptrace_scope=1: the guard then covers processes "
+                 "enrolled by selector and enroll --pid too", fatal=False)
 
 
 def _root() -> Check:
@@ -106,8 +130,9 @@ def _nft() -> Check:
                  "apt-get install nftables")
 
 
-def _programs() -> Check:
-    """Compile and load (not attach) every program: the real verdict on the kernel's hooks."""
+def _programs() -> tuple[Check, str | None]:
+    """Compile and load (not attach) every program: the real verdict on the kernel's hooks; and
+    why the ptrace guard did not compile (None when it did)."""
     import tempfile
 
     from interceptor.bpf_loader import Datapath, HookLoadError
@@ -117,11 +142,12 @@ def _programs() -> Check:
         try:
             dp.compile()
         except HookLoadError as e:
-            return Check("bpf programs", False, str(e), e.fix)
+            return Check("bpf programs", False, str(e), e.fix), dp.guard_error
         except Exception as e:  # bcc reports compile failures as plain Exceptions
             return Check("bpf programs", False, f"compile failed: {str(e).splitlines()[0]}",
-                         "check the kernel headers link and bcc version (interlock doctor above)")
-    return Check("bpf programs", True, f"all {len(dp.funcs)} hooks load (connect, sendmsg, recvmsg, getpeername, sock_ops, sock_create/release)")
+                         "check the kernel headers link and bcc version (interlock doctor above)"), dp.guard_error
+    return Check("bpf programs", True, f"all {len(dp.funcs)} hooks load (connect, sendmsg, recvmsg, getpeername, "
+                 f"sock_ops, sock_create/release)"), dp.guard_error
 
 
 def tools() -> dict[str, str | None]:

@@ -16,6 +16,8 @@ socket from outside is dropped. The `counter`s of those refusals are what the da
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,11 +82,11 @@ table inet {t} {{
 """
 
 
-def _nft():
+def _nft(json_output: bool = False):
     import nftables  # Debian's python3-nftables, a binding over libnftables
 
     nft = nftables.Nftables()
-    nft.set_json_output(False)
+    nft.set_json_output(json_output)
     return nft
 
 
@@ -95,21 +97,84 @@ def _run(cmd: str) -> str:
     return out
 
 
-def install(backstop: Backstop) -> None:
-    """Replace the table in one transaction: there is no moment without rules."""
-    _run(backstop.ruleset())
+# What the kernel changes by itself between two listings: object handles, counter and quota
+# values, set-element timers. Everything else in the table is what the daemon generated.
+_VOLATILE = frozenset({"handle", "packets", "bytes", "used", "expires"})
+_CHAIN = re.compile(r"^\s*chain\s+(\S+)\s*\{")
+
+Snapshot = list  # the table as nft JSON objects (table, chains, rules, sets, ...), normalised
 
 
-def present(table: str) -> bool:
-    rc, out, _ = _nft().cmd(f"list table inet {table}")
-    return rc == 0 and "chain agent" in out and "chain output" in out
+def _normalise(obj):
+    if isinstance(obj, dict):
+        return {k: _normalise(v) for k, v in obj.items() if k not in _VOLATILE}
+    if isinstance(obj, list):
+        return [_normalise(v) for v in obj]
+    return obj
 
 
-def intact(backstop: Backstop) -> bool:
-    """The table exists with both chains and the agent chain still ends in reject."""
-    rc, out, _ = _nft().cmd(f"list table inet {backstop.table}")
-    return rc == 0 and out.count("reject") >= 3 and "jump agent" in out and "jump agent_in" in out \
-        and f":{backstop.inbound_port} accept" in out
+def snapshot(table: str) -> Snapshot | None:
+    """Every object of the table (its flags, chains with hook/priority/policy, rules in order,
+    sets with their elements, maps, named objects) as nft lists it in JSON, with what the
+    kernel changes by itself stripped; None when there is no such table."""
+    rc, out, _ = _nft(json_output=True).cmd(f"list table inet {table}")
+    if rc != 0 or not out.strip():
+        return None
+    return [_normalise(item) for item in json.loads(out).get("nftables", []) if "metainfo" not in item]
+
+
+def _declared_rules(ruleset: str) -> dict[str, int]:
+    """Rules per chain in a generated ruleset text (a chain's `type …` line is not a rule)."""
+    counts: dict[str, int] = {}
+    chain = None
+    for line in ruleset.splitlines():
+        text = line.strip()
+        if m := _CHAIN.match(line):
+            chain = m.group(1)
+            counts[chain] = 0
+        elif text == "}":
+            chain = None
+        elif chain and text and not text.startswith(("type ", "policy ", "#")):
+            counts[chain] += 1
+    return counts
+
+
+def install(backstop: Backstop) -> Snapshot:
+    """Replace the table in one transaction (there is no moment without rules); returns the
+    installed table, the reference every later check compares with as a whole."""
+    ruleset = backstop.ruleset()
+    _run(ruleset)
+    snap = snapshot(backstop.table)
+    if snap is None:
+        raise FirewallError(f"table inet {backstop.table} is missing right after it was installed")
+    listed: dict[str, int] = {}
+    for item in snap:
+        if "chain" in item:
+            listed.setdefault(item["chain"]["name"], 0)
+        elif "rule" in item:
+            listed[item["rule"]["chain"]] = listed.get(item["rule"]["chain"], 0) + 1
+    if listed != _declared_rules(ruleset):
+        raise FirewallError(f"table inet {backstop.table} changed while it was installed "
+                            f"(rules per chain {listed}, generated {_declared_rules(ruleset)})")
+    return snap
+
+
+def differences(expected: Snapshot, actual: Snapshot | None, limit: int = 5) -> list[str]:
+    """What is in one and not the other (for the tamper record), at most `limit` lines."""
+    if actual is None:
+        return ["table removed"]
+    exp = [json.dumps(x, sort_keys=True) for x in expected]
+    act = [json.dumps(x, sort_keys=True) for x in actual]
+    out = [f"+ {x}" for x in act if x not in exp] + [f"- {x}" for x in exp if x not in act]
+    if not out:
+        out = ["objects reordered"]
+    return [line[:300] for line in out[:limit]]
+
+
+def intact(backstop: Backstop, expected: Snapshot | None) -> bool:
+    """The installed table is exactly the generated one: any added, removed or changed object —
+    an `accept` rule, a new chain, a set element, table flags — counts as tampering."""
+    return expected is not None and snapshot(backstop.table) == expected
 
 
 INBOUND_COUNTERS = ("inbound-tcp-refused", "inbound-other-dropped")

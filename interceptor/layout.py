@@ -105,6 +105,7 @@ class InstanceInfo:
     state_dir: str
     ca_cert: str = ""  # the interception CA and the bundle (system CAs + ours) `interlock run` trusts
     ca_bundle: str = ""
+    ptrace_guard: str = ""  # the defence in force (interceptor/ptrace_guard.py): `interlock run` reads it
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")

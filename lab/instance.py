@@ -15,6 +15,7 @@ import yaml
 
 from interceptor.cgroups import cgroup2_mount
 from lab.netns import Host
+from lab.testing import SLOWDOWN
 
 INTERLOCK = [sys.executable, "-m", "interceptor.cli"]
 
@@ -41,7 +42,7 @@ class Instance:
         self.daemon = self.host.popen([*INTERLOCK, "daemon", "--state-dir", str(self.state_dir),
                                        "--config", str(self.config_file)],
                                       stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * SLOWDOWN  # a bcc compile under emulation takes minutes
         while time.monotonic() < deadline:
             if self.daemon.poll() is not None:
                 raise RuntimeError(f"daemon exited {self.daemon.returncode}: {self.log.read_text()[-3000:]}")

@@ -49,6 +49,8 @@ LOGGED_EVENTS = {
     "watch-error": logging.ERROR, "recorder-failed": logging.CRITICAL, "recorder-recovered": logging.WARNING,
     "approval-requested": logging.INFO, "approval-approved": logging.INFO, "approval-denied": logging.INFO,
     "approval-expired": logging.INFO, "approval-granted": logging.INFO, "hold-canceled": logging.INFO,
+    "ptrace-guard": logging.INFO, "ptrace-refused": logging.WARNING, "socket-refused": logging.WARNING,
+    "selector-outside-scope": logging.WARNING,
 }
 
 

@@ -176,6 +176,14 @@ def test_status_reports_everything_attached(inst):
     assert st["proxy_listening"] and st["lockdown"] is None
 
 
+def test_ptrace_guard_is_in_force(inst):
+    """An agent cannot borrow an un-enrolled process (tests/adversarial/test_borrow.py has the attacks)."""
+    g = inst.status()["ptrace_guard"]
+    assert g and g["name"] in ("bpf-lsm", "yama", "landlock"), g
+    if os.environ.get("INTERLOCK_EMULATED"):  # the matrix's Debian kernels have `bpf` in CONFIG_LSM
+        assert g["name"] == "bpf-lsm", g
+
+
 # ---- fail closed ------------------------------------------------------------------------
 
 def _refused(inst: Instance, lab, echo) -> dict:
