@@ -119,7 +119,9 @@ def _demo() -> int:
             url = f"http://{lab.b.addr4}:8080/index.html"
             CHECKS.succeeded("the allowed service answered the agent", show(lab.a, *curl(url)), "hello from the server host")
             say("5. The same agent tries the admin service: the policy refuses it")
-            CHECKS.refused("the admin service was refused", show(lab.a, *curl(f"http://{lab.b.addr4}:9090/")))
+            CHECKS.succeeded("the admin service was refused with a 403 that names the rule and its reason",
+                             show(lab.a, *curl(f"http://{lab.b.addr4}:9090/")), "blocked_by_policy", "admin-off-limits",
+                             "not for agents")
             CHECKS.expect("the admin server received nothing (its own log)", requests_at(9090) == 0,
                           served[9090].read_text())
             say("6. Payments needs a human: the agent waits, nothing reaches the server")

@@ -134,7 +134,7 @@ class Holds:
         return rule is not None and rule.whole_connection
 
     async def wait(self, rec: SessionRecord, decision: Decision, op: Operation) -> str:
-        """'approved', 'denied' or 'expired'."""
+        """'approved', 'denied' or 'expired' (an approvals.Outcome carrying a denial's reason)."""
         conn = self.proxy.recorder.conn
         if self._covered_by_connection_approval(rec, decision, op):
             self.proxy.recorder.event("approval-granted", {"rule": decision.rule, "by": "the connection's approval",
@@ -161,10 +161,11 @@ class Holds:
         self.since[approval_id] = time.monotonic()
         if self._poller is None or self._poller.done():
             self._poller = self.loop.create_task(self._poll())
-        outcome, by = await fut
-        self.proxy.recorder.event("approval-" + outcome, {"approval": approval_id, "by": by}, rec.id)
+        outcome, by, note = await fut
+        data = {"approval": approval_id, "by": by} | ({"reason": note} if note else {})
+        self.proxy.recorder.event("approval-" + outcome, data, rec.id)
         self._remember(rec, decision, op, outcome)
-        return outcome
+        return approvals.Outcome(outcome, note)
 
     def _remember(self, rec: SessionRecord, decision: Decision, op: Operation, outcome: str) -> None:
         if outcome == approvals.APPROVED and op.action == "connect":
@@ -182,7 +183,7 @@ class Holds:
         while self.waiting:
             await asyncio.sleep(APPROVAL_POLL)
             now = time.monotonic()
-            for approval_id, (status, by) in approvals.statuses(conn, list(self.waiting)).items():
+            for approval_id, (status, by, note) in approvals.statuses(conn, list(self.waiting)).items():
                 fut, deadline = self.waiting[approval_id]
                 if status == approvals.PENDING and now >= deadline:
                     try:
@@ -196,4 +197,4 @@ class Holds:
                     del self.waiting[approval_id]
                     self.since.pop(approval_id, None)
                     if not fut.done():
-                        fut.set_result((status, by))
+                        fut.set_result((status, by, note))

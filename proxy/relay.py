@@ -22,10 +22,11 @@ from classifier import Verdict as Classified
 from policy.engine import Destination
 from policy.inspection import INSPECTED, opaque_refusal
 from policy.model import Decision, Operation, Verdict
-from proxy import naming
+from proxy import naming, refusals
 from proxy.handler import HANDLERS, Handler
 from proxy.splice import SPLICE_AFTER, Splice
 from proxy.splice import available as splice_available
+from recorder.approvals import Outcome
 from recorder.store import RecorderDown, SessionRecord
 
 if TYPE_CHECKING:
@@ -221,7 +222,7 @@ class AgentSide(asyncio.Protocol):
         if self.transport.is_closing():
             return
         if decision.verdict is Verdict.DENY:
-            self.close("denied", f"{decision.rule}: {decision.reason}")
+            self._deny("denied", decision.rule, decision.reason)
             return
         if decision.verdict is Verdict.APPROVE:
             self.holding += 1
@@ -232,7 +233,8 @@ class AgentSide(asyncio.Protocol):
             if self.transport.is_closing():
                 return
             if outcome != "approved":
-                self.close(outcome, f"{decision.rule}: approval {outcome}")
+                why = outcome.explained(decision.rule) if isinstance(outcome, Outcome) else f"approval {outcome}"
+                self._deny(outcome, decision.rule, why)
                 return
         self.allowed = True
         if self.upstream is None and not self.connecting:
@@ -498,6 +500,16 @@ class AgentSide(asyncio.Protocol):
 
     def spawn(self, coro) -> asyncio.Task:
         return self.proxy.loop.create_task(coro)
+
+    def _deny(self, outcome: str, rule: str, reason: str) -> None:
+        """Refuse in the agent's own protocol where it has a way to say so (proxy/refusals.py:
+        HTTP 403 JSON, PostgreSQL FATAL, TLS alert), naming the rule and reason; else a reset."""
+        answer = refusals.refusal(self.rec.protocol, rule, reason) if self.rec.bytes_up else None
+        if answer is None:
+            self.close(outcome, f"{rule}: {reason}")
+            return
+        self.transport.write(answer)
+        self.close(outcome, f"{rule}: {reason}", abort=False)
 
     def close(self, outcome: str, detail: str, abort: bool = True) -> None:
         """End the connection with an outcome for the record; abort sends a reset."""

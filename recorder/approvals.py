@@ -65,12 +65,29 @@ def request(conn: sqlite3.Connection, held: HeldOperation) -> str:
     return approval_id
 
 
-def statuses(conn: sqlite3.Connection, ids: list[str]) -> dict[str, tuple[str, str | None]]:
-    """id → (status, who decided)."""
+def statuses(conn: sqlite3.Connection, ids: list[str]) -> dict[str, tuple[str, str | None, str]]:
+    """id → (status, who decided, the note they gave: a denial's reason)."""
     if not ids:
         return {}
-    rows = conn.execute(f"SELECT id, status, decided_by FROM approvals WHERE id IN ({','.join('?' * len(ids))})", ids)
-    return {r[0]: (r[1], r[2]) for r in rows.fetchall()}
+    rows = conn.execute(f"SELECT id, status, decided_by, note FROM approvals WHERE id IN ({','.join('?' * len(ids))})",
+                        ids)
+    return {r[0]: (r[1], r[2], r[3] or "") for r in rows.fetchall()}
+
+
+class Outcome(str):
+    """How a hold ended ('approved', 'denied', 'expired', …), compared as the plain string, with
+    the approver's note (a denial's `--reason`) for the agent's refusal and the record."""
+
+    note: str = ""
+
+    def __new__(cls, outcome: str, note: str = "") -> Outcome:
+        o = super().__new__(cls, outcome)
+        o.note = note
+        return o
+
+    def explained(self, rule: str) -> str:
+        """The refusal's reason as the agent reads it."""
+        return f"approval {self}" + (f" by a human: {self.note}" if self.note else "") + f" (rule {rule})"
 
 
 def expire(conn: sqlite3.Connection, approval_id: str) -> bool:

@@ -26,7 +26,12 @@ targets:
   other: {{address: {b4}, port: {OTHER_PORT}}}
   echo-v6: {{address: "{b6}", port: {ECHO_PORT}}}
   web-v6: {{address: "{b6}", port: {WEB_PORT}}}
+  web-v4: {{address: {b4}, port: {WEB_PORT}}}
 rules:
+  - name: no-web-v4
+    target: web-v4
+    decision: deny
+    reason: use the v6 door
   - name: hold-v6
     target: [echo-v6, web-v6]
     decision: approve
@@ -146,6 +151,27 @@ def test_one_approval_releases_an_http_call_held_by_a_whole_connection_rule(gate
     assert len(rows) == 1, rows
     granted = [e for e in gated.events("approval-granted") if e["session"] == held[0]["session"]]
     assert granted and granted[0]["data"]["by"] == "the connection's approval"
+
+
+def test_a_connect_level_refusal_of_http_is_a_403_naming_the_rule(gated, lab, web6):
+    r = gated.agent(["curl", "-sS", "--max-time", str(int(20 * SLOWDOWN)), f"http://{lab.b.addr4}:{WEB_PORT}/index.html"])
+    assert r.returncode == 0, r.stderr  # an HTTP answer, not an empty reply
+    body = json.loads(r.stdout)
+    assert body == {"error": "blocked_by_policy", "rule": "no-web-v4", "reason": "use the v6 door"}
+    assert lab.a.addr4 not in web6.read_text(), "the server saw nothing from the agent's v4 address"
+
+
+def test_a_human_s_denial_reason_reaches_the_agent_and_the_replay(gated, lab, web6):
+    url = f"http://[{lab.b.addr6}]:{WEB_PORT}/index.html"
+    p = gated.host.popen([*INTERLOCK, "run", "--state-dir", str(gated.state_dir), "--agent", "bot", "--",
+                          "curl", "-sS", "--max-time", str(int(30 * SLOWDOWN)), url], stdout=subprocess.PIPE, text=True)
+    held = wait_until(lambda: pending(gated))
+    assert held
+    assert gated.cli("deny", held[0]["id"], "--reason", "not during the freeze").returncode == 0
+    out, _ = p.communicate(timeout=40 * SLOWDOWN)
+    body = json.loads(out)
+    assert body["rule"] == "hold-v6" and "not during the freeze" in body["reason"], body
+    assert "not during the freeze" in gated.cli("replay", held[0]["session"]).stdout
 
 
 def test_denied_by_a_human_and_timeout(gated, lab, echo):

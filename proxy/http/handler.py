@@ -47,6 +47,7 @@ from proxy.http.model import (
 )
 from proxy.http.responses import Canned
 from proxy.http.rules import operation_from_request
+from recorder import approvals
 
 # A request body read whole before judging (AWS query/JSON protocols: the action and the
 # signature's payload hash are in it). AWS API documents are small; an upload is S3, streamed.
@@ -376,7 +377,8 @@ class HttpHandler(Handler):
         if outcome == "denied":
             self._batched(self._refuse, req, d.rule, d.reason, outcome)
         elif outcome not in ("allowed", "approved"):
-            self._batched(self._refuse, req, d.rule, f"approval {outcome}", outcome)
+            why = outcome.explained(d.rule) if isinstance(outcome, approvals.Outcome) else f"approval {outcome}"
+            self._batched(self._refuse, req, d.rule, why, outcome)
         else:
             self._batched(self._forward, req)
 

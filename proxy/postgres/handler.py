@@ -220,8 +220,10 @@ def refusal_error(decision: Decision, outcome: str = "") -> bytes:
                                    detail=f"interlock: it was held for approval under rule '{decision.rule}'")
     if outcome:
         msg = f"interlock: statement not approved ({outcome}) under rule '{decision.rule}'"
-    else:
-        msg = f"interlock: statement refused by rule '{decision.rule}'"
+        note = getattr(outcome, "note", "")
+        return wire.error_response("ERROR", "42501", msg, detail=(f"the approver said: {note}" if note else None)
+                                   or decision.reason or None)
+    msg = f"interlock: statement refused by rule '{decision.rule}'"
     return wire.error_response("ERROR", "42501", msg, detail=decision.reason or None)
 
 

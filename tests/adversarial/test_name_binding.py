@@ -106,7 +106,8 @@ def sessions_to(inst: Instance, agent: str, port: int) -> list[dict]:
 def test_plain_http_host_counts_only_when_resolved_by_the_same_agent(named):
     x, req = named.x4, curl(named, "--resolve", f"{WWW}:80:{named.x4}", f"'http://{WWW}/small?h1'")
     r = as_agent(named, "eve-http", req)
-    assert r.stdout.strip().endswith("000"), "refused at the first request: " + r.stdout + r.stderr
+    refused = r.stdout.strip().endswith("403") and "blocked_by_policy" in r.stdout  # a 403 naming the rule
+    assert refused, "refused at the first request: " + r.stdout + r.stderr
     assert hits(named, "/small?h1") == 0, "the request reached the server"
     s = wait_until(lambda: [s for s in sessions_to(named, "eve-http", 80) if s["ended"]])
     assert s and s[-1]["verdict"] == "deny" and s[-1]["rule"] == "default", s
@@ -114,7 +115,7 @@ def test_plain_http_host_counts_only_when_resolved_by_the_same_agent(named):
     # another agent's resolution binds nothing for this one
     resolve(named, "bot", WWW)
     r = as_agent(named, "eve-http", req)
-    assert r.stdout.strip().endswith("000") and hits(named, "/small?h1") == 0, r.stdout + r.stderr
+    assert r.stdout.strip().endswith("403") and hits(named, "/small?h1") == 0, r.stdout + r.stderr
     # the control: the same agent resolves through Interlock, then the same request succeeds
     resolve(named, "eve-http", WWW)
     r = as_agent(named, "eve-http", req)
