@@ -34,18 +34,30 @@ def lab():
 
 
 @pytest.fixture(scope="module")
-def echo(lab, tmp_path_factory):
-    srv = EchoServer(lab.b, ECHO_PORT, tmp_path_factory.mktemp("echo") / "seen.jsonl")
-    yield srv
-    srv.stop()
+def echo_at(lab, tmp_path_factory):
+    """Start an EchoServer on a port of the server host (its log of what arrived is the
+    server-side evidence); every one is stopped with the module."""
+    started: list[EchoServer] = []
+
+    def start(port: int) -> EchoServer:
+        srv = EchoServer(lab.b, port, tmp_path_factory.mktemp(f"echo{port}") / "seen.jsonl")
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
 
 
 @pytest.fixture(scope="module")
-def dns_echo(lab, tmp_path_factory):
+def echo(echo_at):
+    return echo_at(ECHO_PORT)
+
+
+@pytest.fixture(scope="module")
+def dns_echo(echo_at):
     """A UDP responder on port 53 of the server host: it answers a query with the query."""
-    srv = EchoServer(lab.b, 53, tmp_path_factory.mktemp("dns") / "seen.jsonl")
-    yield srv
-    srv.stop()
+    return echo_at(53)
 
 
 @pytest.fixture

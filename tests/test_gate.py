@@ -11,7 +11,7 @@ import time
 import pytest
 
 from lab.instance import INTERLOCK, Instance
-from lab.testing import ECHO_PORT, SLOWDOWN, EchoServer, instance_name, wait_until
+from lab.testing import ECHO_PORT, SLOWDOWN, instance_name, wait_until
 
 pytestmark = pytest.mark.datapath
 OTHER_PORT = 7100
@@ -47,10 +47,8 @@ rules:
 
 
 @pytest.fixture(scope="module")
-def other(lab, tmp_path_factory):
-    srv = EchoServer(lab.b, OTHER_PORT, tmp_path_factory.mktemp("other") / "seen.jsonl")
-    yield srv
-    srv.stop()
+def other(echo_at):
+    return echo_at(OTHER_PORT)
 
 
 @pytest.fixture(scope="module")

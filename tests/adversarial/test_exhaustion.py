@@ -18,7 +18,7 @@ import time
 import pytest
 
 from lab.instance import INTERLOCK, Instance
-from lab.testing import ECHO_PORT, SLOWDOWN, EchoServer, instance_name, wait_until
+from lab.testing import ECHO_PORT, SLOWDOWN, instance_name, wait_until
 
 pytestmark = pytest.mark.datapath
 
@@ -46,10 +46,8 @@ rules:
 
 
 @pytest.fixture(scope="module")
-def free(lab, tmp_path_factory):
-    srv = EchoServer(lab.b, FREE_PORT, tmp_path_factory.mktemp("free") / "seen.jsonl")
-    yield srv
-    srv.stop()
+def free(echo_at):
+    return echo_at(FREE_PORT)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from lab.instance import Instance
-from lab.testing import ECHO_PORT, EchoServer, instance_name, wait_until
+from lab.testing import ECHO_PORT, instance_name, wait_until
 
 pytestmark = pytest.mark.datapath
 OTHER_PORT = 7100
@@ -46,10 +46,8 @@ def forged_argv(host: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def other(lab, tmp_path_factory):
-    srv = EchoServer(lab.b, OTHER_PORT, tmp_path_factory.mktemp("other") / "seen.jsonl")
-    yield srv
-    srv.stop()
+def other(echo_at):
+    return echo_at(OTHER_PORT)
 
 
 @pytest.fixture(scope="module")
