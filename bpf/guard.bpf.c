@@ -8,6 +8,11 @@
  * Where the BPF LSM cannot run, Landlock (interlock run) or Yama guard instead: see
  * interceptor/ptrace_guard.py. */
 #define IL_EPERM 1
+/* A refusal as a return of its own. Written as `cond ? 0 : -EPERM`, clang folds the two returns
+ * into arithmetic (a negation) that the verifier of newer kernels (6.12) cannot bound to the LSM
+ * return range [-4095, 0], and refuses to load the program; the empty volatile asm keeps the
+ * refusing branch a branch. */
+#define IL_REFUSE() ({ asm volatile("" ::: "memory"); -IL_EPERM; })
 
 #ifdef IL_GUARD
 #define IL_PTRACE_MODE_ATTACH 0x02
@@ -54,7 +59,7 @@ LSM_PROBE(ptrace_access_check, void *child, unsigned int mode) {
         return 0;
     if (task_agent(child) == agent)
         return 0;
-    return -IL_EPERM;
+    return IL_REFUSE();
 }
 
 /* ptrace_traceme(struct task_struct *parent): current asks to be traced by its parent. */
@@ -65,7 +70,7 @@ LSM_PROBE(ptrace_traceme, void *parent) {
     u32 self = 0;
     if (enrolled(&self) && self == tracer)
         return 0;
-    return -IL_EPERM;
+    return IL_REFUSE();
 }
 #endif
 
