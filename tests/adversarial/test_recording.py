@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from lab.instance import INTERLOCK, Instance
-from lab.testing import ECHO_PORT, SLOWDOWN, instance_name, wait_until
+from lab.testing import ECHO_PORT, SLOWDOWN, default_policy_plus_opaque, instance_name, wait_until
 
 pytestmark = pytest.mark.datapath
 AGENT_UID = 65533
@@ -192,8 +192,12 @@ print(json.dumps({"sent": sent, "received": received, "error": error, "pid": __i
 """
 
 
-def test_a_killed_proxy_leaves_a_closed_out_session_with_its_bytes(make_instance, lab, echo):
-    inst = make_instance("rk", proxy_port=16201, dns_port=16253)
+def test_a_killed_proxy_leaves_a_closed_out_session_with_its_bytes(make_instance, lab, echo, tmp_path):
+    # the agent streams bytes no protocol reader knows: the default policy refuses those unless
+    # a rule lets that server's traffic through unread (docs/POLICY.md)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(default_policy_plus_opaque([lab.b.addr4], [ECHO_PORT]))
+    inst = make_instance("rk", proxy_port=16201, dns_port=16253, policy=str(policy))
     before = len(echo.seen("tcp"))
     deadline = time.monotonic() + 60 * SLOWDOWN
     cmd = [*INTERLOCK, "run", "--state-dir", str(inst.state_dir), "--agent", "bulk", "--",
