@@ -191,3 +191,21 @@ class Postgres:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def through_tracker(tracker, data: bytes) -> bytes:
+    """Server bytes run through a Splitter and `tracker` the way the PostgreSQL handler runs them:
+    what the agent would receive (for the sans-IO tests of proxy/postgres/tracker.py)."""
+    from proxy.postgres.stream import RAW, Splitter
+
+    s = Splitter("backend")
+    s.feed(data)
+    out = b""
+    while True:
+        s.stream = tracker.stream
+        seg = s.next()
+        if seg is None:
+            return out
+        kind, view = seg
+        r = view if kind == RAW else tracker.server(kind, view)
+        out += bytes(r) if r is not None else b""

@@ -8,6 +8,7 @@ import struct
 
 import pytest
 
+from lab.postgres import through_tracker
 from proxy.postgres import wire
 from proxy.postgres.masking import MaskSpec
 from proxy.postgres.stream import RAW, Splitter, bind_fields, parse_fields
@@ -30,19 +31,7 @@ PARSE_OK, BIND_OK = wire.ParseComplete().encode(), wire.BindComplete().encode()
 NO_DATA = wire.NoData().encode()
 
 
-def feed(t: Tracker, data: bytes) -> bytes:
-    """Server bytes through a Splitter and the tracker, as the handler runs them."""
-    s = Splitter("backend")
-    s.feed(data)
-    out = b""
-    while True:
-        s.stream = t.stream
-        seg = s.next()
-        if seg is None:
-            return out
-        kind, view = seg
-        r = view if kind == RAW else t.server(kind, view)
-        out += bytes(r) if r is not None else b""
+feed = through_tracker
 
 
 def _allow(summary: str = "s") -> tuple[Portal, Statement]:

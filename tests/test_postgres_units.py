@@ -8,6 +8,7 @@ import struct
 
 import pytest
 
+from lab.postgres import through_tracker
 from policy.model import Decision, Verdict
 from proxy.postgres import startup, wire
 from proxy.postgres.analysis import Analyzer, shape
@@ -120,19 +121,7 @@ def _people() -> bytes:
     return wire.row_description([("id", 23), ("email", 25)])
 
 
-def _feed(t: Tracker, data: bytes) -> bytes:
-    """Run server bytes through a Splitter and the tracker the way the handler does."""
-    s = Splitter("backend")
-    s.feed(data)
-    out = b""
-    while True:
-        s.stream = t.stream
-        seg = s.next()
-        if seg is None:
-            return out
-        kind, view = seg
-        r = view if kind == RAW else t.server(kind, view)
-        out += bytes(r) if r is not None else b""
+_feed = through_tracker
 
 
 def test_simple_query_rows_are_masked_and_statements_recorded():
