@@ -144,3 +144,24 @@ def test_a_certificate_from_another_ca_is_not_accepted(recorder, tmp_path):
     except (ssl.SSLError, ConnectionError, OSError):
         reply = None
     assert reply is None or reply.status == 401
+
+
+def test_a_chunked_join_body_past_its_limit_is_refused(recorder):
+    """No Content-Length to check first: the recorder stops reading at the route's limit (64 KiB)."""
+    import http.client
+
+    from lab.central import in_host
+
+    def send() -> int:
+        c = Client(recorder.url, recorder.ca_pem)
+        conn = http.client.HTTPSConnection(c.host, c.port, context=c.ctx, timeout=60)
+        try:
+            conn.request("POST", "/v1/join", body=iter([b"x" * 65536] * 4), headers={"Content-Type": "application/json"},
+                         encode_chunked=True)
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    mark = last_refusal_id(recorder)
+    assert in_host(recorder.host, send) == 413
+    assert [s for s, _, _ in refusals(recorder, mark)] == [413]
