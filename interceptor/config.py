@@ -86,10 +86,10 @@ class Config:
     # processes and see status details. Unset: root only.
     operator_group: str | int | None = None
     agents: list[AgentSelector] = field(default_factory=list)
-    identity: IdentityConfig | None = None  # issuers of agents' OIDC tokens; unset: no agent may carry one
     # Start even where no ptrace guard (BPF LSM, Yama, Landlock) can stop an agent borrowing an
     # un-enrolled process of its uid: the operator accepts that risk (interceptor/ptrace_guard.py).
     allow_unguarded_ptrace: bool = False
+    identity: IdentityConfig | None = None  # unset: no agent may carry an OIDC identity
     source: str | None = None
 
 
@@ -116,12 +116,12 @@ def load(path: Path | None) -> Config:
     for key, value in raw.items():
         if key == "agents":
             cfg.agents = _agents(path, value)
+        elif key == "identity":
+            cfg.identity = _identity(path, value)
         elif key == "operator_group":
             if isinstance(value, bool) or not isinstance(value, (str, int)) or value in ("", -1):
                 raise ConfigError(f"{path}: 'operator_group' must be a group name or a gid, got {value!r}")
             cfg.operator_group = value
-        elif key == "identity":
-            cfg.identity = _identity(path, value)
         elif key in _SCALARS:
             typ = _SCALARS[key]
             if typ is float and isinstance(value, int):

@@ -59,7 +59,6 @@ class Daemon:
         self.backstop: firewall.Backstop | None = None
         self.nft_expected: firewall.Snapshot | None = None  # the table as installed, compared whole
         self.agent_ids: dict[str, int] = {}
-        self.identities: Identities | None = None  # agents' OIDC identities (interceptor/identities.py)
         self.server: socketserver.BaseServer | None = None
         self.operator_gid: int | None = None
         self.origins: dict[int, Path] = {}  # enrolled pid -> the cgroup it came from (for unenroll)
@@ -71,6 +70,7 @@ class Daemon:
         self._pipe_rest = b""
         self.ptrace_defence: ptrace_guard.Defence | None = None
         self._guard_seen: set[tuple[int, int, int]] = set()
+        self.identities: Identities | None = None
 
     # ---- setup -------------------------------------------------------------------------
 

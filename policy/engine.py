@@ -185,14 +185,14 @@ class Policy:
     targets: dict[str, Target] = field(default_factory=dict)
     rules: list[Rule] = field(default_factory=list)
     default: Verdict = Verdict.DENY
-    # decide() is a pure function of its inputs and the (never mutated) loaded policy, and a
-    # protocol handler asks it the same question for every statement or request: remember answers.
-    _memo: dict = field(default_factory=dict, repr=False, compare=False)
-    _attr_names: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
     # agent name -> its bound identity (identity.agents.AgentIdentity: .claims, .key, .refusal())
     # or None; None here: the process's source (set_identity_source), which the proxy sets.
     identity_of: Callable[[str], object | None] | None = field(default=None, repr=False, compare=False)
     _identity_keys: dict = field(default_factory=dict, repr=False, compare=False)  # agent -> binding key of the memo
+    # decide() is a pure function of its inputs and the (never mutated) loaded policy, and a
+    # protocol handler asks it the same question for every statement or request: remember answers.
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+    _attr_names: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
 
     def targets_for(self, dest: Destination) -> list[Target]:
         return [t for t in self.targets.values() if t.matches(dest)]
