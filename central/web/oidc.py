@@ -9,6 +9,7 @@ identity.oidc, the one validator Interlock has; this module only runs the flow.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import secrets
@@ -108,15 +109,16 @@ class Provider:
         id_token = body.get("id_token") if isinstance(body, dict) else None
         if not isinstance(id_token, str):
             raise SignInError("the provider's token response has no id_token (is 'openid' in the scopes?)")
-        claims = validate(id_token, issuer=doc["issuer"], audience=self.settings.client_id, jwks_uri=doc["jwks_uri"],
-                          nonce=pending["nonce"])
+        claims = await asyncio.to_thread(validate, id_token, issuer=doc["issuer"], audience=self.settings.client_id,
+                                         jwks_uri=doc["jwks_uri"], nonce=pending["nonce"])
         return claims | {"_id_token": id_token}
 
     async def bearer(self, http: aiohttp.ClientSession, token: str) -> dict:
         """Claims of a bearer token sent to the API: an ID token of this provider for this client
         (signature, issuer, audience, expiry)."""
         doc = await self.discovery(http)
-        return validate(token, issuer=doc["issuer"], audience=self.settings.client_id, jwks_uri=doc["jwks_uri"])
+        return await asyncio.to_thread(validate, token, issuer=doc["issuer"], audience=self.settings.client_id,
+                                       jwks_uri=doc["jwks_uri"])
 
 
 def validate(token: str, *, issuer: str, audience: str, jwks_uri: str, nonce: str | None = None) -> dict:

@@ -61,12 +61,12 @@ def _approval(row: dict) -> dict:
 
 
 _LATEST_APPROVALS = """
-SELECT DISTINCT ON (r.host, r.body::jsonb->>'id') r.host, r.seq, r.body, h.name AS host_name,
+SELECT DISTINCT ON (r.host_id, r.body::jsonb->>'id') r.host_id AS host, r.seq, r.body, h.name AS host_name,
        d.approve AS d_approve, d.approver_email AS d_email, d.approver_sub AS d_sub
-FROM records r LEFT JOIN hosts h ON h.id = r.host
-LEFT JOIN approval_decisions d ON d.host = r.host AND d.approval = r.body::jsonb->>'id'
+FROM records r LEFT JOIN hosts h ON h.host_id = r.host_id
+LEFT JOIN approval_decisions d ON d.host = r.host_id AND d.approval = r.body::jsonb->>'id'
 WHERE r.kind = 'approval'
-ORDER BY r.host, r.body::jsonb->>'id', r.seq DESC"""
+ORDER BY r.host_id, r.body::jsonb->>'id', r.seq DESC"""
 
 
 class WebStore:
@@ -84,8 +84,8 @@ class WebStore:
     async def approval(self, host: str, approval_id: str) -> dict | None:
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
-                "SELECT r.host, r.seq, r.body, h.name AS host_name FROM records r LEFT JOIN hosts h ON h.id = r.host"
-                " WHERE r.host = %s AND r.kind = 'approval' AND r.body::jsonb->>'id' = %s ORDER BY r.seq DESC LIMIT 1",
+                "SELECT r.host_id AS host, r.seq, r.body, h.name AS host_name FROM records r LEFT JOIN hosts h ON h.host_id = r.host_id"
+                " WHERE r.host_id = %s AND r.kind = 'approval' AND r.body::jsonb->>'id' = %s ORDER BY r.seq DESC LIMIT 1",
                 (host, approval_id))
             row = await cur.fetchone()
         return _approval(row) if row else None
@@ -97,14 +97,14 @@ class WebStore:
     async def _session_rows(self, host: str | None, session_id: str | None, limit: int = 500) -> list[dict]:
         where, args = ["r.kind IN ('session-open', 'session-close')"], []
         if host:
-            where.append("r.host = %s")
+            where.append("r.host_id = %s")
             args.append(host)
         if session_id:
-            where.append("r.body::jsonb->>'id' = %s")
+            where.append("r.session = %s")
             args.append(session_id)
-        sql = ("SELECT * FROM (SELECT DISTINCT ON (r.host, r.body::jsonb->>'id') r.host, r.seq, r.body, h.name AS host_name"
-               " FROM records r LEFT JOIN hosts h ON h.id = r.host WHERE " + " AND ".join(where) +
-               " ORDER BY r.host, r.body::jsonb->>'id', r.seq DESC) s ORDER BY s.seq DESC LIMIT %s")
+        sql = ("SELECT * FROM (SELECT DISTINCT ON (r.host_id, r.body::jsonb->>'id') r.host_id AS host, r.seq, r.body, h.name AS host_name"
+               " FROM records r LEFT JOIN hosts h ON h.host_id = r.host_id WHERE " + " AND ".join(where) +
+               " ORDER BY r.host_id, r.body::jsonb->>'id', r.seq DESC) s ORDER BY s.seq DESC LIMIT %s")
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(sql, (*args, limit))
             out = []
@@ -116,28 +116,31 @@ class WebStore:
 
     async def sessions(self, host: str = "", agent: str = "", target: str = "", verdict: str = "",
                        limit: int = 200) -> list[dict]:
-        """Latest state of each session, newest first; filters are substring matches (agent, target)
-        or exact (host id or name, verdict)."""
-        rows = await self._session_rows(None, None, limit=5000)
-        out = []
-        for s in rows:
-            if host and host not in (s["host"], s["host_name"]):
-                continue
-            if agent and agent.lower() not in str(s.get("agent", "")).lower():
-                continue
-            if target and target.lower() not in f"{s.get('dst_addr', '')}:{s.get('dst_port', '')}".lower():
-                continue
-            if verdict and verdict != s.get("verdict"):
-                continue
-            out.append(s)
-            if len(out) >= limit:
-                break
-        return out
+        """Sessions newest first from the index ingest keeps (`sessions`); host is a host id or name,
+        agent and target ("addr:port") substrings, verdict exact."""
+        where, args = ["TRUE"], []
+        if host:
+            where.append("(s.host_id = %s OR h.name = %s)")
+            args += [host, host]
+        if agent:
+            where.append("strpos(lower(s.agent), lower(%s)) > 0")
+            args.append(agent)
+        if target:
+            where.append("strpos(lower(s.dst_addr || ':' || s.dst_port), lower(%s)) > 0")
+            args.append(target)
+        if verdict:
+            where.append("s.verdict = %s")
+            args.append(verdict)
+        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute("SELECT s.*, s.host_id AS host, coalesce(h.name, s.host_id) AS host_name FROM sessions s"
+                              " LEFT JOIN hosts h ON h.host_id = s.host_id WHERE " + " AND ".join(where) +
+                              " ORDER BY s.started DESC NULLS LAST LIMIT %s", (*args, limit))
+            return list(await cur.fetchall())
 
     async def events(self, host: str, session_id: str) -> list[dict]:
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute("SELECT seq, body FROM records WHERE host = %s AND kind = 'event'"
-                              " AND body::jsonb->>'session' = %s ORDER BY seq", (host, session_id))
+            await cur.execute("SELECT seq, body FROM records WHERE host_id = %s AND kind = 'event'"
+                              " AND session = %s ORDER BY seq", (host, session_id))
             out = []
             for r in await cur.fetchall():
                 e = json.loads(r["body"])
@@ -149,8 +152,8 @@ class WebStore:
                 e["seq"] = r["seq"]
                 out.append(e)
             await cur.execute(
-                "SELECT DISTINCT ON (body::jsonb->>'id') seq, body FROM records WHERE host = %s AND kind = 'approval'"
-                " AND body::jsonb->>'session' = %s ORDER BY body::jsonb->>'id', seq DESC", (host, session_id))
+                "SELECT DISTINCT ON (body::jsonb->>'id') seq, body FROM records WHERE host_id = %s AND kind = 'approval'"
+                " AND session = %s ORDER BY body::jsonb->>'id', seq DESC", (host, session_id))
             for r in await cur.fetchall():
                 a = json.loads(r["body"])
                 out.append({"seq": r["seq"], "at": a.get("decided_at") or a.get("created"), "kind": "approval",
