@@ -279,30 +279,29 @@ class Shipper:
     # ---- one batch ----------------------------------------------------------------------
 
     def batch(self) -> tuple[list[records.Record], list[records.Checkpoint]]:
-        """The next records (contiguous from acked + 1, or from an unshipped checkpoint's seq so the
-        server can check it) and the checkpoints they cover."""
+        """The next records (contiguous from acked + 1) and the unshipped checkpoints they, or the
+        records the server holds already, cover (a checkpoint signed after its records were
+        shipped goes alone)."""
         acked, cp_shipped = self.conn.execute("SELECT acked_seq, cp_shipped FROM journal_state").fetchone()
-        cps = [records.Checkpoint(self.host, *r) for r in self.conn.execute(
-            "SELECT seq, head, at_us, sig FROM journal_checkpoints WHERE seq > ? ORDER BY seq LIMIT 100", (cp_shipped,))]
-        start = acked + 1
-        if cps and cps[0].seq <= acked:
-            start = max(cps[0].seq, 1)  # already stored: resent as duplicates beside their checkpoint
         out, size = [], 0
         for seq, kind, body, h in self.conn.execute(
-                "SELECT seq, kind, body, hash FROM journal WHERE seq >= ? ORDER BY seq LIMIT ?", (start, self.batch_records)):
+                "SELECT seq, kind, body, hash FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (acked, self.batch_records)):
             size += len(body) + len(kind) + 200
             if out and size > BATCH_BYTES:
                 break
-            if seq != start + len(out):
+            if seq != acked + 1 + len(out):
                 break  # never send a gap (cannot happen: seqs are dense)
             out.append(records.Record(self.host, seq, kind, body, h))
-        last = out[-1].seq if out else 0
-        return out, [c for c in cps if c.seq <= last]
+        last = out[-1].seq if out else acked
+        cps = [records.Checkpoint(self.host, *r) for r in self.conn.execute(
+            "SELECT seq, head, at_us, sig FROM journal_checkpoints WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT 500",
+            (cp_shipped, last))]
+        return out, cps
 
     async def ship_once(self, http: aiohttp.ClientSession) -> bool:
         """Send one batch; False when there was nothing to send."""
         recs, cps = self.batch()
-        if not recs:
+        if not recs and not cps:
             return False
         body = json.dumps({"host": self.host, "records": [records.to_json(r) for r in recs],
                            "checkpoints": [records.to_json(c) for c in cps]}).encode()
@@ -312,9 +311,10 @@ class Shipper:
                 acked = int(answer["acked"])
             except (KeyError, TypeError, ValueError):
                 raise ShipError(f"POST /v1/ingest: the answer has no 'acked': {answer}") from None
-            if acked < recs[-1].seq:
-                raise ShipError(f"the recorder acked seq {acked}, not {recs[-1].seq}: asking where its chain ends")
-            acked = min(acked, recs[-1].seq)
+            sent_to = recs[-1].seq if recs else self.conn.execute("SELECT acked_seq FROM journal_state").fetchone()[0]
+            if acked < sent_to:
+                raise ShipError(f"the recorder acked seq {acked}, not {sent_to}: asking where its chain ends")
+            acked = sent_to
             cp = max([c.seq for c in cps], default=None)
             prev = self.conn.execute("SELECT cp_shipped FROM journal_state").fetchone()[0]
             self._acked(acked, max(prev, cp) if cp is not None else prev)
