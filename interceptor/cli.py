@@ -326,6 +326,8 @@ def cmd_status(args) -> int:
                 since = datetime.fromtimestamp(rec["since"]).strftime("%H:%M:%S") if rec.get("since") else "?"
                 print(f"  recorder: FAILED since {since}: {printable(rec.get('failed') or 'cannot write')}; agent "
                       f"connections are refused until it can write again (free space or fix{where})")
+        if st.get("shipping"):
+            print(_shipping_line(st["shipping"]))
         for name, pids in st.get("enrolled", {}).items():
             print(f"  agent {printable(name)}: {len(pids)} process(es) {' '.join(map(str, pids[:20]))}")
         if st.get("restricted"):
@@ -333,6 +335,16 @@ def cmd_status(args) -> int:
     else:
         print(f"  {st['note']}")
     return 0 if st["daemon"] == "running" else 3
+
+
+def _shipping_line(sh: dict) -> str:
+    """`status`'s line on shipping to the central recorder."""
+    line = (f"  shipping: to {printable(sh.get('server'))} as host {printable(sh.get('host_id'))}: acked seq "
+            f"{sh.get('acked_seq', 0)} of {sh.get('head_seq', 0)}, {sh.get('unshipped', 0)} unshipped, lag "
+            f"{sh.get('lag_seconds', 0):.1f}s")
+    if sh.get("last_error") and not sh.get("connected"):
+        line += f"; last error: {printable(sh['last_error'])}"
+    return line
 
 
 def cmd_doctor(args) -> int:
@@ -500,6 +512,23 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_join(args) -> int:
+    from recorder.join import JoinError, join
+
+    if os.geteuid() != 0:
+        raise CliError("'interlock join' must run as root (it writes the host's keys, readable by root only): "
+                       "sudo interlock join --server URL --token TOKEN")
+    lay = _layout(args)
+    try:
+        files = join(lay.state_dir, args.server, args.token, args.name)
+    except JoinError as e:
+        raise CliError(str(e)) from None
+    _emit(args, {"ok": True, "host_id": files.host_id, "server": files.server, "files": str(files.dir)},
+          f"joined the recorder at {files.server} as host {files.host_id} (keys in {files.dir}, root only).\n"
+          f"Ship to it: add to the daemon's config\n  recorder:\n    server: {files.server}\nand restart the daemon")
+    return 0
+
+
 def cmd_credentials(args) -> int:
     from credentials.store import KINDS, OPTIONAL, CredentialError, CredentialStore
 
@@ -621,6 +650,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", parents=[common], help="delete recordings older than a duration")
     p.add_argument("--older-than", required=True, metavar="DURATION", help="e.g. 30d, 12h")
     p.set_defaults(fn=cmd_prune)
+    p = sub.add_parser("join", parents=[common], help="join a central recorder with an enrolment token (root)")
+    p.add_argument("--server", required=True, metavar="URL", help="the recorder, e.g. https://recorder.example:8443")
+    p.add_argument("--token", required=True, help="from `interlock recorder token` on the recorder (single use)")
+    p.add_argument("--name", help="this host's name on the recorder (default: the hostname)")
+    p.set_defaults(fn=cmd_join)
     p = sub.add_parser("replay", parents=[common], help="a session as a timeline")
     p.add_argument("session")
     p.set_defaults(fn=cmd_replay)

@@ -29,6 +29,15 @@ class AgentSelector:
 
 
 @dataclass
+class RecorderConfig:
+    """`recorder:` — ship this host's records to a central recorder (docs/RECORDER.md); the host
+    must have run `interlock join`. Past `spool_max` unshipped records agent traffic is refused."""
+
+    server: str
+    spool_max: int = 1_000_000
+
+
+@dataclass
 class Config:
     instance: str = "default"
     cgroup_root: str = "interlock"
@@ -69,6 +78,7 @@ class Config:
     # Start even where no ptrace guard (BPF LSM, Yama, Landlock) can stop an agent borrowing an
     # un-enrolled process of its uid: the operator accepts that risk (interceptor/ptrace_guard.py).
     allow_unguarded_ptrace: bool = False
+    recorder: RecorderConfig | None = None  # unset: local recording only
     source: str | None = None
 
 
@@ -95,6 +105,8 @@ def load(path: Path | None) -> Config:
     for key, value in raw.items():
         if key == "agents":
             cfg.agents = _agents(path, value)
+        elif key == "recorder":
+            cfg.recorder = _recorder(path, value)
         elif key == "operator_group":
             if isinstance(value, bool) or not isinstance(value, (str, int)) or value in ("", -1):
                 raise ConfigError(f"{path}: 'operator_group' must be a group name or a gid, got {value!r}")
@@ -107,7 +119,7 @@ def load(path: Path | None) -> Config:
                 raise ConfigError(f"{path}: '{key}' must be {typ.__name__}, got {value!r}")
             setattr(cfg, key, value)
         else:
-            raise ConfigError(f"{path}: unknown key '{key}' (known: {', '.join([*_SCALARS, 'operator_group', 'agents'])})")
+            raise ConfigError(f"{path}: unknown key '{key}' (known: {', '.join([*_SCALARS, 'operator_group', 'agents', 'recorder'])})")
     if cfg.policy and not Path(cfg.policy).is_absolute():
         cfg.policy = str((Path(path).parent / cfg.policy).resolve())
     _check(path, cfg)
@@ -124,6 +136,21 @@ def finish(cfg: Config) -> Config:
         raise ConfigError(f"{cfg.source or 'config'}: 'inbound_port' ({cfg.inbound_port}) must be a port number "
                           "1..65535 other than 'proxy_port' and 'dns_port'")
     return cfg
+
+
+def _recorder(path: Path, value) -> RecorderConfig:
+    if not isinstance(value, dict) or not isinstance(value.get("server"), str):
+        raise ConfigError(f"{path}: 'recorder' must be a mapping with 'server: https://HOST:PORT' (and optionally 'spool_max')")
+    unknown = set(value) - {"server", "spool_max"}
+    if unknown:
+        raise ConfigError(f"{path}: recorder: unknown key(s) {sorted(unknown)} (known: server, spool_max)")
+    server = value["server"].rstrip("/")
+    if not server.startswith("https://") or len(server) <= len("https://"):
+        raise ConfigError(f"{path}: recorder.server must be an https:// URL, got {value['server']!r}")
+    spool_max = value.get("spool_max", RecorderConfig.spool_max)
+    if isinstance(spool_max, bool) or not isinstance(spool_max, int) or spool_max < 1:
+        raise ConfigError(f"{path}: recorder.spool_max must be a number of records above 0, got {spool_max!r}")
+    return RecorderConfig(server, spool_max)
 
 
 def _agents(path: Path, value) -> list[AgentSelector]:

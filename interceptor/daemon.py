@@ -69,6 +69,7 @@ class Daemon:
         self._pipe_rest = b""
         self.ptrace_defence: ptrace_guard.Defence | None = None
         self._guard_seen: set[tuple[int, int, int]] = set()
+        self.shipping = None  # recorder.shipper.Shipping when `recorder:` is configured
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -80,6 +81,7 @@ class Daemon:
             raise DaemonError(f"operator_group '{cfg.operator_group}': no such group (create it with groupadd, "
                               f"or give a numeric gid)") from None
         self._check_selector_scope()
+        self._prepare_shipping()
         for d in (lay.state_dir, lay.run_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o755)
         os.chmod(lay.state_dir, 0o700)
@@ -88,6 +90,7 @@ class Daemon:
         cgroups.mark_instance(lay.cgroup_root, cfg.instance)
         cgroups.move(os.getpid(), lay.daemon_cgroup)
         self.recorder = Recorder(lay.db, who="daemon")
+        self._journal()
         self.recorder.db["agents"].create({"id": int, "name": str}, pk="id", if_not_exists=True)
         self.agent_ids = {r["name"]: r["id"] for r in self.recorder.db["agents"].rows}
         self.lockdown_reason = self._saved_lockdown()
@@ -118,6 +121,8 @@ class Daemon:
         recording = self.datapath.open_guard_events(self._on_guard)
         self._start_proxy()
         self._publish()
+        if self.shipping is not None:
+            self.shipping.start()
         self.recorder.event("daemon-start", {"pid": os.getpid(), "instance": cfg.instance,
                                              "lockdown": self.lockdown_reason})
         d = self.ptrace_defence
@@ -143,6 +148,30 @@ class Daemon:
             print(f"interlock daemon: warning: exe/uid selectors apply only to processes that start below "
                   f"capture_cgroup {self.layout.capture_cgroup}; others are recorded (selector-outside-scope), "
                   "not enrolled. capture_cgroup: / covers the whole host", file=sys.stderr, flush=True)
+
+    def _prepare_shipping(self) -> None:
+        """With `recorder:` configured the host must have joined it (before anything is installed)."""
+        if self.config.recorder is None:
+            return
+        from recorder.join import JoinError
+        from recorder.shipper import Shipping, prepare_files
+
+        try:
+            self.shipping = Shipping(self.layout.db, prepare_files(self.layout.state_dir, self.config.recorder.server))
+        except (JoinError, OSError, ValueError) as e:
+            raise DaemonError(str(e)) from None
+
+    def _journal(self) -> None:
+        """Journal triggers while shipping is configured; none otherwise (nothing would drain them)."""
+        from recorder import journal
+
+        try:
+            if self.shipping is not None:
+                self.shipping.install(self.recorder.conn)
+            elif journal.installed(self.recorder.conn):
+                journal.uninstall(self.recorder.conn)
+        except journal.JournalError as e:
+            raise DaemonError(str(e)) from None
 
     def _write_settings(self) -> None:
         cfg = self.config
@@ -502,6 +531,8 @@ class Daemon:
         elif self.proxy is not None:
             self.proxy.terminate()
         self.recorder.event("daemon-stop", {"teardown": self.teardown_requested})
+        if self.shipping is not None:
+            self.shipping.stop()
 
     # ---- control requests ---------------------------------------------------------------
 
@@ -717,6 +748,7 @@ class Daemon:
             "nft_intact": firewall.intact(self.backstop, self.nft_expected),
             "lockdown": self.lockdown_reason,
             "recorder": self.recorder_status(),
+            "shipping": self.shipping.status() if self.shipping is not None else None,
             "ptrace_guard": ({**vars(self.ptrace_defence), "covers_all": self.ptrace_defence.covers_all}
                              if self.ptrace_defence else None),
             "cgroup_root": str(lay.cgroup_root),

@@ -59,6 +59,17 @@ class ProxyMetrics:
         self.recorder_queue.set_function(recorder_queue)
         self.lockdown.set_function(lambda: 1.0 if lockdown_file.exists() else 0.0)
 
+    def watch_spool(self, last: Callable[[], object]) -> None:
+        """Shipping to the central recorder: `last()` is the proxy's latest reading of the spool
+        (recorder.journal.Spool or None), taken once a second on its loop."""
+        self.unshipped = Gauge("interlock_recorder_unshipped_records",
+                               "Journal records not yet acknowledged by the central recorder", registry=self.registry)
+        self.ship_lag = Gauge("interlock_recorder_ship_lag_seconds",
+                              "Age of the oldest record not yet acknowledged by the central recorder",
+                              registry=self.registry)
+        self.unshipped.set_function(lambda: float(getattr(last(), "unshipped", 0)))
+        self.ship_lag.set_function(lambda: float(getattr(last(), "lag", 0.0)))
+
     def policy_loaded(self, rules: int) -> None:
         self.policy_generation.inc()
         self.policy_rules.set(rules)

@@ -82,6 +82,12 @@ class Proxy:
         self.metrics.watch(holds_pending=lambda: len(self.holds.waiting), hold_oldest=self.holds.oldest_age,
                            recorder_queue=lambda: len(self.recorder.writer.batch),
                            lockdown_file=layout.state_dir / "lockdown", recorder_health=self.recorder.health)
+        self.spool = None  # the shipping spool's bound (fail closed when the central recorder lags)
+        if config.recorder is not None:
+            from recorder.shipper import SpoolBound
+
+            self.spool = SpoolBound(self.recorder, config.recorder.server, config.recorder.spool_max)
+            self.metrics.watch_spool(lambda: self.spool.last)
         if config.metrics_address:
             self.metrics.serve(config.metrics_address)
         self.limits = Limits(config, loop)  # per-agent connection caps, idle sweep
@@ -211,6 +217,8 @@ class Proxy:
         while True:
             await asyncio.sleep(interval)
             self.recorder.flush_counts()
+            if self.spool is not None:
+                self.spool.check()
             for sid in [s for s in self.live if s not in self.recorder.open]:
                 del self.live[sid]
             self._report()

@@ -95,8 +95,15 @@ class RecorderDown(Exception):
     """The recorder cannot write: whatever waited on this write must not take effect."""
 
 
+class Unrecordable(Exception):
+    """Recording must stop for a reason other than a failed write (the shipping spool is full,
+    recorder/shipper.py): its message is the reason as status shows it."""
+
+
 def describe(e: BaseException) -> str:
     """One line for an operator: SQLite's error name and message (e.g. 'SQLITE_FULL: database or disk is full')."""
+    if isinstance(e, Unrecordable):
+        return str(e)
     name = getattr(e, "sqlite_errorname", None)
     return f"{name}: {e}" if name else f"{type(e).__name__}: {e}"
 
@@ -242,6 +249,8 @@ class Recorder:
         self._flushed: dict[str, tuple[int, int]] = {}
         self.on_session_close: Callable[[SessionRecord], None] | None = None  # for metrics
         self._lock = threading.RLock()  # daemon: control threads and the watcher share the connection
+        # A precondition besides writable storage (the spool bound): while it names a reason, recover() fails.
+        self.hold: Callable[[], str | None] | None = None
         self.writer = GroupWriter(self, loop) if loop is not None else None
 
     # ---- writing, failing, recovering ------------------------------------------------------
@@ -290,7 +299,7 @@ class Recorder:
             self.health.dropped += over
         self.health.backlog = len(self.backlog)
 
-    def fail(self, error: sqlite3.Error, entries: list[_Entry]) -> None:
+    def fail(self, error: sqlite3.Error | Unrecordable, entries: list[_Entry]) -> None:
         """Enter (or stay in) the failed state: agent traffic is refused until recover()."""
         reason = describe(error)
         first = self.health.failed is None
@@ -314,6 +323,10 @@ class Recorder:
             h = self.health
             if h.failed is None:
                 return True
+            held = self.hold() if self.hold is not None else None
+            if held is not None:
+                h.failed = held
+                return False
             now = time.time()
             done = (_EVENT_SQL, (now, "recorder-recovered", None, json.dumps(
                 {"by": self.who, "reason": h.failed, "since": h.since, "seconds": round(now - h.since, 3),
@@ -401,6 +414,7 @@ class Recorder:
         return self.event("decision", data, session, durable=decision.verdict.value in ("deny", "approve"), wait=True)
 
     def close(self) -> None:
+        self.hold = None  # nothing is admitted any more: what was kept goes to disk (and the spool)
         if self.writer is not None:
             self.writer.close()
         elif self.health.failed:
@@ -453,6 +467,10 @@ def prune(path: Path, before: float) -> dict[str, int]:
         if "approvals" in tables:
             done["approvals"] = conn.execute("DELETE FROM approvals WHERE status != 'pending' AND created < ?",
                                              (before,)).rowcount
+        if "journal" in tables:
+            from recorder import journal
+
+            done["journal"] = journal.prune(conn, before)  # only what the central recorder acknowledged
         conn.execute("COMMIT")
         conn.execute("VACUUM")
         return done
