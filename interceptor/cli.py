@@ -150,7 +150,8 @@ def cmd_run(args) -> int:
     user = _user(args.user) if args.user else None
     if user is not None and os.geteuid() != 0 and user[:2] != (os.getuid(), os.getgid()):
         raise CliError("--user needs root: only root can run the agent as another user")
-    reply = _ask(args, "enroll", fds=(_pidfd(os.getpid()),), pid=os.getpid(), agent=agent, tree=False)
+    reply = _ask(args, "enroll", fds=(_pidfd(os.getpid()),), pid=os.getpid(), agent=agent, tree=False,
+                 **_identity_token(args))
     for line in _socket_lines(reply, quiet_if_none=True):
         print(f"interlock run: {line}", file=sys.stderr)
     # HTTPS is intercepted: the agent's TLS libraries must trust the instance's CA. Processes
@@ -171,6 +172,23 @@ def cmd_run(args) -> int:
     except OSError as e:
         raise CliError(f"cannot run {args.cmd[0]}: {e.strerror}") from None
     return 127
+
+
+def _identity_token(args) -> dict:
+    """{"identity_token": text} from --identity-token FILE (read as the caller), else {}."""
+    path = getattr(args, "identity_token", None)
+    if path is None:
+        return {}
+    try:
+        with open(path) as f:
+            token = f.read(65536).strip()
+    except OSError as e:
+        raise CliError(f"--identity-token: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"--identity-token: {path} is not a token (not text)") from None
+    if not token:
+        raise CliError(f"--identity-token: {path} is empty")
+    return {"identity_token": token}
 
 
 def _pidfd(pid: int) -> int:
@@ -242,9 +260,12 @@ def _agent_name(exe: str) -> str:
 
 
 def cmd_enroll(args) -> int:
-    reply = _ask(args, "enroll", fds=(_pidfd(args.pid),), pid=args.pid, agent=args.agent or "default", tree=True)
+    reply = _ask(args, "enroll", fds=(_pidfd(args.pid),), pid=args.pid, agent=args.agent or "default", tree=True,
+                 **_identity_token(args))
     text = (f"enrolled {len(reply['pids'])} process(es) as agent {reply['agent']}: {' '.join(map(str, reply['pids']))}"
-            + (f" (relabelled from {reply['relabelled_from']})" if reply.get("relabelled_from") else ""))
+            + (f" (relabelled from {reply['relabelled_from']})" if reply.get("relabelled_from") else "")
+            + (f" with identity {printable(reply['identity']['sub'])} ({printable(reply['identity']['iss'])})"
+               if reply.get("identity") else ""))
     _emit(args, reply, "\n".join([text, *_socket_lines(reply)]))
     return 0
 
@@ -588,11 +609,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="run a command enrolled as an agent")
     p.add_argument("--agent", help="agent name (default: the command's name)")
     p.add_argument("--user", metavar="NAME|UID[:GID]", help="run the command as this user, after the enrol (root only)")
+    p.add_argument("--identity-token", metavar="FILE",
+                   help="the workload's OIDC token (a CI job's, a service account's): validated by the daemon, its claims "
+                        "bound to the agent for rules (identity:) and records")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("enroll", parents=[common], help="enroll (or relabel) a running process tree (root or operator group)")
     p.add_argument("--pid", type=int, required=True)
     p.add_argument("--agent")
+    p.add_argument("--identity-token", metavar="FILE", help="the workload's OIDC token (see run)")
     p.set_defaults(fn=cmd_enroll)
     p = sub.add_parser("unenroll", parents=[common], help="take a process tree out of its agent (root or operator group)")
     p.add_argument("--pid", type=int, required=True)

@@ -26,6 +26,26 @@ class AgentSelector:
     exe: list[str] = field(default_factory=list)
     uid: list[int] = field(default_factory=list)
     cgroup: list[str] = field(default_factory=list)
+    # A file holding the workload's OIDC token (a Kubernetes projected service-account token):
+    # the daemon reads it, validates it against `identity:` and binds it to this agent.
+    identity_token: str | None = None
+
+
+@dataclass
+class IdentityIssuer:
+    issuer: str
+    audience: list[str]
+    jwks_uri: str | None = None
+    algorithms: list[str] | None = None
+
+
+@dataclass
+class IdentityConfig:
+    """`identity:`: the OIDC issuers whose workload tokens agents may carry (identity/oidc.py)."""
+
+    issuers: list[IdentityIssuer] = field(default_factory=list)
+    claims: list[str] | None = None  # claims kept for rules and records (iss, sub always); None: all
+    leeway: float = 30.0  # seconds of clock skew allowed on exp/nbf/iat
 
 
 @dataclass
@@ -79,6 +99,7 @@ class Config:
     # un-enrolled process of its uid: the operator accepts that risk (interceptor/ptrace_guard.py).
     allow_unguarded_ptrace: bool = False
     recorder: RecorderConfig | None = None  # unset: local recording only
+    identity: IdentityConfig | None = None  # unset: no agent may carry an OIDC identity
     source: str | None = None
 
 
@@ -107,6 +128,8 @@ def load(path: Path | None) -> Config:
             cfg.agents = _agents(path, value)
         elif key == "recorder":
             cfg.recorder = _recorder(path, value)
+        elif key == "identity":
+            cfg.identity = _identity(path, value)
         elif key == "operator_group":
             if isinstance(value, bool) or not isinstance(value, (str, int)) or value in ("", -1):
                 raise ConfigError(f"{path}: 'operator_group' must be a group name or a gid, got {value!r}")
@@ -119,7 +142,7 @@ def load(path: Path | None) -> Config:
                 raise ConfigError(f"{path}: '{key}' must be {typ.__name__}, got {value!r}")
             setattr(cfg, key, value)
         else:
-            raise ConfigError(f"{path}: unknown key '{key}' (known: {', '.join([*_SCALARS, 'operator_group', 'agents', 'recorder'])})")
+            raise ConfigError(f"{path}: unknown key '{key}' (known: {', '.join([*_SCALARS, 'operator_group', 'agents', 'recorder', 'identity'])})")
     if cfg.policy and not Path(cfg.policy).is_absolute():
         cfg.policy = str((Path(path).parent / cfg.policy).resolve())
     _check(path, cfg)
@@ -160,17 +183,60 @@ def _agents(path: Path, value) -> list[AgentSelector]:
     for i, item in enumerate(value):
         if not isinstance(item, dict) or not valid_name(str(item.get("name", ""))):
             raise ConfigError(f"{path}: agents[{i}] needs a 'name' of lowercase letters, digits, - or _")
-        unknown = set(item) - {"name", "exe", "uid", "cgroup"}
+        unknown = set(item) - {"name", "exe", "uid", "cgroup", "identity_token"}
         if unknown:
             raise ConfigError(f"{path}: agents[{i}]: unknown key(s) {sorted(unknown)}")
+        token = item.get("identity_token")
+        if token is not None and (not isinstance(token, str) or not token.startswith("/")):
+            raise ConfigError(f"{path}: agents[{i}].identity_token must be the absolute path of a token file, got {token!r}")
         sel = AgentSelector(item["name"], list(item.get("exe", [])), list(item.get("uid", [])),
-                            list(item.get("cgroup", [])))
+                            list(item.get("cgroup", [])), token)
         for exe in sel.exe:
             if not str(exe).startswith("/") or len(str(exe)) >= 256:
                 raise ConfigError(f"{path}: agents[{i}].exe: '{exe}' must be an absolute path under 256 bytes")
         if not all(isinstance(u, int) for u in sel.uid):
             raise ConfigError(f"{path}: agents[{i}].uid must be a list of numbers")
         out.append(sel)
+    return out
+
+
+def _identity(path: Path, value) -> IdentityConfig:
+    """identity: {issuers: [{issuer, audience, jwks_uri?, algorithms?}], claims?: [...], leeway?: 30}"""
+    from identity.oidc import ASYMMETRIC, DEFAULT_ALGORITHMS
+
+    example = "identity: {issuers: [{issuer: https://token.example, audience: interlock}]}"
+    if not isinstance(value, dict) or not isinstance(value.get("issuers"), list) or not value["issuers"]:
+        raise ConfigError(f"{path}: 'identity' needs a list of issuers, e.g. {example}")
+    unknown = set(value) - {"issuers", "claims", "leeway"}
+    if unknown:
+        raise ConfigError(f"{path}: identity: unknown key(s) {sorted(unknown)} (known: issuers, claims, leeway)")
+    out = IdentityConfig()
+    for i, item in enumerate(value["issuers"]):
+        where = f"{path}: identity.issuers[{i}]"
+        if not isinstance(item, dict) or set(item) - {"issuer", "audience", "jwks_uri", "algorithms"}:
+            raise ConfigError(f"{where}: a mapping of issuer, audience, jwks_uri (optional), algorithms (optional)")
+        iss, aud = item.get("issuer"), item.get("audience")
+        if not isinstance(iss, str) or not iss.startswith(("https://", "http://")):
+            raise ConfigError(f"{where}: 'issuer' must be the issuer's URL exactly as its tokens' iss claim says")
+        aud = [aud] if isinstance(aud, str) else aud
+        if not isinstance(aud, list) or not aud or not all(isinstance(a, str) and a for a in aud):
+            raise ConfigError(f"{where}: 'audience' must name the audience(s) tokens for Interlock carry (aud)")
+        jwks = item.get("jwks_uri")
+        if jwks is not None and (not isinstance(jwks, str) or not jwks.startswith(("https://", "http://"))):
+            raise ConfigError(f"{where}: 'jwks_uri' must be an http(s) URL (default: from the issuer's discovery document)")
+        algs = item.get("algorithms")
+        if algs is not None and (not isinstance(algs, list) or not algs or not set(algs) <= ASYMMETRIC):
+            raise ConfigError(f"{where}: 'algorithms' must be a list of {', '.join(DEFAULT_ALGORITHMS)} "
+                              "(none and HMAC are never accepted)")
+        out.issuers.append(IdentityIssuer(iss, aud, jwks, algs))
+    claims = value.get("claims")
+    if claims is not None and (not isinstance(claims, list) or not all(isinstance(c, str) for c in claims)):
+        raise ConfigError(f"{path}: identity.claims must be a list of claim names (flattened, e.g. kubernetes.io.namespace)")
+    out.claims = claims
+    leeway = value.get("leeway", 30)
+    if isinstance(leeway, bool) or not isinstance(leeway, int | float) or not 0 <= leeway <= 300:
+        raise ConfigError(f"{path}: identity.leeway must be seconds of clock skew, 0..300")
+    out.leeway = float(leeway)
     return out
 
 
@@ -186,6 +252,10 @@ def _check(path: Path, cfg: Config) -> None:
     for key in ("idle_timeout", "max_connections_per_agent"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{path}: '{key}' must be 0 (off) or more")
+    tokens = [a.name for a in cfg.agents if a.identity_token]
+    if tokens and cfg.identity is None:
+        raise ConfigError(f"{path}: agents {', '.join(tokens)} have an identity_token but no 'identity:' says which "
+                          "issuers to accept")
     if cfg.proxy_port == cfg.dns_port:
         raise ConfigError(f"{path}: 'proxy_port' and 'dns_port' must differ")
     if cfg.log_format not in ("text", "json"):

@@ -22,6 +22,7 @@ from interceptor.bpf_types import GUARD_SYSCALLS, ExecEvent, GuardEvent, Setting
 from interceptor.bpf_types import Path as BpfPath
 from interceptor.config import Config
 from interceptor.control import peer_credentials, peer_groups, receive
+from interceptor.identities import Identities
 from interceptor.layout import InstanceInfo, Layout, valid_name
 from interceptor.procinfo import NoSuchProcess, descendants, pid_of_pidfd
 from recorder.store import Recorder
@@ -70,6 +71,7 @@ class Daemon:
         self.ptrace_defence: ptrace_guard.Defence | None = None
         self._guard_seen: set[tuple[int, int, int]] = set()
         self.shipping = None  # recorder.shipper.Shipping when `recorder:` is configured
+        self.identities: Identities | None = None
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -94,6 +96,10 @@ class Daemon:
         self.recorder.db["agents"].create({"id": int, "name": str}, pk="id", if_not_exists=True)
         self.agent_ids = {r["name"]: r["id"] for r in self.recorder.db["agents"].rows}
         self.lockdown_reason = self._saved_lockdown()
+        # Agents' OIDC identities: written before the proxy starts, so it never judges without them.
+        self.identities = Identities(cfg, lay.identities_file, self.recorder.event)
+        self.identities.save()  # (re)written: selectors' bindings come from the config again
+        self.identities.watch_once()
 
         self.datapath = bpf_loader.Datapath(lay.pin_dir, lay.capture_cgroup)
         self.datapath.compile()
@@ -513,6 +519,8 @@ class Daemon:
         # recorded; what a caller may ask is decided per request (interceptor/authority.py).
         os.chmod(self.layout.control_socket, 0o666)
         threading.Thread(target=self.server.serve_forever, daemon=True, name="control").start()
+        if self.identities is not None and (self.identities.verifier is not None or self.identities.bound):
+            threading.Thread(target=self._watch_identities, daemon=True, name="identities").start()
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
         signal.signal(signal.SIGHUP, lambda *_: self.proxy and self.proxy.send_signal(signal.SIGHUP))
@@ -534,6 +542,15 @@ class Daemon:
         if self.shipping is not None:
             self.shipping.stop()
 
+    def _watch_identities(self, interval: float = 1.0) -> None:
+        """Selectors' token files and expiries, apart from the tamper watcher: a token check may
+        wait on the issuer's key endpoint (identity.oidc.FETCH_TIMEOUT)."""
+        while not self.stopping.wait(interval):
+            try:
+                self.identities.watch_once()
+            except Exception as e:  # noqa: BLE001 — the watcher outlives any single failure
+                self.recorder.event("watch-error", {"error": repr(e), "what": "identities"})
+
     # ---- control requests ---------------------------------------------------------------
 
     def handle(self, req: dict, caller: authority.Caller, fds: list[int] | None = None) -> dict:
@@ -551,7 +568,10 @@ class Daemon:
             try:
                 pid = self._target_pid(req, caller, fds or [])
                 if op == "enroll":
-                    return self.enroll(pid, str(req.get("agent") or ""), bool(req.get("tree", True)), caller)
+                    token = req.get("identity_token")
+                    if token is not None and not isinstance(token, str):
+                        raise enrolment.Refused("identity_token must be the token's text")
+                    return self.enroll(pid, str(req.get("agent") or ""), bool(req.get("tree", True)), caller, token)
                 return self.unenroll(pid, bool(req.get("tree", True)), caller)
             except enrolment.Refused as e:
                 return self._refuse(op, req, caller, str(e))
@@ -656,23 +676,32 @@ class Daemon:
         return enrolment.Scope(self.config.instance, cgroups.cgroup2_mount(), lay.cgroup_root, lay.agents_cgroup,
                                lay.daemon_cgroup, frozenset(own))
 
-    def enroll(self, pid: int, agent: str, tree: bool, caller: authority.Caller) -> dict:
+    def enroll(self, pid: int, agent: str, tree: bool, caller: authority.Caller, token: str | None = None) -> dict:
         """Move a process (tree) into an agent's cgroup, or relabel one already enrolled; then
-        neutralise the sockets it opened before. Refused (enrolment.Refused) for the wrong targets."""
+        neutralise the sockets it opened before. Refused (enrolment.Refused) for the wrong targets,
+        and for an identity token that does not validate or does not fit the agent's processes."""
         if not agent:
             raise enrolment.Refused("an agent name is required")
         scope = self._scope()
         enrolment.check_target(pid, scope)
         before = cgroups.cgroup_of(pid, scope.mount)
         was = before.name if before is not None and before.parent == self.layout.agents_cgroup else None
+        running = [p for p in cgroups.procs(self.layout.agent_cgroup(agent)) if p != pid]
+        ident = self.identities.for_enrolment(agent, token, running)  # validated outside the lock: it may fetch keys
         with self.lock:
             try:
                 agent_id = self.ensure_agent(agent)
             except DaemonError as e:
                 raise enrolment.Refused(str(e)) from None
+            # The binding is on file before the process is in the agent: its first connection carries it.
+            rebind = ident is not None or not running
+            previous = self.identities.set(agent, ident) if rebind else None
             moved = enrolment.move_tree(pid, self.layout.agent_cgroup(agent), tree, scope)
             if not moved:
+                if rebind:
+                    self.identities.set(agent, previous)
                 raise enrolment.Refused(f"no process {pid} (it exited before it could be moved)")
+            bound = self.identities.bound.get(agent)
             sockets, still = enrolment.neutralise_or_restore(pid, moved, self.config.mark,
                                                              self.layout.agent_cgroup(agent))
             for p, origin in moved.items():
@@ -681,10 +710,11 @@ class Daemon:
             pids = sorted(moved)
             self.recorder.event("enrolled", {"pid": pid, "agent": agent, "via": "request", "pids": pids,
                                              "relabelled_from": was, "by_uid": caller.uid, "by_pid": caller.pid,
-                                             "sockets": [s.as_dict() for s in sockets], "frozen": still},
+                                             "sockets": [s.as_dict() for s in sockets], "frozen": still,
+                                             "identity": bound.record() if bound is not None else None},
                                 durable=True)
         return {"ok": True, "agent": agent, "agent_id": agent_id, "pids": pids, "relabelled_from": was,
-                "sockets": [s.as_dict() for s in sockets]}
+                "sockets": [s.as_dict() for s in sockets], "identity": bound.record() if bound is not None else None}
 
     def unenroll(self, pid: int, tree: bool, caller: authority.Caller) -> dict:
         """Take a process (tree) out of this instance's agent cgroups, back where it came from."""
@@ -857,7 +887,7 @@ def teardown(layout: Layout, instance: str, proxy: subprocess.Popen | None = Non
         except OSError:
             pass
         done["pins_removed"] = True
-    for f in (layout.instance_file, layout.control_socket, layout.state_dir / "lockdown"):
+    for f in (layout.instance_file, layout.control_socket, layout.state_dir / "lockdown", layout.identities_file):
         f.unlink(missing_ok=True)
     return done
 

@@ -61,6 +61,11 @@ class Layout:
         return self.state_dir / "instance.json"
 
     @property
+    def identities_file(self) -> Path:
+        """Agents' bound OIDC identities (identity/agents.py): the daemon writes, the proxy reads."""
+        return self.run_dir / "identities.json"
+
+    @property
     def ca_cert(self) -> Path:
         """Public copies of the CA certificate and the trust bundle, readable by agents of any uid
         (the state dir is root-only)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,26 @@ class Destination:
 class Agent:
     name: str
     groups: tuple[str, ...] = ()
+    # The agent's verified OIDC identity as flattened claims (identity/agents.py), None without one.
+    claims: dict | None = None
+
+
+IDENTITY_RULE = "identity"  # the rule name of a refusal for an invalid or expired identity token
+
+
+def identity_matches(wanted: tuple[tuple[str, tuple[str, ...]], ...], claims: dict | None) -> bool:
+    """Every claim a rule names is present and one of its values matches one of the globs
+    (case-sensitive: subjects and repository names are). No identity matches no such rule."""
+    if claims is None:
+        return False
+    for name, pats in wanted:
+        value = claims.get(name)
+        if value is None:
+            return False
+        values = value if isinstance(value, list) else (value,)
+        if not any(fnmatch.fnmatchcase(v, p) for v in values for p in pats):
+            return False
+    return True
 
 
 @dataclass
@@ -98,6 +119,15 @@ class Rule:
     # True: only operations on objects this session created itself; False: only the others (an
     # operation that does not say counts as not created in the session); None: either.
     created_in_session: bool | None = None
+    # The agent's identity claims -> globs, all must match (`identity:`; see identity_matches).
+    identity: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def applies_to(self, agent: Agent) -> bool:
+        """The rule's agent conditions: its `agent:` names/groups and its `identity:` claims."""
+        if "*" not in self.agents and agent.name not in self.agents and \
+                not any(f"group:{g}" in self.agents for g in agent.groups):
+            return False
+        return not self.identity or identity_matches(self.identity, agent.claims)
 
     @property
     def whole_connection(self) -> bool:
@@ -108,8 +138,7 @@ class Rule:
     def matches(self, agent: Agent, target_names: set[str], op: Operation) -> bool:
         if op.action == INBOUND and INBOUND not in self.operations:
             return False
-        if "*" not in self.agents and agent.name not in self.agents and \
-                not any(f"group:{g}" in self.agents for g in agent.groups):
+        if not self.applies_to(agent):
             return False
         if "*" not in self.targets and not target_names.intersection(self.targets):
             return False
@@ -145,6 +174,9 @@ class Policy:
     # protocol handler asks it the same question for every statement or request: remember answers.
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
     _attr_names: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    # agent name -> its bound identity (identity.agents.AgentIdentity: .claims, .key, .refusal())
+    # or None; the proxy sets it (proxy/gate.py), elsewhere no agent has an identity.
+    identity_of: Callable[[str], object | None] = field(default=lambda _agent: None, repr=False, compare=False)
 
     def targets_for(self, dest: Destination) -> list[Target]:
         return [t for t in self.targets.values() if t.matches(dest)]
@@ -172,14 +204,19 @@ class Policy:
         if len(dest.names) > 1:
             return max((self.decide(agent, Destination(dest.address, dest.port, (n,), dest.protocol), op)
                         for n in dest.names), key=lambda d: _STRICTNESS[d.verdict])
+        ident = self.identity_of(agent)
+        if ident is not None:
+            refused = ident.refusal()
+            if refused is not None:  # an invalid or expired token: nothing of this agent's is allowed
+                return Decision(Verdict.DENY, IDENTITY_RULE, refused)
         names = self._attr_names
         if names is None:
             names = self._attr_names = tuple(sorted({n for r in self.rules for n, _ in r.attributes}))
         key = (agent, dest, op.protocol, op.action, op.objects, op.risks, op.attributes.get("created_in_session"),
-               *(op.attributes.get(n) for n in names))
+               ident.key if ident is not None else None, *(op.attributes.get(n) for n in names))
         hit = self._memo.get(key)
         if hit is None:
-            hit = self._decide(agent, dest, op)
+            hit = self._decide(agent, dest, op, ident.claims if ident is not None else None)
             if len(self._memo) >= 8192:
                 self._memo.clear()
             self._memo[key] = hit
@@ -193,13 +230,12 @@ class Policy:
         read-only on the server). Rules with request attributes (HTTP keys) never apply here."""
         if self.default is not Verdict.DENY:
             return True
-        who = self.agents.get(agent) or Agent(agent)
+        who = self.agent(agent)
         names = {t.name for t in self.targets_for(dest)}
         for rule in self.rules:
             if rule.verdict is Verdict.DENY or rule.attributes:
                 continue
-            if "*" not in rule.agents and who.name not in rule.agents and \
-                    not any(f"group:{g}" in rule.agents for g in who.groups):
+            if not rule.applies_to(who):
                 continue
             if "*" not in rule.targets and not names.intersection(rule.targets):
                 continue
@@ -209,8 +245,16 @@ class Policy:
                 return True
         return False
 
-    def _decide(self, agent: str, dest: Destination, op: Operation) -> Decision:
-        who = self.agents.get(agent) or Agent(agent)
+    def agent(self, name: str, claims: dict | None = None) -> Agent:
+        """The agent as rules see it: the file's groups and its bound identity's claims."""
+        who = self.agents.get(name) or Agent(name)
+        if claims is None:
+            ident = self.identity_of(name)
+            claims = ident.claims if ident is not None else None
+        return Agent(who.name, who.groups, claims) if claims is not None else who
+
+    def _decide(self, agent: str, dest: Destination, op: Operation, claims: dict | None = None) -> Decision:
+        who = self.agent(agent, claims)
         if op.protocol == "dns" and op.action != "connect":
             # A DNS query goes to Interlock's resolver, not to a target: it is judged against
             # the targets its name names (by hostname; their ports and addresses do not apply).
@@ -233,7 +277,7 @@ _STRICTNESS = {Verdict.ALLOW: 0, Verdict.MASK: 1, Verdict.APPROVE: 2, Verdict.DE
 # ---- loading -------------------------------------------------------------------------------
 
 _RULE_KEYS = {"name", "agent", "target", "operation", "object", "risk", "protocol", "decision", "timeout", "mask", "reason",
-              "method", "host", "path", "query", "header", "created_in_session"}
+              "method", "host", "path", "query", "header", "created_in_session", "identity"}
 _TARGET_KEYS = {"address", "cidr", "hostname", "port", "protocol", "credentials", "upstream_user", "tls"}
 _TLS_MODES = ("intercept", "passthrough")
 # Rule keys over request attributes; path and query compare as written, the rest case-folded.
@@ -266,6 +310,26 @@ def _per_agent(spec: dict, key: str, target: str, where: str, problems: list[str
         return dict(value)
     problems.append(f"{where}: target '{target}': '{key}' must be text or map agent names, group:NAME or * to text")
     return None
+
+
+def _identity(spec: dict, rule: str, at_key, problems: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """A rule's `identity:` — claim names (flattened: `kubernetes.io.namespace`) to glob(s)."""
+    value = spec.get("identity")
+    if value is None:
+        return ()
+    where = at_key(spec, "identity")
+    if not isinstance(value, dict) or not value:
+        problems.append(f"{where}: rule '{rule}': 'identity' must map claim names to globs, e.g. "
+                        "identity: {sub: \"repo:org/app:*\"}")
+        return ()
+    out = []
+    for claim, pats in value.items():
+        globs = _strings(pats, where, problems)
+        if not isinstance(claim, str) or not claim or not globs:
+            problems.append(f"{where}: rule '{rule}': identity claim {claim!r} needs a name and at least one glob")
+            continue
+        out.append((claim, globs))
+    return tuple(out)
 
 
 def load(path: Path | str, text: str | None = None) -> Policy:
@@ -392,6 +456,7 @@ def load(path: Path | str, text: str | None = None) -> Policy:
             headers = {}
         attributes += [(f"header.{str(h).lower()}", tuple(v.lower() for v in _strings(v, where, problems)))
                        for h, v in headers.items()]
+        identity = _identity(spec, name, at_key, problems)
         if verdict == Verdict.MASK.value and INBOUND in (o.lower() for o in _strings(spec.get("operation"), where, [])):
             problems.append(f"{at_key(spec, 'decision')}: rule '{name}': inbound connections are relayed unread, "
                             "so they cannot be masked (use allow, deny or approve)")
@@ -405,7 +470,8 @@ def load(path: Path | str, text: str | None = None) -> Policy:
             risks=_strings(spec.get("risk"), where, problems),
             protocols=_strings(spec.get("protocol"), where, problems),
             timeout=timeout, mask=_strings(spec.get("mask"), where, problems),
-            reason=str(spec.get("reason") or ""), attributes=tuple(attributes), created_in_session=created))
+            reason=str(spec.get("reason") or ""), attributes=tuple(attributes), created_in_session=created,
+            identity=identity))
     if problems:
         raise PolicyError(problems)
     return pol

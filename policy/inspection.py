@@ -42,8 +42,7 @@ def needs_reading(rule: Rule) -> bool:
 
 
 def _for(rule: Rule, who: Agent, targets: set[str]) -> bool:
-    if "*" not in rule.agents and who.name not in rule.agents and \
-            not any(f"group:{g}" in rule.agents for g in who.groups):
+    if not rule.applies_to(who):
         return False
     return "*" in rule.targets or bool(targets.intersection(rule.targets))
 
@@ -89,13 +88,14 @@ def opaque_refusal(policy: Policy, agent: str, dest: Destination, label: str, al
     be; another label without a parser only against rules that name it in `protocol:`. A "tcp"
     connection allowed by a rule that names tcp (`protocol: tcp`, or targets with
     `protocol: tcp`) is relayed: the operator said so."""
-    key = (id(policy), agent, dest, label, allowed_by)
+    ident = policy.identity_of(agent)
+    key = (id(policy), agent, dest, label, allowed_by, ident.key if ident is not None else None)
     hit = _CACHE.get(key, _MISS)
     if hit is not _MISS:
         return hit  # type: ignore[return-value]
     out = None
     if not (label == "tcp" and _says_tcp(policy, allowed_by)):
-        who = policy.agents.get(agent) or Agent(agent)
+        who = policy.agent(agent)
         for could in COULD_BE.get(label, (label,)):
             d = Destination(dest.address, dest.port, dest.names, could)
             out = _unread_rule(policy, who, d, could, explicit=could not in INSPECTED)

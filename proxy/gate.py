@@ -25,15 +25,19 @@ APPROVAL_POLL = 0.1
 class PolicyHolder:
     """The policy in force. A reload that fails validation keeps the old one and says why."""
 
-    def __init__(self, path: str | None, recorder: Recorder, on_load: Callable[[int], None] | None = None):
+    def __init__(self, path: str | None, recorder: Recorder, on_load: Callable[[int], None] | None = None,
+                 identity_of: Callable[[str], object | None] | None = None):
         self.path = path
         self.recorder = recorder
         self.on_load = on_load
+        self.identity_of = identity_of  # agent -> its bound identity (identity/agents.py), for every policy loaded
         self.current: Policy = load(path) if path else load_default()
         self._mtime = self._stat()
         self._loaded()
 
     def _loaded(self) -> None:
+        if self.identity_of is not None:
+            self.current.identity_of = self.identity_of
         if self.on_load is not None:
             self.on_load(len(self.current.rules))
 

@@ -157,6 +157,7 @@ class InboundSide(asyncio.Protocol):
             uid=ident.uid, gid=ident.gid, comm=ident.comm, exe=ident.exe, cmdline=ident.cmdline,
             cgroup_id=ident.cgroup_id, dst_addr=peer_addr, dst_port=local[1],
             family="ipv6" if ":" in peer_addr else "ipv4", protocol=PROTOCOL)
+        rec.identity = self.proxy.identity_json(rec.agent)
         op = Operation(PROTOCOL, INBOUND, (f"{peer_addr}:{peer[1]}",),
                        summary=f"inbound from {peer_addr}:{peer[1]} to {local_addr}:{local[1]}")
         decision = self.proxy.policy.current.decide(rec.agent, Destination(peer_addr, local[1], (), PROTOCOL), op)

@@ -26,10 +26,11 @@ import uvloop
 import proxy.protocols  # noqa: F401  (registers the protocol handlers)
 from classifier import LABELS
 from credentials.store import CredentialStore
+from identity.agents import IdentityBook
 from interceptor import logs
 from interceptor.config import Config, load
 from interceptor.layout import Layout
-from policy.engine import Destination
+from policy.engine import IDENTITY_RULE, Destination
 from policy.model import Decision, Operation, Verdict
 from proxy import inbound
 from proxy.gate import Holds, NameBindings, PolicyHolder
@@ -68,7 +69,10 @@ class Proxy:
         self.live: dict[str, tuple[asyncio.BaseTransport, asyncio.Future]] = {}
         self.status_fd: int | None = None
         self._reported: dict | None = None
-        self.policy = PolicyHolder(config.policy, self.recorder, on_load=self.metrics.policy_loaded)
+        # Agents' verified OIDC identities, as the daemon bound them at enrolment (identity/agents.py).
+        self.identities = IdentityBook(layout.identities_file)
+        self.policy = PolicyHolder(config.policy, self.recorder, on_load=self.metrics.policy_loaded,
+                                   identity_of=self.identities.get)
         self.names = NameBindings()
         self.credentials = CredentialStore(layout.state_dir)
         # Our interception CA (state_dir/ca, key 0600) and the leaf certificates it mints per
@@ -112,7 +116,8 @@ class Proxy:
         decision is recorded on the session row itself (verdict, rule), not as an event."""
         policy = self.policy.current
         names = self.names.names(rec.agent, rec.dst_addr)
-        key = (id(policy), rec.agent, rec.dst_addr, rec.dst_port, names)
+        ident = self.identities.get(rec.agent)
+        key = (id(policy), rec.agent, rec.dst_addr, rec.dst_port, names, ident.key if ident is not None else None)
         hit = self._early.get(key, _MISS)
         if hit is not _MISS:
             return hit
@@ -162,6 +167,14 @@ class Proxy:
             rec.outcome, rec.detail, rec.ended = "recorder-error", f"the recorder cannot write: {self.recorder.failed}", rec.started
             self.recorder.session_open(rec)
             self.recorder.health.refused += 1
+            return None
+        ident = self.identities.get(rec.agent)
+        refused = ident.refusal() if ident is not None else None
+        if refused is not None:
+            # An invalid or expired identity token: the agent's new connections end here, on record.
+            rec.outcome, rec.detail, rec.ended = "refused", refused, rec.started
+            rec.verdict, rec.rule = Verdict.DENY.value, IDENTITY_RULE
+            self.recorder.session_open(rec)
             return None
         early = self.early_decision(rec)
         if early is not None:
@@ -223,12 +236,19 @@ class Proxy:
                 del self.live[sid]
             self._report()
 
+    def identity_json(self, agent: str) -> str | None:
+        """The agent's bound identity as its session rows carry it (JSON), None without one."""
+        self.identities.refresh()  # a stat: bindings the daemon made before this agent's process ran
+        bound = self.identities.get(agent)
+        return bound.record_json() if bound is not None else None
+
     def _record(self, dest, ident) -> SessionRecord:
+        agent = self.agent_name(ident.agent_id)
         return SessionRecord(
-            id=new_session_id(), agent=self.agent_name(ident.agent_id), pid=ident.pid,
+            id=new_session_id(), agent=agent, pid=ident.pid,
             tgid=ident.tgid, uid=ident.uid, gid=ident.gid, comm=ident.comm, exe=ident.exe,
             cmdline=ident.cmdline, cgroup_id=ident.cgroup_id, dst_addr=dest.host,
-            dst_port=dest.port, family=dest.family)
+            dst_port=dest.port, family=dest.family, identity=self.identity_json(agent))
 
     async def sweep(self, interval: float = 2.0, max_age: float = 5.0) -> None:
         """Record connections the agent abandoned before accept: no connection goes unrecorded."""

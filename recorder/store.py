@@ -32,6 +32,7 @@ SESSION_COLUMNS = {
     "exe": str, "cmdline": str, "cgroup_id": int, "dst_addr": str, "dst_port": int,
     "family": str, "protocol": str, "started": float, "ended": float, "bytes_up": int,
     "bytes_down": int, "outcome": str, "detail": str, "verdict": str, "rule": str,
+    "identity": str,  # the agent's verified OIDC identity (identity/agents.py record_json), NULL without
 }
 EVENT_COLUMNS = {"id": int, "at": float, "kind": str, "session": str, "data": str}
 
@@ -83,12 +84,13 @@ class SessionRecord:
     detail: str = ""
     verdict: str = ""  # the connection's own decision, and the rule that made it
     rule: str = ""
+    identity: str | None = None  # JSON: iss, sub, exp, claims of the agent's bound identity
 
     def row(self) -> tuple:
         """Column values in SESSION_COLUMNS order (dataclasses.astuple deep-copies: too slow here)."""
         return (self.id, self.agent, self.pid, self.tgid, self.uid, self.gid, self.comm, self.exe, self.cmdline,
                 self.cgroup_id, self.dst_addr, self.dst_port, self.family, self.protocol, self.started, self.ended,
-                self.bytes_up, self.bytes_down, self.outcome, self.detail, self.verdict, self.rule)
+                self.bytes_up, self.bytes_down, self.outcome, self.detail, self.verdict, self.rule, self.identity)
 
 
 class RecorderDown(Exception):
@@ -237,6 +239,13 @@ class Recorder:
         if "sessions" not in self.db.table_names():
             self.db["sessions"].create(SESSION_COLUMNS, pk="id", if_not_exists=True)
             self.db["sessions"].create_index(["agent"], if_not_exists=True)
+        elif "identity" not in self.db["sessions"].columns_dict:
+            # Recordings made before agents had identities: the column is added, NULL for old rows.
+            try:
+                conn.execute("ALTER TABLE sessions ADD COLUMN identity TEXT")
+            except sqlite3.OperationalError as e:  # the other writer (daemon or proxy) added it first
+                if "duplicate column" not in str(e):
+                    raise
         if "events" not in self.db.table_names():
             self.db["events"].create(EVENT_COLUMNS, pk="id", if_not_exists=True)
             self.db["events"].create_index(["session"], if_not_exists=True)
