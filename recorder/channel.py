@@ -1,7 +1,7 @@
 """The host's outbound channel to the central recorder for approvers' answers (no inbound port).
 
 A daemon thread long-polls `GET /v1/decisions` over HTTPS with the host's mTLS certificate (the files
-`interlock join` wrote in <state_dir>/recorder/), applies each answer to the local store exactly as
+`interlock join` wrote: recorder.join.HostFiles), applies each answer to the local store exactly as
 `interlock approve/deny` does (recorder.approvals.decide: the proxy's hold poller releases or refuses
 the agent within APPROVAL_POLL), and acks it with the outcome. Nothing else changes on the host: when
 the recorder cannot be reached a hold times out into a refusal as it always did, and root's CLI
@@ -13,39 +13,18 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import ssl
+import socket
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from recorder import approvals
+from recorder.join import HostFiles
 
 log = logging.getLogger("interlock.recorder.channel")
 WAIT = 20.0  # seconds the recorder may hold one poll open
 BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
-
-
-@dataclass(frozen=True)
-class HostFiles:
-    host_id: str
-    server: str
-    ca: Path
-    cert: Path
-    key: Path
-
-    @classmethod
-    def load(cls, recorder_dir: Path) -> HostFiles:
-        """Read <state_dir>/recorder/host.json and its key files (written by `interlock join`)."""
-        meta = json.loads((recorder_dir / "host.json").read_text())
-        return cls(meta["host_id"], meta["server"], recorder_dir / "ca.pem", recorder_dir / "tls.crt",
-                   recorder_dir / "tls.key")
-
-    def ssl_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca))
-        ctx.load_cert_chain(str(self.cert), str(self.key))
-        return ctx
 
 
 class DecisionChannel:
@@ -59,9 +38,10 @@ class DecisionChannel:
         self._thread: threading.Thread | None = None
         self.connected = False
         self.applied = 0
+        self._live: http.client.HTTPSConnection | None = None
         u = urlsplit(files.server)
         self._host, self._port = u.hostname or "", u.port or 443
-        self._ctx = files.ssl_context()
+        self._ctx = files.client_context()
 
     def start(self) -> DecisionChannel:
         self._thread = threading.Thread(target=self._run, name="interlock-decisions", daemon=True)
@@ -70,6 +50,12 @@ class DecisionChannel:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        live = self._live
+        if live is not None and live.sock is not None:  # end a long poll in flight now, not in WAIT seconds
+            try:
+                live.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -82,7 +68,7 @@ class DecisionChannel:
         while not self._stop.is_set():
             try:
                 if conn is None:
-                    conn = self._conn()
+                    conn = self._live = self._conn()
                     conn.connect()
                     self.connected, failures = True, 0
                 answers = self._request(conn, "GET", f"/v1/decisions?wait={self.wait:g}")["decisions"]
