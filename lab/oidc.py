@@ -1,5 +1,5 @@
-"""A real OpenID Connect provider for tests and the demo: oidc-provider-mock (PyPI) in its own process
-on loopback, with predefined users (claims as given, e.g. groups), nonces required.
+"""A real OpenID Connect provider for tests and the demo: oidc-provider-mock (PyPI) in its own process,
+on loopback or on a lab host's address, with predefined users (claims as given, e.g. groups), nonces required.
 
     with OIDCProvider([{"sub": "alice", "email": "alice@example.com", "groups": ["dba"]}]) as idp:
         idp.issuer                  # http://127.0.0.1:PORT (also the discovery base)
@@ -20,6 +20,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
+from lab.central import in_host
+from lab.netns import Host
 from lab.testing import SLOWDOWN
 
 
@@ -30,28 +32,34 @@ def free_port() -> int:
 
 
 class OIDCProvider:
-    def __init__(self, users: list[dict], port: int | None = None, token_max_age: int = 3600):
+    def __init__(self, users: list[dict], port: int | None = None, token_max_age: int = 3600, host: Host | None = None):
         self.users = users
-        self.port = port or free_port()
+        self.host = host  # a lab host: listen on its address, in its namespace
+        self.port = port or (9400 if host else free_port())
         self.token_max_age = token_max_age
         self.proc: subprocess.Popen | None = None
 
     @property
     def issuer(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host.addr4 if self.host else '127.0.0.1'}:{self.port}"
+
+    def _call(self, fn, *args, **kw):
+        return in_host(self.host, fn, *args, **kw) if self.host else fn(*args, **kw)
 
     def start(self, timeout: float = 30) -> OIDCProvider:
-        cmd = [sys.executable, "-W", "ignore", "-m", "oidc_provider_mock", "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "-W", "ignore", "-m", "oidc_provider_mock", "--host", self.host.addr4 if self.host else "127.0.0.1",
+               "--port", str(self.port),
                "--require-nonce", "true", "--token-max-age", str(self.token_max_age)]
         for u in self.users:
             cmd += ["--user-claims", json.dumps(u)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        popen = self.host.popen if self.host else subprocess.Popen
+        self.proc = popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         end = time.monotonic() + timeout * SLOWDOWN
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"oidc-provider-mock exited: {self.proc.stderr.read().decode()[-2000:]}")
             try:
-                if httpx.get(self.issuer + "/.well-known/openid-configuration", timeout=2).status_code == 200:
+                if self._call(httpx.get, self.issuer + "/.well-known/openid-configuration", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -75,6 +83,9 @@ class OIDCProvider:
         self.stop()
 
     def id_token(self, sub: str, client_id: str, redirect_uri: str = "https://automation.invalid/cb") -> str:
+        return self._call(self._id_token, sub, client_id, redirect_uri)
+
+    def _id_token(self, sub: str, client_id: str, redirect_uri: str) -> str:
         """An ID token for `sub`, obtained through the provider's own code flow (with PKCE) as a
         script would: what automation sends as a bearer token."""
         verifier = secrets.token_urlsafe(32)

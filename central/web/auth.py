@@ -118,11 +118,16 @@ def same_origin(request: web.Request, origin: str) -> bool:
 async def check_csrf(request: web.Request, origin: str) -> None:
     """Raise 403 unless the request is same-origin and carries the session's CSRF token."""
     if not same_origin(request, origin):
-        raise web.HTTPForbidden(text="refused: this request did not come from the approval page (Origin check)")
+        raise _forbid("refused: this request did not come from the approval page (Origin check)")
     session = await get_session(request)
     expected = session.get(CSRF_KEY)
     sent = request.headers.get("X-CSRF-Token")
     if sent is None and request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
         sent = (await request.post()).get("csrf_token")
     if not expected or not isinstance(sent, str) or not hmac.compare_digest(sent, expected):
-        raise web.HTTPForbidden(text="refused: missing or wrong CSRF token (reload the page and try again)")
+        raise _forbid("refused: missing or wrong CSRF token (reload the page and try again)")
+
+
+def _forbid(message: str) -> web.HTTPForbidden:
+    """403 whose reason (what the recorder's refusals table stores) is the message itself."""
+    return web.HTTPForbidden(reason=message, text=message)
