@@ -27,8 +27,10 @@ import aiohttp
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
-from aiohttp_session import EncryptedCookieStorage, get_session, new_session
+from aiohttp_session import get_session, new_session
 from aiohttp_session import setup as session_setup
+from aiohttp_session.cookie_storage import EncryptedCookieStorage
+from cryptography import fernet
 
 from central.web import auth
 from central.web.oidc import OIDCSettings, Provider, SignInError
@@ -73,7 +75,7 @@ def create_app(settings: WebSettings, store: WebStore) -> web.Application:
     app["settings"] = settings
     app[STORE_KEY] = store
     app["provider"] = Provider(settings.oidc)
-    session_setup(app, EncryptedCookieStorage(base64.urlsafe_b64encode(settings.session_key), cookie_name="interlock_web",
+    session_setup(app, EncryptedCookieStorage(fernet.Fernet(base64.urlsafe_b64encode(settings.session_key)), cookie_name="interlock_web",
                                               max_age=SESSION_MAX_AGE, httponly=True, secure=True, samesite="Lax",
                                               path="/ui"))
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
