@@ -181,7 +181,7 @@ class Verifier:
         if issuer is None:
             raise TokenError("issuer", f"issuer {iss[:200]!r} is not accepted (accepted: {', '.join(self.issuers) or 'none configured'})")
         try:
-            key = self.jwks_client(issuer).get_signing_key_from_jwt(token)
+            key = self._signing_key(self.jwks_client(issuer), header, alg)
         except jwt.PyJWKClientConnectionError as e:
             raise TokenError("discovery", f"cannot fetch the keys of issuer {iss}: {e}") from None
         except jwt.PyJWKClientError as e:
@@ -222,6 +222,20 @@ class Verifier:
         if nonce is not None and not hmac.compare_digest(str(claims.get("nonce", "")).encode(), nonce.encode()):
             raise TokenError("nonce", "the token's nonce does not match this sign-in's (a replayed or foreign token)")
         return claims
+
+
+    @staticmethod
+    def _signing_key(client: jwt.PyJWKClient, header: dict, alg: str) -> jwt.PyJWK:
+        """The key the header names (kid), or, with no kid, the JWKS's only signing key of the
+        type alg needs (OIDC Core §10.1: a kid is required only when the set has several)."""
+        kid = header.get("kid")
+        if kid is not None:
+            return client.get_signing_key(kid)
+        want = _KEY_TYPES.get(str(alg)[:2])
+        keys = [k for k in client.get_signing_keys() if want is None or k.key_type == want]
+        if len(keys) != 1:
+            raise jwt.PyJWKClientError(f"{len(keys)} candidate keys for alg {alg}")
+        return keys[0]
 
 
 def _short(value) -> str:

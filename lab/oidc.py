@@ -1,28 +1,31 @@
-"""A real OpenID Connect provider for tests and the demo: oidc-provider-mock (PyPI) in its own process,
-on loopback or on a lab host's address, with predefined users (claims as given, e.g. groups), nonces required.
+"""OIDC issuers for tests, each a real process on loopback (of the test's namespace or a lab host's):
 
-    with OIDCProvider([{"sub": "alice", "email": "alice@example.com", "groups": ["dba"]}]) as idp:
-        idp.issuer                  # http://127.0.0.1:PORT (also the discovery base)
-        idp.id_token("alice", client_id="interlock-web")   # an ID token via the real code flow
-"""
+- `MockProvider`: oidc-provider-mock (PyPI), a real OpenID provider; `token()` runs its
+  authorization code flow (as a browser-less client would) and returns the ID token it issued.
+- `KeyIssuer`: an issuer whose keys the test holds: a discovery document and a JWKS served by
+  `python -m http.server`; `sign()` makes tokens with any claims (expired, wrong audience, …).
+
+`python -m lab.oidc token ISSUER SUB AUDIENCE [NONCE]` prints an ID token of a MockProvider: run
+it on the lab host where the provider listens."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
-import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from urllib.parse import parse_qs, urlsplit
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
-import httpx
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from lab.central import in_host
 from lab.netns import Host
-from lab.testing import SLOWDOWN
+from lab.testing import SLOWDOWN, stop_process
+
+REDIRECT = "http://127.0.0.1/callback"
 
 
 def free_port() -> int:
@@ -31,72 +34,121 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class OIDCProvider:
-    def __init__(self, users: list[dict], port: int | None = None, token_max_age: int = 3600, host: Host | None = None):
-        self.users = users
-        self.host = host  # a lab host: listen on its address, in its namespace
-        self.port = port or (9400 if host else free_port())
-        self.token_max_age = token_max_age
-        self.proc: subprocess.Popen | None = None
+def _wait_http(run, url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout * SLOWDOWN
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the issuer for {url} exited {proc.returncode}")
+        r = run([sys.executable, "-c", "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)", url])
+        if r.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} does not answer after {timeout}s")
 
-    @property
-    def issuer(self) -> str:
-        return f"http://{self.host.addr4 if self.host else '127.0.0.1'}:{self.port}"
 
-    def _call(self, fn, *args, **kw):
-        return in_host(self.host, fn, *args, **kw) if self.host else fn(*args, **kw)
+def _runner(host: Host | None):
+    def run(cmd: list[str]) -> subprocess.CompletedProcess:
+        if host is not None:
+            return host.run(cmd)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    return run
 
-    def start(self, timeout: float = 30) -> OIDCProvider:
-        cmd = [sys.executable, "-W", "ignore", "-m", "oidc_provider_mock", "--host", self.host.addr4 if self.host else "127.0.0.1",
-               "--port", str(self.port),
-               "--require-nonce", "true", "--token-max-age", str(self.token_max_age)]
-        for u in self.users:
+
+def _popen(host: Host | None, cmd: list[str], log: Path) -> subprocess.Popen:
+    out = open(log, "ab")
+    if host is not None:
+        return host.popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+
+
+class MockProvider:
+    """oidc-provider-mock on 127.0.0.1 of `host` (None: this process's namespace)."""
+
+    def __init__(self, host: Host | None = None, port: int | None = None, users: list[dict] = (),
+                 token_max_age: int = 3600):
+        self.host, self.port = host, port or free_port()
+        self.issuer = f"http://127.0.0.1:{self.port}"
+        self.log = Path(tempfile.mkdtemp(prefix="oidc-mock-")) / "provider.log"
+        cmd = [sys.executable, "-m", "oidc_provider_mock", "-H", "127.0.0.1", "-p", str(self.port),
+               "--token-max-age", str(token_max_age)]
+        for u in users:
             cmd += ["--user-claims", json.dumps(u)]
-        popen = self.host.popen if self.host else subprocess.Popen
-        self.proc = popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        end = time.monotonic() + timeout * SLOWDOWN
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"oidc-provider-mock exited: {self.proc.stderr.read().decode()[-2000:]}")
-            try:
-                if self._call(httpx.get, self.issuer + "/.well-known/openid-configuration", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"oidc-provider-mock did not answer on {self.issuer} within {timeout}s")
+        self.proc = _popen(host, cmd, self.log)
+        _wait_http(_runner(host), self.issuer + "/.well-known/openid-configuration", self.proc)
+
+    def token(self, sub: str, audience: str, nonce: str | None = None) -> str:
+        """An ID token the provider issues to client `audience` for user `sub` (code flow)."""
+        r = _runner(self.host)([sys.executable, "-m", "lab.oidc", "token", self.issuer, sub, audience, *([nonce] if nonce else [])])
+        if r.returncode != 0:
+            raise RuntimeError(f"no token from {self.issuer}: {r.stderr[-1000:]}")
+        return r.stdout.strip()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
-    def __enter__(self) -> OIDCProvider:
-        return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def code_flow_token(issuer: str, sub: str, audience: str, nonce: str | None = None) -> str:
+    """The authorization code flow against oidc-provider-mock: authorize as `sub`, redeem the code."""
+    import httpx
 
-    def id_token(self, sub: str, client_id: str, redirect_uri: str = "https://automation.invalid/cb") -> str:
-        return self._call(self._id_token, sub, client_id, redirect_uri)
+    params = {"client_id": audience, "redirect_uri": REDIRECT, "response_type": "code", "scope": "openid email",
+              "state": "lab"}
+    if nonce:
+        params["nonce"] = nonce
+    r = httpx.post(f"{issuer}/oauth2/authorize", params=params, data={"sub": sub}, timeout=10)
+    code = parse_qs(urlparse(r.headers["location"]).query)["code"][0]
+    t = httpx.post(f"{issuer}/oauth2/token", data={"grant_type": "authorization_code", "code": code,
+                                                   "redirect_uri": REDIRECT, "client_id": audience,
+                                                   "client_secret": "lab"}, timeout=10)
+    t.raise_for_status()
+    return t.json()["id_token"]
 
-    def _id_token(self, sub: str, client_id: str, redirect_uri: str) -> str:
-        """An ID token for `sub`, obtained through the provider's own code flow (with PKCE) as a
-        script would: what automation sends as a bearer token."""
-        verifier = secrets.token_urlsafe(32)
-        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-        q = {"response_type": "code", "client_id": client_id, "redirect_uri": redirect_uri, "scope": "openid email profile",
-             "state": "s", "nonce": secrets.token_urlsafe(8), "code_challenge": challenge, "code_challenge_method": "S256"}
-        with httpx.Client(timeout=10) as c:
-            r = c.post(self.issuer + "/oauth2/authorize", params=q, data={"sub": sub})
-            code = parse_qs(urlsplit(r.headers["location"]).query)["code"][0]
-            t = c.post(self.issuer + "/oauth2/token", data={"grant_type": "authorization_code", "code": code,
-                                                             "redirect_uri": redirect_uri, "client_id": client_id,
-                                                             "client_secret": "x", "code_verifier": verifier})
-            t.raise_for_status()
-            return t.json()["id_token"]
+
+class KeyIssuer:
+    """An issuer whose signing keys the test holds, serving its discovery document and JWKS."""
+
+    def __init__(self, host: Host | None = None, port: int | None = None):
+        self.host, self.port = host, port or free_port()
+        self.issuer = f"http://127.0.0.1:{self.port}"
+        self.dir = Path(tempfile.mkdtemp(prefix="oidc-keys-"))
+        self.rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.ec = ec.generate_private_key(ec.SECP256R1())
+        keys = []
+        for kid, k, alg in (("rsa-1", self.rsa, "RS256"), ("ec-1", self.ec, "ES256")):
+            jwk = json.loads(jwt.get_algorithm_by_name(alg).to_jwk(k.public_key()))
+            keys.append({**jwk, "kid": kid, "use": "sig", "alg": alg})
+        self.jwks = {"keys": keys}
+        (self.dir / ".well-known").mkdir()
+        (self.dir / ".well-known" / "openid-configuration").write_text(json.dumps(
+            {"issuer": self.issuer, "jwks_uri": f"{self.issuer}/jwks.json", "id_token_signing_alg_values_supported": ["RS256", "ES256"]}))
+        (self.dir / "jwks.json").write_text(json.dumps(self.jwks))
+        self.proc = _popen(host, [sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+                                  "--directory", str(self.dir)], self.dir / "server.log")
+        _wait_http(_runner(host), self.issuer + "/jwks.json", self.proc)
+
+    def claims(self, sub: str, audience: str, lifetime: float = 600, **extra) -> dict:
+        now = int(time.time())
+        return {"iss": self.issuer, "sub": sub, "aud": audience, "iat": now, "nbf": now, "exp": now + lifetime, **extra}
+
+    def sign(self, claims: dict, alg: str = "RS256", key=None, kid: str | None = "rsa-1") -> str:
+        """A compact JWS of `claims`; by default with the issuer's RSA key under its kid."""
+        if key is None:
+            key = self.ec if alg.startswith("ES") else self.rsa
+            kid = "ec-1" if alg.startswith("ES") else kid
+        headers = {"kid": kid} if kid else {}
+        return jwt.encode(claims, key, algorithm=alg, headers=headers)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) >= 4 and argv[0] == "token":
+        print(code_flow_token(argv[1], argv[2], argv[3], argv[4] if len(argv) > 4 else None))
+        return 0
+    print("usage: python -m lab.oidc token ISSUER SUB AUDIENCE [NONCE]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
