@@ -18,7 +18,7 @@ import yaml
 from lab.browser import Browser
 from lab.central import Central, in_host
 from lab.instance import INTERLOCK, Instance
-from lab.oidc import OIDCProvider
+from lab.oidc import MockProvider
 from lab.postgres import Postgres
 from lab.testing import SLOWDOWN, instance_name, wait_until
 
@@ -40,7 +40,7 @@ default: allow
 """
 
 
-def _web_config(path, rec_url: str, idp: OIDCProvider):
+def _web_config(path, rec_url: str, idp: MockProvider):
     path.write_text(yaml.safe_dump({
         "origin": rec_url,
         "oidc": {"issuer": idp.issuer, "client_id": CLIENT_ID, "client_secret": "web-client-secret", "groups_claim": "groups"},
@@ -50,8 +50,11 @@ def _web_config(path, rec_url: str, idp: OIDCProvider):
 
 @pytest.fixture(scope="module")
 def idp(lab):
-    with OIDCProvider([ALICE, MALLORY], host=lab.b) as p:
+    p = MockProvider(lab.b, users=[ALICE, MALLORY])
+    try:
         yield p
+    finally:
+        p.stop()
 
 
 @pytest.fixture(scope="module")
