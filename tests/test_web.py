@@ -136,3 +136,108 @@ def test_sign_in_sets_a_hardened_session_cookie_and_sign_out_ends_it(browser, re
     sign_out(browser)
     # signed out: the page sends the browser back to the provider to sign in
     assert browser.do(lambda d: (d.get(rec.url + "/ui/sessions"), d.current_url)[1]).startswith(idp.issuer + "/oauth2/authorize")
+
+
+# --- helpers for the held-DELETE tests -------------------------------------------------------
+
+def host_id(inst: Instance) -> str:
+    return json.loads((inst.state_dir / "recorder" / "host.json").read_text())["host_id"]
+
+
+def agent_psql(inst: Instance, lab, sql: str) -> subprocess.Popen:
+    """psql as an enrolled agent (uid 65533) against the target PostgreSQL, in the background."""
+    cmd = [*INTERLOCK, "run", "--state-dir", str(inst.state_dir), "--agent", "bot", "--",
+           "setpriv", "--reuid", "65533", "--regid", "65533", "--clear-groups",
+           "psql", f"host={lab.b.addr4} port={TARGET_PORT} user=postgres dbname=postgres", "-X", "-A", "-t", "-q", "-c", sql]
+    return inst.host.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def held(inst: Instance) -> list[dict]:
+    return json.loads(inst.cli("approvals", "--json").stdout)
+
+
+def one_held(inst: Instance, p: subprocess.Popen) -> dict:
+    got = wait_until(lambda: held(inst) or p.poll() is not None, timeout=30)
+    assert got and p.poll() is None, p.communicate()[1] if p.poll() is not None else "nothing held"
+    (a,) = held(inst)
+    return a
+
+
+def host_store_approval(inst: Instance, approval_id: str) -> dict:
+    rows = json.loads(inst.cli("approvals", "--json", "--all").stdout)
+    return next(r for r in rows if r["id"] == approval_id)
+
+
+WATCH_CARDS = """
+window.cardSeen = {};
+new MutationObserver(() => {
+  for (const c of document.querySelectorAll('section.approval'))
+    if (!(c.dataset.approval in window.cardSeen)) window.cardSeen[c.dataset.approval] = Date.now();
+}).observe(document.getElementById('pending-box'), {childList: true, subtree: true});
+"""
+
+
+def card(d, approval_id: str):
+    from selenium.webdriver.common.by import By
+
+    return wait_for(d, By.ID, f"approval-{approval_id}", timeout=30)
+
+
+def test_a_held_delete_approved_in_the_browser_runs_and_the_replay_names_the_approver(browser, rec, idp, host, target, lab):
+    """Sign in, see the held DELETE (agent-sent markup shown as text, no script run), approve once:
+    the statement runs on the real PostgreSQL; the replay names the approver."""
+    from selenium.webdriver.common.by import By
+
+    target.psql("INSERT INTO holdme VALUES (1, 'a'), (2, 'b'), (3, 'c')")
+    sign_in(browser, rec, "alice")
+    browser.do(lambda d: d.get(rec.url + "/ui/"))
+    title = browser.do(lambda d: d.title)
+    browser.do(lambda d: d.execute_script(WATCH_CARDS))  # when each card first shows, by the browser's clock
+    p = agent_psql(host, lab, f"delete from holdme /* {XSS} */; select 'after'")
+    a = one_held(host, p)
+    browser.do(lambda d: card(d, a["id"]))
+    hold_to_page = browser.do(lambda d: d.execute_script("return window.cardSeen[arguments[0]]", a["id"])) / 1000 - a["created"]
+    assert target.psql("SELECT count(*) FROM holdme") == "3", "nothing reaches the server while held"
+
+    def read_card(d):
+        c = card(d, a["id"])
+        return {k: c.find_element(By.CSS_SELECTOR, "." + k).text for k in ("agent", "target", "operation", "summary", "rule", "reason")}
+
+    seen = browser.do(read_card)
+    assert seen["agent"] == "bot" and seen["target"] == f"{lab.b.addr4}:{TARGET_PORT}"
+    assert seen["rule"] == "hold-deletes" and seen["reason"] == "deleting every row needs a DBA"
+    assert XSS in seen["summary"], seen  # the agent's markup is shown as text, in full
+    assert browser.do(lambda d: d.execute_script("return [document.title, window.pwned === undefined,"
+                                                 " document.querySelectorAll('#pending script, #pending img').length]")) \
+        == [title, True, 0]
+
+    def approve(d):
+        button = card(d, a["id"]).find_element(By.CSS_SELECTOR, "button.approve")
+        t = time.time()
+        button.click()
+        return t
+
+    clicked = browser.do(approve)
+    out, err = p.communicate(timeout=60 * SLOWDOWN)
+    released = time.time()
+    assert p.returncode == 0 and out.strip() == "after", err
+    assert target.psql("SELECT count(*) FROM holdme") == "0", "the approved DELETE ran on the server"
+    stored = host_store_approval(host, a["id"])
+    assert stored["status"] == "approved" and "alice@example.com" in stored["decided_by"] and "oidc sub alice" in stored["decided_by"]
+    print(f"\nbench web-approvals: hold-to-page {hold_to_page * 1000:.0f} ms, approve-to-release "
+          f"{(stored['decided_at'] - clicked) * 1000:.0f} ms (to the host's store), "
+          f"{(released - clicked) * 1000:.0f} ms (to psql's exit)")
+
+    notice = browser.do(lambda d: wait_for(d, By.ID, "notice").text)
+    assert notice.startswith(f"approved: approval {a['id']}")
+
+    def replay(d):
+        d.get(f"{rec.url}/ui/sessions/{host_id(host)}/{a['session']}")
+        return [e.text for e in d.find_elements(By.CSS_SELECTOR, "#timeline li")]
+
+    lines = wait_until(lambda: [x for x in browser.do(replay) if "approved" in x and "alice@example.com" in x], timeout=30)
+    assert lines, browser.do(replay)
+    # the replay shows the agent's statement, markup and all, as text too
+    assert any(XSS in x for x in browser.do(replay))
+    assert browser.do(lambda d: d.execute_script("return [window.pwned === undefined, document.querySelectorAll('#timeline script,"
+                                                 " #timeline img').length]")) == [True, 0]
