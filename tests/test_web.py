@@ -241,3 +241,87 @@ def test_a_held_delete_approved_in_the_browser_runs_and_the_replay_names_the_app
     assert any(XSS in x for x in browser.do(replay))
     assert browser.do(lambda d: d.execute_script("return [window.pwned === undefined, document.querySelectorAll('#timeline script,"
                                                  " #timeline img').length]")) == [True, 0]
+
+
+ATTACKER = """\
+import http.server, ssl, sys
+page = open(sys.argv[1], "rb").read()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Type", "text/html"); self.end_headers(); self.wfile.write(page)
+srv = http.server.HTTPServer((sys.argv[2], int(sys.argv[3])), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(sys.argv[4], sys.argv[5])
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"""
+
+
+def post_as(rec: Central, lab, path: str, cookie: str, headers: dict, form: dict) -> tuple[int, str]:
+    import ssl
+
+    import httpx
+
+    def go():
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(rec.ca_pem)), timeout=30,
+                          cookies={"interlock_web": cookie}) as c:
+            r = c.post(rec.url + path, data=form, headers=headers)
+            return r.status_code, r.text
+
+    return in_host(lab.b, go)
+
+
+def test_cross_site_and_tokenless_posts_are_refused_and_the_page_s_own_deny_works(browser, rec, idp, host, target, lab, tmp_path):
+    """CSRF: a page on another origin of the same site (so the SameSite=Lax cookie IS sent) posts an
+    approval: refused by the Origin check, nothing decided. With the cookie but no token, or the token
+    but a foreign Origin: refused. Control: the page's own deny (same origin, token) works and the
+    agent gets the reason."""
+    from selenium.webdriver.common.by import By
+
+    target.psql("INSERT INTO holdme VALUES (7, 'keep me')")
+    sign_in(browser, rec, "alice")
+    p = agent_psql(host, lab, "delete from holdme; select 'after'")
+    a = one_held(host, p)
+    hid = host_id(host)
+    path = f"/ui/approvals/{hid}/{a['id']}"
+    page = tmp_path / "evil.html"
+    page.write_text(f"""<html><body><form method="post" action="{rec.url}{path}">
+        <input name="action" value="approve"><input name="csrf_token" value="guessed"></form>
+        <script>document.forms[0].submit()</script></body></html>""")
+    evil = lab.b.popen([sys.executable, "-c", ATTACKER, str(page), lab.b.addr4, "9501", str(rec.state / "server.crt"),
+                        str(rec.state / "server.key")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from lab.testing import wait_listening
+
+        wait_listening(lab.b, 9501, evil)
+        body = browser.do(lambda d: (d.get(f"https://{lab.b.addr4}:9501/"),
+                                     wait_until(lambda: "/ui/approvals/" in d.current_url, timeout=15),
+                                     d.find_element(By.TAG_NAME, "body").text)[-1])
+    finally:
+        evil.terminate()
+        evil.wait(10)
+    assert "Origin check" in body, body
+    cookie = next(c["value"] for c in browser.do(lambda d: d.get_cookies()) if c["name"] == "interlock_web")
+    browser.do(lambda d: d.get(rec.url + "/ui/"))
+    token = browser.do(lambda d: card(d, a["id"]).find_element(By.NAME, "csrf_token").get_attribute("value"))
+    assert post_as(rec, lab, path, cookie, {"Origin": rec.url}, {"action": "approve"})[0] == 403  # no token
+    assert post_as(rec, lab, path, cookie, {"Origin": rec.url}, {"action": "approve", "csrf_token": "x" + token})[0] == 403
+    assert post_as(rec, lab, path, cookie, {"Origin": "https://evil.example"}, {"action": "approve", "csrf_token": token})[0] == 403
+    assert post_as(rec, lab, path, cookie, {}, {"action": "approve", "csrf_token": token})[0] == 403  # no Origin, no Referer
+    # nothing was decided, on either side; every refusal is on record
+    assert rec.psql(f"SELECT count(*) FROM approval_decisions WHERE approval = '{a['id']}'") == "0"
+    assert host_store_approval(host, a["id"])["status"] == "pending" and p.poll() is None
+    assert int(rec.psql(f"SELECT count(*) FROM refusals WHERE path = '{path}' AND status = 403")) >= 5
+    assert target.psql("SELECT count(*) FROM holdme") == "1"
+
+    def deny(d):
+        c = card(d, a["id"])
+        c.find_element(By.CSS_SELECTOR, "input.deny-reason").send_keys("not during business hours")
+        c.find_element(By.CSS_SELECTOR, "button.deny").click()
+        return wait_for(d, By.ID, "notice").text
+
+    assert browser.do(deny).startswith(f"denied: approval {a['id']}")
+    out, err = p.communicate(timeout=60 * SLOWDOWN)
+    assert "the approver said: not during business hours" in err and p.returncode != 0, err
+    assert target.psql("SELECT count(*) FROM holdme") == "1", "the denied DELETE never reached the server"
+    stored = host_store_approval(host, a["id"])
+    assert stored["status"] == "denied" and stored["note"] == "not during business hours" and "alice@example.com" in stored["decided_by"]
