@@ -36,6 +36,10 @@ rules:
     decision: approve
     reason: deleting every row needs a DBA
     timeout: 120s
+  - name: hold-truncate
+    risk: [truncate]
+    decision: approve
+    timeout: 3s
 default: allow
 """
 
@@ -69,7 +73,7 @@ def rec(lab, idp, tmp_path_factory):
 @pytest.fixture(scope="module")
 def target(lab):
     with Postgres(lab.b, port=TARGET_PORT) as pg:
-        pg.psql("GRANT CREATE ON SCHEMA public TO PUBLIC; CREATE TABLE holdme (id int, note text);"
+        pg.psql("GRANT CREATE ON SCHEMA public TO PUBLIC; CREATE TABLE holdme (id int, note text); CREATE TABLE holdtoo (id int);"
                 " GRANT ALL ON ALL TABLES IN SCHEMA public TO PUBLIC;")
         yield pg
 
@@ -325,3 +329,65 @@ def test_cross_site_and_tokenless_posts_are_refused_and_the_page_s_own_deny_work
     assert target.psql("SELECT count(*) FROM holdme") == "1", "the denied DELETE never reached the server"
     stored = host_store_approval(host, a["id"])
     assert stored["status"] == "denied" and stored["note"] == "not during business hours" and "alice@example.com" in stored["decided_by"]
+
+
+def api(rec: Central, lab, method: str, path: str, token: str | None, body: dict | None = None) -> tuple[int, dict]:
+    import ssl
+
+    import httpx
+
+    def go():
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(rec.ca_pem)), timeout=30) as c:
+            r = c.request(method, rec.url + path, json=body, headers={"Authorization": f"Bearer {token}"} if token else {})
+            return r.status_code, r.json()
+
+    return in_host(lab.b, go)
+
+
+def test_automation_answers_with_the_providers_token_and_only_approver_groups_may(rec, idp, host, target, lab):
+    """The API takes the provider's ID token as a bearer token: none or a wrong-audience one is
+    refused (401), a valid one outside the approver groups is refused (403); alice's approves for
+    ten minutes, so the same DELETE runs again without a hold (the host's standing grant)."""
+    target.psql("INSERT INTO holdme VALUES (1, 'a'), (2, 'b')")
+    p = agent_psql(host, lab, "delete from holdme")
+    a = one_held(host, p)
+    path = f"/ui/api/approvals/{host_id(host)}/{a['id']}"
+    wait_until(lambda: any(x["id"] == a["id"] for x in api(rec, lab, "GET", "/ui/api/approvals", idp.token("alice", CLIENT_ID))[1]
+                           .get("approvals", [])), timeout=30)
+    status, body = api(rec, lab, "POST", path, None, {"decision": "approve"})
+    assert status == 401 and "Bearer" in body["error"]
+    status, body = api(rec, lab, "POST", path, idp.token("alice", "another-client"), {"decision": "approve"})
+    assert status == 401 and "audience" in body["error"], body
+    status, body = api(rec, lab, "POST", path, idp.token("mallory", CLIENT_ID), {"decision": "approve"})
+    assert status == 403 and "not in an approver group" in body["error"], body
+    assert host_store_approval(host, a["id"])["status"] == "pending" and p.poll() is None
+    assert target.psql("SELECT count(*) FROM holdme") == "2"
+    status, body = api(rec, lab, "POST", path, idp.token("alice", CLIENT_ID), {"decision": "approve", "for_seconds": 600})
+    assert status == 200, body
+    out, err = p.communicate(timeout=60 * SLOWDOWN)
+    assert p.returncode == 0 and target.psql("SELECT count(*) FROM holdme") == "0", err
+    assert host_store_approval(host, a["id"])["grant_until"] > time.time() + 500
+    target.psql("INSERT INTO holdme VALUES (3, 'c')")
+    r = agent_psql(host, lab, "delete from holdme")
+    r.communicate(timeout=60 * SLOWDOWN)
+    assert r.returncode == 0 and target.psql("SELECT count(*) FROM holdme") == "0", "the grant covers the same DELETE"
+
+
+def test_with_the_recorder_down_a_hold_times_out_into_a_refusal_and_roots_cli_still_answers(rec, host, target, lab):
+    """No inbound port, no dependence: while the recorder is stopped a hold nobody answers expires
+    into a refusal (nothing reaches the server), and `interlock approve` on the host still works."""
+    target.psql("INSERT INTO holdtoo VALUES (5)")
+    rec.stop_server()
+    try:
+        t0 = time.monotonic()
+        r = agent_psql(host, lab, "truncate holdtoo")
+        _, err = r.communicate(timeout=60 * SLOWDOWN)
+        assert "not approved (expired)" in err and time.monotonic() - t0 > 2.5, err
+        assert target.psql("SELECT count(*) FROM holdtoo") == "1"
+        p = agent_psql(host, lab, "delete from holdtoo")
+        a = one_held(host, p)
+        assert host.cli("approve", a["id"]).returncode == 0
+        _, err = p.communicate(timeout=60 * SLOWDOWN)
+        assert p.returncode == 0 and target.psql("SELECT count(*) FROM holdtoo") == "0", err
+    finally:
+        rec.start_server()

@@ -288,15 +288,20 @@ async def replay(request: web.Request) -> web.Response:
 async def _api_approver(request: web.Request) -> Approver:
     token = auth.bearer_token(request)
     if token is None:
-        raise web.HTTPUnauthorized(text='{"error": "send the provider\'s ID token as Authorization: Bearer"}',
-                                   content_type="application/json", headers={"WWW-Authenticate": "Bearer"})
+        raise _unauthorized("send the provider's ID token as Authorization: Bearer", "Bearer")
     try:
         claims = await request.app["provider"].bearer(request.app["http"], token)
     except SignInError as e:
         log.warning("bearer token refused: %s", e)
-        raise web.HTTPUnauthorized(text=_json({"error": str(e)}), content_type="application/json",
-                                   headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
+        raise _unauthorized(str(e), 'Bearer error="invalid_token"') from None
     return auth.approver_from_claims(claims, request.app["settings"].oidc.groups_claim)
+
+
+def _unauthorized(message: str, challenge: str) -> web.HTTPUnauthorized:
+    """401 whose reason (what the recorder's refusals table and JSON reply carry) is the message."""
+    message = " ".join(message.split())[:500]
+    return web.HTTPUnauthorized(reason=message, text=_json({"error": message}), content_type="application/json",
+                                headers={"WWW-Authenticate": challenge})
 
 
 def _json(d: dict) -> str:
