@@ -172,3 +172,20 @@ def test_old_recordings_get_the_identity_column(tmp_path):
     assert "identity" in rec.db["sessions"].columns_dict
     assert rec.db.execute("SELECT identity FROM sessions WHERE id = 'old'").fetchone() == (None,)
     rec.close()
+
+
+def test_approvers_travel_with_the_hold_decision():
+    pol = load("p.yaml", text="""
+rules:
+  - name: hold
+    operation: delete
+    decision: approve
+    approvers: {groups: [dba, oncall], four_eyes: true}
+default: allow
+""")
+    d = pol.decide("bot", DB, Operation("postgres", "delete"))
+    assert d.verdict is Verdict.APPROVE and d.approvers == {"groups": ["dba", "oncall"], "four_eyes": True}
+    with pytest.raises(PolicyError, match="'approvers' is for decision: approve only"):
+        load("p.yaml", text="rules:\n  - name: r\n    decision: allow\n    approvers: {groups: [a]}\n")
+    with pytest.raises(PolicyError, match="four_eyes must be true or false"):
+        load("p.yaml", text="rules:\n  - name: r\n    decision: approve\n    approvers: {four_eyes: maybe}\n")
