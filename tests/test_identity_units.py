@@ -189,3 +189,15 @@ default: allow
         load("p.yaml", text="rules:\n  - name: r\n    decision: allow\n    approvers: {groups: [a]}\n")
     with pytest.raises(PolicyError, match="four_eyes must be true or false"):
         load("p.yaml", text="rules:\n  - name: r\n    decision: approve\n    approvers: {four_eyes: maybe}\n")
+
+
+def test_policy_explain_takes_claims(tmp_path, capsys):
+    from interceptor.cli import main
+
+    f = tmp_path / "p.yaml"
+    f.write_text(POLICY)
+    args = ["policy", "explain", "--file", str(f), "--agent", "ci", "--target", "db", "--op", "connect"]
+    assert main([*args, "--claim", "sub=repo:org/app:1", "--claim", "aud=x", "--claim", "aud=interlock"]) == 0
+    assert capsys.readouterr().out.startswith("ALLOW  rule: app")
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith("DENY  rule: default")
