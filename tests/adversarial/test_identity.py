@@ -126,6 +126,7 @@ def test_identity_rule_allows_a_matching_subject_and_denies_another(inst, lab, e
     assert row and json.loads(row[-1]["identity"])["sub"] == APP_SUB
     assert json.loads(row[-1]["identity"])["claims"]["repository"] == "org/app"
     assert json.loads(row[-1]["identity"])["iss"] == provider.issuer
+    assert f"identity {APP_SUB}" in inst.cli("replay", row[-1]["id"]).stdout
     other = wait_until(lambda: [s for s in inst.sessions("other") if s["ended"]])
     assert other and json.loads(other[-1]["identity"])["sub"] == OTHER_SUB
     decisions = [e["data"] for e in inst.events("decision") if e["session"] in {s["id"] for s in other}]
