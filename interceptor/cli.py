@@ -427,6 +427,8 @@ def cmd_policy(args) -> int:
             raise CliError(f"--target must be a target name from the policy or ADDRESS:PORT, got '{args.target}'")
         dest = Destination(host.strip("[]"), int(port), (), args.protocol or "tcp")
     op = Operation(args.protocol or dest.protocol, args.op, tuple(args.object or ()), tuple(args.risk or ()))
+    if args.claim:
+        pol.identity_of = _explained_identity(args.agent, args.claim)
     d = pol.decide(args.agent, dest, op)
     if args.json:
         print(json.dumps({"verdict": d.verdict.value, "rule": d.rule, "reason": d.reason, "mask": list(d.mask),
@@ -435,6 +437,21 @@ def cmd_policy(args) -> int:
     print(f"{d.verdict.value.upper()}  rule: {d.rule}  ({d.reason})" + (f"  mask: {', '.join(d.mask)}" if d.mask else "")
           + (f"  approval timeout: {d.approval_timeout:g}s" if d.verdict.value == "approve" else ""))
     return 0
+
+
+def _explained_identity(agent: str, claims: list[str]):
+    """--claim NAME=VALUE…: the agent as if it carried a verified identity with these claims."""
+    from identity.agents import AgentIdentity
+
+    flat: dict[str, str | list[str]] = {}
+    for c in claims:
+        name, sep, value = c.partition("=")
+        if not sep or not name:
+            raise CliError(f"--claim takes NAME=VALUE (e.g. sub=repo:org/app:ref:refs/heads/main), got '{c}'")
+        flat[name] = [*flat[name], value] if isinstance(flat.get(name), list) else \
+            [flat[name], value] if name in flat else value
+    ident = AgentIdentity(agent, str(flat.get("iss", "")), str(flat.get("sub", "")), time.time() + 3600, flat)
+    return lambda name: ident if name == agent else None
 
 
 def cmd_approvals(args) -> int:
@@ -642,6 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--protocol", help="tcp, postgres, http, aws … (default: the target's)")
     pe.add_argument("--object", action="append", help="a table, bucket or path the operation touches")
     pe.add_argument("--risk", action="append", help="a risk flag the parser would raise (e.g. drop)")
+    pe.add_argument("--claim", action="append", metavar="NAME=VALUE",
+                    help="a claim of the agent's verified OIDC identity (repeat; a name given twice is a list)")
     p.set_defaults(fn=cmd_policy)
     p = sub.add_parser("approvals", parents=[common], help="operations waiting for a human")
     p.add_argument("--all", action="store_true", help="include decided and expired ones")

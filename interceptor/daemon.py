@@ -686,9 +686,10 @@ class Daemon:
         enrolment.check_target(pid, scope)
         before = cgroups.cgroup_of(pid, scope.mount)
         was = before.name if before is not None and before.parent == self.layout.agents_cgroup else None
-        running = [p for p in cgroups.procs(self.layout.agent_cgroup(agent)) if p != pid]
-        ident = self.identities.for_enrolment(agent, token, running)  # validated outside the lock: it may fetch keys
+        ident = self.identities.for_token(agent, token)  # validated outside the lock: it may fetch keys
         with self.lock:
+            running = [p for p in cgroups.procs(self.layout.agent_cgroup(agent)) if p != pid]
+            self.identities.check(agent, ident, running)
             try:
                 agent_id = self.ensure_agent(agent)
             except DaemonError as e:
@@ -785,6 +786,8 @@ class Daemon:
             "capture_cgroup": str(lay.capture_cgroup),
             "enrolled": agents,
             "selectors": [vars(a) for a in self.config.agents],
+            "identities": {name: {**b.record(), "source": b.source, "refused": b.refusal()}
+                           for name, b in (self.identities.bound.items() if self.identities else ())},
         }
 
 

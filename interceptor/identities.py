@@ -57,20 +57,25 @@ class Identities:
         return AgentIdentity(agent=agent, iss=claims["iss"], sub=claims["sub"], exp=float(claims["exp"]),
                              claims=flatten(claims, self.config.identity.claims), source=source, token_file=token_file)
 
-    def for_enrolment(self, agent: str, token: str | None, running: list[int]) -> AgentIdentity | None:
-        """What binding agent `agent` has once this enrolment is done (validated now), or Refused.
-        `running`: the processes already in the agent's cgroup (not the one being enrolled)."""
+    def for_token(self, agent: str, token: str | None) -> AgentIdentity | None:
+        """The identity a token sent with an enrolment proves (validated now: it may fetch the
+        issuer's keys, so call it outside the daemon's lock), None without a token, or Refused."""
         sel = self.selectors.get(agent)
-        current = self.bound.get(agent)
         if sel is not None and sel.identity_token:
             raise Refused(f"agent '{agent}' takes its identity from the daemon config ({sel.identity_token}); "
                           "choose another agent name")
         if sel is not None and token:
             raise Refused(f"agent '{agent}' is a selector of the daemon config, which binds no identity to it; "
                           "choose another agent name for a process with an identity token")
-        new = self.validate(agent, token, "run") if token else None
+        return self.validate(agent, token, "run") if token else None
+
+    def check(self, agent: str, new: AgentIdentity | None, running: list[int]) -> None:
+        """Refused when a process with identity `new` (or none) must not join agent `agent`, whose
+        cgroup holds `running` (not the one being enrolled). Call it under the daemon's lock, with
+        the binding written before that lock is released: two enrolments never both pass it."""
+        current = self.bound.get(agent)
         if not running:
-            return new
+            return
         if current is None and new is not None:
             raise Refused(f"agent '{agent}' has {len(running)} process(es) enrolled without an identity; "
                           "choose another agent name for a process with an identity token")
@@ -80,7 +85,6 @@ class Identities:
         if current is not None and (current.iss, current.sub) != (new.iss, new.sub):
             raise Refused(f"agent '{agent}' carries the identity {current.sub!r} ({current.iss}) of its running "
                           f"processes, not {new.sub!r}: choose another agent name")
-        return new
 
     def set(self, agent: str, ident: AgentIdentity | None) -> AgentIdentity | None:
         """Bind (or unbind) and write the file; returns the previous binding (for a rollback)."""

@@ -121,6 +121,7 @@ class Rule:
     created_in_session: bool | None = None
     # The agent's identity claims -> globs, all must match (`identity:`; see identity_matches).
     identity: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    approvers: dict | None = None  # approve only: {"groups": [...], "four_eyes": bool}
 
     def applies_to(self, agent: Agent) -> bool:
         """The rule's agent conditions: its `agent:` names/groups and its `identity:` claims."""
@@ -265,7 +266,8 @@ class Policy:
             if rule.matches(who, names, op):
                 return Decision(rule.verdict, rule.name, rule.reason or f"rule '{rule.name}' ({self.source}:{rule.line})",
                                 mask=rule.mask, approval_timeout=rule.timeout or (
-                                    DEFAULT_APPROVAL_TIMEOUT if rule.verdict is Verdict.APPROVE else None))
+                                    DEFAULT_APPROVAL_TIMEOUT if rule.verdict is Verdict.APPROVE else None),
+                                approvers=rule.approvers)
         if op.action == INBOUND:
             return Decision(Verdict.DENY, "default", "no rule allows inbound connections to this agent and port")
         return Decision(self.default, "default", f"no rule matched; the policy's default is {self.default.value}")
@@ -277,7 +279,7 @@ _STRICTNESS = {Verdict.ALLOW: 0, Verdict.MASK: 1, Verdict.APPROVE: 2, Verdict.DE
 # ---- loading -------------------------------------------------------------------------------
 
 _RULE_KEYS = {"name", "agent", "target", "operation", "object", "risk", "protocol", "decision", "timeout", "mask", "reason",
-              "method", "host", "path", "query", "header", "created_in_session", "identity"}
+              "method", "host", "path", "query", "header", "created_in_session", "identity", "approvers"}
 _TARGET_KEYS = {"address", "cidr", "hostname", "port", "protocol", "credentials", "upstream_user", "tls"}
 _TLS_MODES = ("intercept", "passthrough")
 # Rule keys over request attributes; path and query compare as written, the rest case-folded.
@@ -330,6 +332,25 @@ def _identity(spec: dict, rule: str, at_key, problems: list[str]) -> tuple[tuple
             continue
         out.append((claim, globs))
     return tuple(out)
+
+
+def _approvers(spec: dict, rule: str, verdict, at_key, problems: list[str]) -> dict | None:
+    """A hold's `approvers: {groups: [..], four_eyes: bool}` (who may answer it, on the central page)."""
+    value = spec.get("approvers")
+    if value is None:
+        return None
+    where = at_key(spec, "approvers")
+    if verdict != Verdict.APPROVE.value:
+        problems.append(f"{where}: rule '{rule}': 'approvers' is for decision: approve only")
+    if not isinstance(value, dict) or set(value) - {"groups", "four_eyes"}:
+        problems.append(f"{where}: rule '{rule}': 'approvers' must be a mapping of groups (list) and four_eyes (true/false)")
+        return None
+    groups = _strings(value.get("groups"), where, problems)
+    four_eyes = value.get("four_eyes", False)
+    if not isinstance(four_eyes, bool):
+        problems.append(f"{where}: rule '{rule}': approvers.four_eyes must be true or false")
+        four_eyes = False
+    return {"groups": list(groups), "four_eyes": four_eyes}
 
 
 def load(path: Path | str, text: str | None = None) -> Policy:
@@ -457,6 +478,7 @@ def load(path: Path | str, text: str | None = None) -> Policy:
         attributes += [(f"header.{str(h).lower()}", tuple(v.lower() for v in _strings(v, where, problems)))
                        for h, v in headers.items()]
         identity = _identity(spec, name, at_key, problems)
+        approvers = _approvers(spec, name, verdict, at_key, problems)
         if verdict == Verdict.MASK.value and INBOUND in (o.lower() for o in _strings(spec.get("operation"), where, [])):
             problems.append(f"{at_key(spec, 'decision')}: rule '{name}': inbound connections are relayed unread, "
                             "so they cannot be masked (use allow, deny or approve)")
@@ -471,7 +493,7 @@ def load(path: Path | str, text: str | None = None) -> Policy:
             protocols=_strings(spec.get("protocol"), where, problems),
             timeout=timeout, mask=_strings(spec.get("mask"), where, problems),
             reason=str(spec.get("reason") or ""), attributes=tuple(attributes), created_in_session=created,
-            identity=identity))
+            identity=identity, approvers=approvers))
     if problems:
         raise PolicyError(problems)
     return pol

@@ -43,3 +43,6 @@ class Decision:
     reason: str
     mask: tuple[str, ...] = ()  # field names or detector names to mask, for Verdict.MASK
     approval_timeout: float | None = None
+    # Who may answer a hold (Verdict.APPROVE), from the rule's `approvers:`:
+    # {"groups": [..], "four_eyes": bool}; None: anyone who may approve at all.
+    approvers: dict | None = field(default=None, hash=False, compare=False)

@@ -43,6 +43,12 @@ def render(tl: dict) -> str:
         f"  command {p(s['cmdline'])}",
         f"  to      {p(s['dst_addr'])}:{s['dst_port']}  protocol {p(s['protocol'])}",
     ]
+    if s.get("identity"):  # the agent's verified OIDC identity (identity/agents.py)
+        try:
+            ident = json.loads(s["identity"])
+            lines.insert(2, f"  identity {p(ident.get('sub'))}  issuer {p(ident.get('iss'))}")
+        except (ValueError, AttributeError):
+            lines.insert(2, f"  identity {p(s['identity'])}")
     judged_by_event = any(e["kind"] == "decision" and e["data"].get("action") == "connect" for e in tl["events"])
     if s.get("verdict") and not judged_by_event:
         lines.append(f"  +{0:9.3f}s  {p(s['verdict'].upper()):8} connect   [rule {p(s['rule'])}]")
