@@ -4,6 +4,7 @@ each agent has bound to an address through the resolver, and the approvals being
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import time
@@ -154,7 +155,7 @@ class Holds:
         try:
             approval_id = approvals.request(conn, approvals.HeldOperation(
                 rec.id, rec.agent, dest, op.protocol, op.action, op.objects, op.summary, decision.rule,
-                decision.reason, timeout))
+                decision.reason, timeout, json.dumps(decision.approvers) if decision.approvers else ""))
         except sqlite3.Error as e:  # no pending approval on record: nobody could answer it
             self.proxy.recorder.fail(e, [])
             return "recorder-error"

@@ -15,6 +15,7 @@ field `csrf_token` or the `X-CSRF-Token` header.
 from __future__ import annotations
 
 import hmac
+import json
 import secrets
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -54,13 +55,12 @@ def owner_of(approval: dict, session: dict | None) -> set[str]:
     for src in (approval.get("owner"), (session or {}).get("identity"), (session or {}).get("owner")):
         if isinstance(src, str) and src.startswith("{"):
             try:
-                import json
-
                 src = json.loads(src)
             except ValueError:
                 src = None
-        if isinstance(src, dict):
-            found |= {str(src[k]) for k in ("sub", "email") if src.get(k)}
+        if isinstance(src, dict):  # i-identity's {"iss", "sub", "exp", "claims": {...}} or plain claims
+            claims = src.get("claims") if isinstance(src.get("claims"), dict) else {}
+            found |= {str(d[k]) for d in (src, claims) for k in ("sub", "email") if d.get(k)}
         elif isinstance(src, str) and src:
             found.add(src)
     return found
