@@ -68,6 +68,19 @@ class Browser:
         self.driver = in_host(self.host, webdriver.Remote, command_executor=f"http://127.0.0.1:{self.port}", options=opts)
         return self
 
+    @staticmethod
+    def wait(d, by, what: str, timeout: float = 15):
+        """The element once the page shows it; the failure names the URL and what the page says."""
+        from selenium.common.exceptions import TimeoutException
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions as ec
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        try:
+            return WebDriverWait(d, timeout * SLOWDOWN, poll_frequency=0.05).until(ec.presence_of_element_located((by, what)))
+        except TimeoutException:
+            raise AssertionError(f"no {what} on {d.current_url}: {d.find_element(By.TAG_NAME, 'body').text[:3000]}") from None
+
     def do(self, fn, *args, **kw):
         """fn(driver, *args, **kw) inside the host's namespace; its result."""
         return in_host(self.host, fn, self.driver, *args, **kw)

@@ -99,17 +99,8 @@ def browser(lab, rec):
         yield b
 
 
-def wait_for(d, by, what, timeout: float = 15):
-    """The element, once the page shows it; the failure names the URL and the page as it is."""
-    from selenium.common.exceptions import TimeoutException
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    try:
-        return WebDriverWait(d, timeout * SLOWDOWN, poll_frequency=0.05).until(ec.presence_of_element_located((by, what)))
-    except TimeoutException:
-        raise AssertionError(f"no {what} on {d.current_url}: {d.find_element(By.TAG_NAME, 'body').text[:3000]}") from None
+def wait_for(d, by, what: str, timeout: float = 15):
+    return Browser.wait(d, by, what, timeout)
 
 
 def sign_in(browser: Browser, rec: Central, who: str) -> None:
@@ -241,6 +232,14 @@ def test_a_held_delete_approved_in_the_browser_runs_and_the_replay_names_the_app
 
     lines = wait_until(lambda: [x for x in browser.do(replay) if "approved" in x and "alice@example.com" in x], timeout=30)
     assert lines, browser.do(replay)
+    # sessions, filtered: the agent's sessions are listed with a link to this replay; a filter matching none shows none
+    def listed(d, query: str) -> list[str]:
+        d.get(f"{rec.url}/ui/sessions?{query}")
+        return [e.get_attribute("href") for e in d.find_elements(By.CSS_SELECTOR, "#sessions tr.session a")]
+
+    assert any(h.endswith(f"/ui/sessions/{host_id(host)}/{a['session']}") for h in browser.do(listed, "agent=bot&verdict=approve"))
+    assert browser.do(listed, "agent=nobody") == [] and browser.do(listed, f"target={lab.b.addr4}:{TARGET_PORT}")
+    browser.do(replay)
     # the replay shows the agent's statement, markup and all, as text too
     assert any(XSS in x for x in browser.do(replay))
     assert browser.do(lambda d: d.execute_script("return [window.pwned === undefined, document.querySelectorAll('#timeline script,"
