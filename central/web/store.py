@@ -1,9 +1,10 @@
 """What the approval page reads and writes in the central PostgreSQL.
 
 Reads come from the hosts' records as shipped (the `records` table, bodies verbatim): an approval's
-current state is its host's latest `approval` record, a session's its latest `session-open` /
-`session-close` record, a replay the session's `event` records in seq order. So the page shows what
-the hosts put on record, nothing the web layer made up.
+current state is its host's latest `approval` record (found through ingest's `approvals` index), a
+session's its latest `session-open` / `session-close` record, a replay the session's `event` and
+`approval` records in order. So the page shows what the hosts put on record, nothing the web layer
+made up (the approval body carries the rule's `approvers`, which the index does not).
 
 Writes: a human's answer is a row of `approval_decisions` (migration 0101), one per (host,
 approval), inserted only while the host's latest record still says pending; the host fetches it
@@ -60,13 +61,13 @@ def _approval(row: dict) -> dict:
     return a
 
 
-_LATEST_APPROVALS = """
-SELECT DISTINCT ON (r.host_id, r.body::jsonb->>'id') r.host_id AS host, r.seq, r.body, h.name AS host_name,
+_APPROVALS = """
+SELECT r.host_id AS host, r.seq, r.body, h.name AS host_name,
        d.approve AS d_approve, d.approver_email AS d_email, d.approver_sub AS d_sub
-FROM records r LEFT JOIN hosts h ON h.host_id = r.host_id
-LEFT JOIN approval_decisions d ON d.host = r.host_id AND d.approval = r.body::jsonb->>'id'
-WHERE r.kind = 'approval'
-ORDER BY r.host_id, r.body::jsonb->>'id', r.seq DESC"""
+FROM approvals a JOIN records r ON r.host_id = a.host_id AND r.seq = a.last_seq
+LEFT JOIN hosts h ON h.host_id = a.host_id
+LEFT JOIN approval_decisions d ON d.host = a.host_id AND d.approval = a.id
+WHERE {where} ORDER BY a.created LIMIT 1000"""
 
 
 class WebStore:
@@ -74,19 +75,14 @@ class WebStore:
         self.pool = pool
 
     async def approvals(self, status: str | None = "pending") -> list[dict]:
+        """Each approval's latest record (ingest's `approvals` index finds it: records at its last_seq)."""
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(_LATEST_APPROVALS)
-            rows = [_approval(r) for r in await cur.fetchall()]
-        if status:
-            rows = [a for a in rows if a.get("status") == status]
-        return sorted(rows, key=lambda a: a.get("created") or 0)
+            await cur.execute(_APPROVALS.format(where="a.status = %s" if status else "TRUE"), (status,) if status else ())
+            return [_approval(r) for r in await cur.fetchall()]
 
     async def approval(self, host: str, approval_id: str) -> dict | None:
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(
-                "SELECT r.host_id AS host, r.seq, r.body, h.name AS host_name FROM records r LEFT JOIN hosts h ON h.host_id = r.host_id"
-                " WHERE r.host_id = %s AND r.kind = 'approval' AND r.body::jsonb->>'id' = %s ORDER BY r.seq DESC LIMIT 1",
-                (host, approval_id))
+            await cur.execute(_APPROVALS.format(where="a.host_id = %s AND a.id = %s"), (host, approval_id))
             row = await cur.fetchone()
         return _approval(row) if row else None
 
