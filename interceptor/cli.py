@@ -658,6 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay", parents=[common], help="a session as a timeline")
     p.add_argument("session")
     p.set_defaults(fn=cmd_replay)
+    from central.cli import add_parser as add_recorder  # the central recorder's admin verbs (central/)
+
+    add_recorder(sub)
     return ap
 
 
