@@ -39,7 +39,7 @@ _FLOAT_TYPES = ("REAL", "FLOAT", "DOUBLE")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- commit order; dense, never reused
+    id INTEGER PRIMARY KEY,  -- commit order, dense (prune keeps the newest row, so ids are never reused)
     at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),  -- epoch seconds, for the lag
     kind TEXT NOT NULL,
     body TEXT NOT NULL,
@@ -71,11 +71,21 @@ def _columns(conn: sqlite3.Connection, table: str) -> list[tuple[str, str]]:
     return [(r[1], (r[2] or "").upper()) for r in conn.execute(f"PRAGMA table_info({table})")]
 
 
+_FINITE = "abs({0}) <= 1.7976931348623157e308"  # json() would refuse printf's Inf: the insert must never fail
+
+
 def _value(name: str, typ: str) -> str:
     col = f'NEW."{name}"'
     if any(t in typ for t in _FLOAT_TYPES):  # SQLite's JSON keeps 15 digits: not enough to round-trip
-        return f"CASE WHEN typeof({col}) = 'real' THEN json(printf('%!.17g', {col})) ELSE {col} END"
+        return (f"CASE WHEN typeof({col}) = 'real' AND {_FINITE.format(col)} THEN json(printf('%!.17g', {col})) "
+                f"ELSE {col} END")
     return col
+
+
+def _float_text(col: str) -> str:
+    """A REAL column as JSON text (17 digits), for bodies built by concatenation; never NULL."""
+    return (f"CASE WHEN typeof({col}) = 'real' AND {_FINITE.format(col)} THEN printf('%!.17g', {col}) "
+            f"WHEN typeof({col}) = 'integer' THEN {col} ELSE json_quote({col}) END")
 
 
 def _object(cols: list[tuple[str, str]]) -> str:
@@ -105,9 +115,11 @@ def install(conn: sqlite3.Connection, host: str) -> None:
                                f"joined as {host}: one host id per journal")
         conn.execute("UPDATE journal_state SET host = ?", (host,))
     sessions, events, approvals_ = (_columns(conn, t) for t in ("sessions", "events", "approvals"))
-    data = "json(CASE WHEN json_valid(NEW.data) THEN NEW.data ELSE json_quote(NEW.data) END)"
-    event_body = (f"json_object('id', NEW.id, 'at', {_value('at', 'FLOAT')}, 'kind', NEW.kind, "
-                  f"'session', NEW.session, 'data', {data})")
+    # Events are the per-operation path (statements, requests): the body is concatenated, with the
+    # event's own JSON text inside as written (checked, not parsed and re-rendered by json()).
+    event_body = ("""'{"id":' || NEW.id || ',"at":' || """ + _float_text("NEW.at") +
+                  """ || ',"kind":' || json_quote(NEW.kind) || ',"session":' || json_quote(NEW.session) || """
+                  """',"data":' || CASE WHEN json_valid(NEW.data) THEN NEW.data ELSE json_quote(NEW.data) END || '}'""")
     statements = [
         f"CREATE TRIGGER journal_session_open AFTER INSERT ON sessions BEGIN "
         f"INSERT INTO journal (kind, body) VALUES ('session-open', {_object(sessions)}); END",
@@ -184,7 +196,8 @@ def prune(conn: sqlite3.Connection, before: float) -> int:
     acked = conn.execute("SELECT acked_seq, cp_shipped FROM journal_state").fetchone()
     if acked is None:
         return 0
-    n = conn.execute("DELETE FROM journal WHERE seq IS NOT NULL AND seq <= ? AND at < ?", (acked[0], before)).rowcount
+    n = conn.execute("DELETE FROM journal WHERE seq IS NOT NULL AND seq <= ? AND at < ? AND id < (SELECT max(id) FROM journal)",
+                     (acked[0], before)).rowcount  # the newest row stays: a new row's id is max(id) + 1
     conn.execute("DELETE FROM journal_checkpoints WHERE seq <= ? AND seq <= ? AND at_us < ?",
                  (acked[0], acked[1], int(before * 1e6)))
     return n

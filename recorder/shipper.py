@@ -122,6 +122,7 @@ class Shipper:
         self._wake: asyncio.Event | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._task: asyncio.Task | None = None
 
     # ---- thread plumbing --------------------------------------------------------------------
 
@@ -132,8 +133,11 @@ class Shipper:
             self.loop = asyncio.new_event_loop()
             self._wake = asyncio.Event()
             ready.set()
+            self._task = self.loop.create_task(self.run())
             try:
-                self.loop.run_until_complete(self.run())
+                self.loop.run_until_complete(self._task)
+            except asyncio.CancelledError:
+                pass  # stopped mid-request: the server dedupes whatever it got, the next start resyncs
             finally:
                 self.loop.close()
 
@@ -158,9 +162,13 @@ class Shipper:
                 break
             time.sleep(0.05)
         self._stopping = True
-        self.wake()
+        if self.loop is not None and self._task is not None:
+            try:
+                self.loop.call_soon_threadsafe(self._task.cancel)
+            except RuntimeError:
+                pass  # the loop is closed already
         if self._thread is not None:
-            self._thread.join(timeout=REQUEST_TIMEOUT + 5)
+            self._thread.join(timeout=10)
         self.conn.close()
 
     def state(self) -> dict:
