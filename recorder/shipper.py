@@ -353,6 +353,7 @@ class SpoolBound:
         self.low = int(spool_max * LOW_WATER)
         self.last: journal.Spool | None = None
         recorder.hold = self.holding
+        self.check()  # a proxy started over a full spool refuses from its first connection
 
     def read(self) -> journal.Spool | None:
         try:
