@@ -25,6 +25,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -77,8 +78,8 @@ class Shipping:
         journal.install(conn, self.files.host_id)
 
     def start(self) -> None:
-        self.shipper = Shipper(self.db, self.files)
         self.chainer = journal.Chainer(self.db, self.files.host_id, self.key, on_chained=lambda _: self.shipper.wake())
+        self.shipper = Shipper(self.db, self.files, durable=lambda: self.chainer.durable_seq)
         self.chainer.start()
         self.shipper.start()
 
@@ -108,8 +109,9 @@ class Shipping:
 class Shipper:
     """Sends chained journal rows to the recorder; one thread with its own event loop."""
 
-    def __init__(self, db: Path, files: HostFiles):
+    def __init__(self, db: Path, files: HostFiles, durable: Callable[[], int] | None = None):
         self.db, self.files = db, files
+        self.durable = durable  # the highest seq known to be on disk (the chainer's); None: all chained
         self.host, self.server = files.host_id, files.server
         self.conn = journal.connect(db)
         self.batch_records = BATCH_RECORDS
@@ -291,9 +293,11 @@ class Shipper:
         records the server holds already, cover (a checkpoint signed after its records were
         shipped goes alone)."""
         acked, cp_shipped = self.conn.execute("SELECT acked_seq, cp_shipped FROM journal_state").fetchone()
+        upto = self.durable() if self.durable is not None else 1 << 62
         out, size = [], 0
         for seq, kind, body, h in self.conn.execute(
-                "SELECT seq, kind, body, hash FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (acked, self.batch_records)):
+                "SELECT seq, kind, body, hash FROM journal WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (acked, upto, self.batch_records)):
             size += len(body) + len(kind) + 200
             if out and size > BATCH_BYTES:
                 break
