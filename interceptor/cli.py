@@ -546,7 +546,9 @@ def cmd_prune(args) -> int:
     done = prune(lay.db, time.time() - age)
     _emit(args, {"ok": True, "older_than_seconds": age, "deleted": done},
           f"pruned recordings older than {args.older_than} from {lay.db}: {done['sessions']} session(s), "
-          f"{done['events']} event(s), {done['approvals']} decided approval(s); open sessions and pending holds stay")
+          f"{done['events']} event(s), {done['approvals']} decided approval(s)"
+          + (f", {done['journal']} journal record(s) the central recorder acknowledged" if "journal" in done else "")
+          + "; open sessions and pending holds stay" + ("; unshipped records stay" if "journal" in done else ""))
     return 0
 
 

@@ -15,12 +15,16 @@ with 17 significant digits so a body parses back to the exact value stored.
 
 The `Chainer` (a daemon thread) numbers new rows densely (seq 1, 2, …), stores H(seq)
 (recorder.records) and signs a checkpoint of the head with the host's Ed25519 key at most every
-CHECKPOINT_INTERVAL while the head moves, all in one SQLite transaction (synchronous=FULL): a
-process killed mid-chain leaves either the whole round or none of it, so the chain never forks or
-skips. `journal_state` (one row) holds the head, the last signature and what the server acked."""
+CHECKPOINT_INTERVAL while the head moves, all in one SQLite transaction: a process killed
+mid-chain leaves either the whole round or none of it, so the chain never forks or skips. The
+commit is not fsynced under the write lock (the proxy's commits would wait for the disk); the
+chainer fsyncs the WAL and the database file right after, and only seqs up to `durable_seq` are
+shipped, so a power loss cannot re-chain a shipped seq differently. `journal_state` (one row)
+holds the head, the last signature and what the server acked."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -34,12 +38,12 @@ from recorder import records
 
 CHAIN_INTERVAL = 0.1  # seconds between looks for new journal rows (records reach the shipper within this)
 CHECKPOINT_INTERVAL = 1.0  # at most one signature per this many seconds while the head moves
-CHAIN_BATCH = 5000  # rows numbered per transaction (the write lock is held only for the UPDATEs)
+CHAIN_BATCH = 1000  # rows numbered per transaction (the write lock is held only for the UPDATEs)
 _FLOAT_TYPES = ("REAL", "FLOAT", "DOUBLE")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- commit order; dense, never reused
+    id INTEGER PRIMARY KEY,  -- commit order, dense (prune keeps the newest row, so ids are never reused)
     at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),  -- epoch seconds, for the lag
     kind TEXT NOT NULL,
     body TEXT NOT NULL,
@@ -71,11 +75,21 @@ def _columns(conn: sqlite3.Connection, table: str) -> list[tuple[str, str]]:
     return [(r[1], (r[2] or "").upper()) for r in conn.execute(f"PRAGMA table_info({table})")]
 
 
+_FINITE = "abs({0}) <= 1.7976931348623157e308"  # json() would refuse printf's Inf: the insert must never fail
+
+
 def _value(name: str, typ: str) -> str:
     col = f'NEW."{name}"'
     if any(t in typ for t in _FLOAT_TYPES):  # SQLite's JSON keeps 15 digits: not enough to round-trip
-        return f"CASE WHEN typeof({col}) = 'real' THEN json(printf('%!.17g', {col})) ELSE {col} END"
+        return (f"CASE WHEN typeof({col}) = 'real' AND {_FINITE.format(col)} THEN json(printf('%!.17g', {col})) "
+                f"ELSE {col} END")
     return col
+
+
+def _float_text(col: str) -> str:
+    """A REAL column as JSON text (17 digits), for bodies built by concatenation; never NULL."""
+    return (f"CASE WHEN typeof({col}) = 'real' AND {_FINITE.format(col)} THEN printf('%!.17g', {col}) "
+            f"WHEN typeof({col}) = 'integer' THEN {col} ELSE json_quote({col}) END")
 
 
 def _object(cols: list[tuple[str, str]]) -> str:
@@ -105,9 +119,11 @@ def install(conn: sqlite3.Connection, host: str) -> None:
                                f"joined as {host}: one host id per journal")
         conn.execute("UPDATE journal_state SET host = ?", (host,))
     sessions, events, approvals_ = (_columns(conn, t) for t in ("sessions", "events", "approvals"))
-    data = "json(CASE WHEN json_valid(NEW.data) THEN NEW.data ELSE json_quote(NEW.data) END)"
-    event_body = (f"json_object('id', NEW.id, 'at', {_value('at', 'FLOAT')}, 'kind', NEW.kind, "
-                  f"'session', NEW.session, 'data', {data})")
+    # Events are the per-operation path (statements, requests): the body is concatenated, with the
+    # event's own JSON text inside as written (checked, not parsed and re-rendered by json()).
+    event_body = ("""'{"id":' || NEW.id || ',"at":' || """ + _float_text("NEW.at") +
+                  """ || ',"kind":' || json_quote(NEW.kind) || ',"session":' || json_quote(NEW.session) || """
+                  """',"data":' || CASE WHEN json_valid(NEW.data) THEN NEW.data ELSE json_quote(NEW.data) END || '}'""")
     statements = [
         f"CREATE TRIGGER journal_session_open AFTER INSERT ON sessions BEGIN "
         f"INSERT INTO journal (kind, body) VALUES ('session-open', {_object(sessions)}); END",
@@ -184,7 +200,8 @@ def prune(conn: sqlite3.Connection, before: float) -> int:
     acked = conn.execute("SELECT acked_seq, cp_shipped FROM journal_state").fetchone()
     if acked is None:
         return 0
-    n = conn.execute("DELETE FROM journal WHERE seq IS NOT NULL AND seq <= ? AND at < ?", (acked[0], before)).rowcount
+    n = conn.execute("DELETE FROM journal WHERE seq IS NOT NULL AND seq <= ? AND at < ? AND id < (SELECT max(id) FROM journal)",
+                     (acked[0], before)).rowcount  # the newest row stays: a new row's id is max(id) + 1
     conn.execute("DELETE FROM journal_checkpoints WHERE seq <= ? AND seq <= ? AND at_us < ?",
                  (acked[0], acked[1], int(before * 1e6)))
     return n
@@ -207,11 +224,27 @@ class Chainer:
     def __init__(self, path: Path, host: str, key: Ed25519PrivateKey,
                  on_chained: Callable[[int], None] | None = None):
         self.conn = connect(path)
-        self.conn.execute("PRAGMA synchronous=FULL")  # a shipped seq must never be re-chained after a crash
+        self.path = path
+        st = self.conn.execute("SELECT head_seq FROM journal_state").fetchone()
+        self.sync()
+        self.durable_seq = st[0] if st else 0  # chained and on disk: what the shipper may send
         self.host, self.key, self.on_chained = host, key, on_chained
         self.error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def sync(self) -> None:
+        """fsync the WAL and the database file (outside any lock): every commit so far is on disk.
+        A frame is either still in the WAL, or a completed checkpoint put it in the database file."""
+        for name in (f"{self.path}-wal", str(self.path)):
+            try:
+                fd = os.open(name, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def run_once(self, now: float | None = None) -> int:
         """Chain what is new and sign when due; the number of rows chained."""
@@ -251,6 +284,8 @@ class Chainer:
             if c.in_transaction:
                 c.execute("ROLLBACK")
             raise
+        self.sync()
+        self.durable_seq = new_seq
         if chained and self.on_chained is not None:
             self.on_chained(new_seq)
         return len(chained)

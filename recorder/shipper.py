@@ -25,6 +25,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -78,8 +79,8 @@ class Shipping:
         journal.install(conn, self.files.host_id)
 
     def start(self) -> None:
-        self.shipper = Shipper(self.db, self.files)
         self.chainer = journal.Chainer(self.db, self.files.host_id, self.key, on_chained=lambda _: self.shipper.wake())
+        self.shipper = Shipper(self.db, self.files, durable=lambda: self.chainer.durable_seq)
         self.chainer.start()
         self.shipper.start()
         from recorder.channel import DecisionChannel  # approvers' answers from the recorder (i-web)
@@ -113,8 +114,9 @@ class Shipping:
 class Shipper:
     """Sends chained journal rows to the recorder; one thread with its own event loop."""
 
-    def __init__(self, db: Path, files: HostFiles):
+    def __init__(self, db: Path, files: HostFiles, durable: Callable[[], int] | None = None):
         self.db, self.files = db, files
+        self.durable = durable  # the highest seq known to be on disk (the chainer's); None: all chained
         self.host, self.server = files.host_id, files.server
         self.conn = journal.connect(db)
         self.batch_records = BATCH_RECORDS
@@ -127,6 +129,7 @@ class Shipper:
         self._wake: asyncio.Event | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._task: asyncio.Task | None = None
 
     # ---- thread plumbing --------------------------------------------------------------------
 
@@ -137,8 +140,11 @@ class Shipper:
             self.loop = asyncio.new_event_loop()
             self._wake = asyncio.Event()
             ready.set()
+            self._task = self.loop.create_task(self.run())
             try:
-                self.loop.run_until_complete(self.run())
+                self.loop.run_until_complete(self._task)
+            except asyncio.CancelledError:
+                pass  # stopped mid-request: the server dedupes whatever it got, the next start resyncs
             finally:
                 self.loop.close()
 
@@ -163,9 +169,13 @@ class Shipper:
                 break
             time.sleep(0.05)
         self._stopping = True
-        self.wake()
+        if self.loop is not None and self._task is not None:
+            try:
+                self.loop.call_soon_threadsafe(self._task.cancel)
+            except RuntimeError:
+                pass  # the loop is closed already
         if self._thread is not None:
-            self._thread.join(timeout=REQUEST_TIMEOUT + 5)
+            self._thread.join(timeout=10)
         self.conn.close()
 
     def state(self) -> dict:
@@ -288,9 +298,11 @@ class Shipper:
         records the server holds already, cover (a checkpoint signed after its records were
         shipped goes alone)."""
         acked, cp_shipped = self.conn.execute("SELECT acked_seq, cp_shipped FROM journal_state").fetchone()
+        upto = self.durable() if self.durable is not None else 1 << 62
         out, size = [], 0
         for seq, kind, body, h in self.conn.execute(
-                "SELECT seq, kind, body, hash FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (acked, self.batch_records)):
+                "SELECT seq, kind, body, hash FROM journal WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (acked, upto, self.batch_records)):
             size += len(body) + len(kind) + 200
             if out and size > BATCH_BYTES:
                 break
@@ -350,6 +362,7 @@ class SpoolBound:
         self.low = int(spool_max * LOW_WATER)
         self.last: journal.Spool | None = None
         recorder.hold = self.holding
+        self.check()  # a proxy started over a full spool refuses from its first connection
 
     def read(self) -> journal.Spool | None:
         try:
