@@ -44,12 +44,45 @@ default: allow
 """
 
 
+HOOK_PORT, HOOK_SECRET = 9601, "hook-secret"
+RECEIVER = """\
+import http.server, json, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        with open(sys.argv[1], "a") as f:
+            f.write(json.dumps({"path": self.path, "headers": dict(self.headers), "body": body.decode()}) + "\\n")
+        self.send_response(200); self.end_headers()
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[2])), H).serve_forever()
+"""
+
+
 def _web_config(path, rec_url: str, idp: MockProvider):
+    hook = f"http://127.0.0.1:{HOOK_PORT}"
     path.write_text(yaml.safe_dump({
         "origin": rec_url,
         "oidc": {"issuer": idp.issuer, "client_id": CLIENT_ID, "client_secret": "web-client-secret", "groups_claim": "groups"},
-        "approvers": {"groups": ["dba"], "four_eyes": True}}))
+        "approvers": {"groups": ["dba"], "four_eyes": True},
+        "webhooks": [{"name": "ops", "url": hook + "/json", "kind": "json", "secret": HOOK_SECRET},
+                     {"name": "slack", "url": hook + "/slack", "kind": "slack"}]}))
     return path
+
+
+@pytest.fixture(scope="module")
+def hooks(lab, tmp_path_factory):
+    """A real webhook receiver on the server host: every POST it got, in a JSON Lines file."""
+    seen = tmp_path_factory.mktemp("hooks") / "seen.jsonl"
+    seen.touch()
+    p = lab.b.popen([sys.executable, "-c", RECEIVER, str(seen), str(HOOK_PORT)], stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+    try:
+        from lab.testing import wait_listening
+
+        wait_listening(lab.b, HOOK_PORT, p)
+        yield seen
+    finally:
+        p.terminate()
+        p.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +95,7 @@ def idp(lab):
 
 
 @pytest.fixture(scope="module")
-def rec(lab, idp, tmp_path_factory):
+def rec(lab, idp, hooks, tmp_path_factory):
     cfg = tmp_path_factory.mktemp("web") / "web.yaml"
     c = Central(lab.b, web_config=cfg)
     _web_config(cfg, c.url, idp)
@@ -104,12 +137,17 @@ def wait_for(d, by, what: str, timeout: float = 15):
 
 
 def sign_in(browser: Browser, rec: Central, who: str) -> None:
-    """Through the provider's own authorization page, as a person would."""
+    """Through the provider's own authorization page, as a person would (signing out first when the
+    browser's session is someone's already)."""
     from selenium.webdriver.common.by import By
 
     def go(d):
         d.get(rec.url + "/ui/")
-        d.find_element(By.NAME, "sub").send_keys(who)
+        if d.find_elements(By.ID, "sign-out"):
+            d.find_element(By.ID, "sign-out").click()
+            wait_for(d, By.ID, "signed-out")
+            d.get(rec.url + "/ui/")
+        wait_for(d, By.NAME, "sub").send_keys(who)
         d.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
         return wait_for(d, By.ID, "who").text
 
@@ -139,12 +177,29 @@ def host_id(inst: Instance) -> str:
     return json.loads((inst.state_dir / "recorder" / "host.json").read_text())["host_id"]
 
 
+_AGENTS: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_agent_outlives_its_test():
+    yield
+    while _AGENTS:
+        p = _AGENTS.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
 def agent_psql(inst: Instance, lab, sql: str) -> subprocess.Popen:
     """psql as an enrolled agent (uid 65533) against the target PostgreSQL, in the background."""
     cmd = [*INTERLOCK, "run", "--state-dir", str(inst.state_dir), "--agent", "bot", "--",
            "setpriv", "--reuid", "65533", "--regid", "65533", "--clear-groups",
            "psql", f"host={lab.b.addr4} port={TARGET_PORT} user=postgres dbname=postgres", "-X", "-A", "-t", "-q", "-c", sql]
-    return inst.host.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = time.time()
+    p = inst.host.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.started = started
+    _AGENTS.append(p)
+    return p
 
 
 def held(inst: Instance) -> list[dict]:
@@ -152,10 +207,13 @@ def held(inst: Instance) -> list[dict]:
 
 
 def one_held(inst: Instance, p: subprocess.Popen) -> dict:
-    got = wait_until(lambda: held(inst) or p.poll() is not None, timeout=30)
+    """The hold p's statement made (the newest pending one: an earlier failed test may have left its own)."""
+    def mine() -> list[dict]:
+        return [a for a in held(inst) if a["created"] >= p.started]
+
+    got = wait_until(lambda: mine() or p.poll() is not None, timeout=30)
     assert got and p.poll() is None, p.communicate()[1] if p.poll() is not None else "nothing held"
-    (a,) = held(inst)
-    return a
+    return max(mine(), key=lambda a: a["created"])
 
 
 def host_store_approval(inst: Instance, approval_id: str) -> dict:
@@ -178,12 +236,14 @@ def card(d, approval_id: str):
     return wait_for(d, By.ID, f"approval-{approval_id}", timeout=30)
 
 
-def test_a_held_delete_approved_in_the_browser_runs_and_the_replay_names_the_approver(browser, rec, idp, host, target, lab):
+def test_a_held_delete_approved_in_the_browser_runs_and_the_replay_names_the_approver(browser, rec, idp, host, target, lab,
+                                                                                      hooks):
     """Sign in, see the held DELETE (agent-sent markup shown as text, no script run), approve once:
-    the statement runs on the real PostgreSQL; the replay names the approver."""
+    the statement runs on the real PostgreSQL; the replay names the approver. The hold was posted to
+    both webhooks (signed JSON, Slack's format with the markup escaped), each delivery on record."""
     from selenium.webdriver.common.by import By
 
-    target.psql("INSERT INTO holdme VALUES (1, 'a'), (2, 'b'), (3, 'c')")
+    target.psql("DELETE FROM holdme; INSERT INTO holdme VALUES (1, 'a'), (2, 'b'), (3, 'c')")
     sign_in(browser, rec, "alice")
     browser.do(lambda d: d.get(rec.url + "/ui/"))
     title = browser.do(lambda d: d.title)
@@ -222,6 +282,22 @@ def test_a_held_delete_approved_in_the_browser_runs_and_the_replay_names_the_app
     print(f"\nbench web-approvals: hold-to-page {hold_to_page * 1000:.0f} ms, approve-to-release "
           f"{(stored['decided_at'] - clicked) * 1000:.0f} ms (to the host's store), "
           f"{(released - clicked) * 1000:.0f} ms (to psql's exit)")
+
+    from central.notify import verify
+
+    def posted() -> dict:
+        got = [json.loads(x) for x in hooks.read_text().splitlines()]
+        return {g["path"]: g for g in got if a["id"] in g["body"]}
+
+    got = wait_until(lambda: len(posted()) == 2 and posted(), timeout=30)
+    assert got, hooks.read_text()
+    j = got["/json"]
+    assert verify(HOOK_SECRET.encode(), j["body"].encode(), j["headers"].get("X-Interlock-Timestamp"),
+                  j["headers"].get("X-Interlock-Signature"))
+    body = json.loads(j["body"])
+    assert body["approval"]["summary"].startswith("delete from holdme") and body["link"].endswith(f"/ui/approvals/{a['id']}")
+    assert "&lt;script&gt;" in got["/slack"]["body"] and "<script>" not in got["/slack"]["body"]
+    assert rec.psql(f"SELECT count(*) FROM webhook_deliveries WHERE approval = '{a['id']}' AND ok") == "2"
 
     notice = browser.do(lambda d: wait_for(d, By.ID, "notice").text)
     assert notice.startswith(f"approved: approval {a['id']}")
@@ -280,7 +356,7 @@ def test_cross_site_and_tokenless_posts_are_refused_and_the_page_s_own_deny_work
     agent gets the reason."""
     from selenium.webdriver.common.by import By
 
-    target.psql("INSERT INTO holdme VALUES (7, 'keep me')")
+    target.psql("DELETE FROM holdme; INSERT INTO holdme VALUES (7, 'keep me')")
     sign_in(browser, rec, "alice")
     p = agent_psql(host, lab, "delete from holdme; select 'after'")
     a = one_held(host, p)
@@ -347,7 +423,7 @@ def test_automation_answers_with_the_providers_token_and_only_approver_groups_ma
     """The API takes the provider's ID token as a bearer token: none or a wrong-audience one is
     refused (401), a valid one outside the approver groups is refused (403); alice's approves for
     ten minutes, so the same DELETE runs again without a hold (the host's standing grant)."""
-    target.psql("INSERT INTO holdme VALUES (1, 'a'), (2, 'b')")
+    target.psql("DELETE FROM holdme; INSERT INTO holdme VALUES (1, 'a'), (2, 'b')")
     p = agent_psql(host, lab, "delete from holdme")
     a = one_held(host, p)
     path = f"/ui/api/approvals/{host_id(host)}/{a['id']}"
@@ -375,7 +451,7 @@ def test_automation_answers_with_the_providers_token_and_only_approver_groups_ma
 def test_with_the_recorder_down_a_hold_times_out_into_a_refusal_and_roots_cli_still_answers(rec, host, target, lab):
     """No inbound port, no dependence: while the recorder is stopped a hold nobody answers expires
     into a refusal (nothing reaches the server), and `interlock approve` on the host still works."""
-    target.psql("INSERT INTO holdtoo VALUES (5)")
+    target.psql("DELETE FROM holdtoo; INSERT INTO holdtoo VALUES (5)")
     rec.stop_server()
     try:
         t0 = time.monotonic()

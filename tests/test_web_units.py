@@ -73,7 +73,9 @@ def test_web_config_refusals(tmp_path):
     for text, msg in [("origin: http://r:1\noidc: {issuer: i, client_id: c}\n", "origin must be https"),
                       ("origin: https://r:1\n", "oidc needs issuer and client_id"),
                       ("origin: https://r:1\noidc: {issuer: i, client_id: c}\nextra: 1\n", "unknown keys"),
-                      ("origin: https://r:1\noidc: {issuer: i, client_id: c}\napprovers: {groups: dba}\n", "approvers must be")]:
+                      ("origin: https://r:1\noidc: {issuer: i, client_id: c}\napprovers: {groups: dba}\n", "approvers must be"),
+                      ("origin: https://r:1\noidc: {issuer: i, client_id: c}\nwebhooks: [{name: w, url: 'https://h/x'}]\n",
+                       "needs a secret")]:
         f.write_text(text)
         with pytest.raises(config.WebConfigError, match=msg):
             config.load(f, tmp_path)

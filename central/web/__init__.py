@@ -28,5 +28,10 @@ def attach(app: web.Application, config: Path, state_dir: Path, dsn: str, pool, 
     from central.web.config import load
 
     store = WebStore(pool)
-    mount(app, load(config, state_dir), store)
+    settings = load(config, state_dir)
+    mount(app, settings, store)
     DecisionStream(store, dsn, need_host).routes(app)
+    if settings.webhooks:
+        from central.web.notices import Notices
+
+        Notices(store, list(settings.webhooks), settings.origin + "/ui").attach(app)

@@ -55,6 +55,7 @@ class WebSettings:
     origin: str
     session_key: bytes
     rules: auth.ApproverRules = field(default_factory=auth.ApproverRules)
+    webhooks: tuple = ()  # central.notify.Webhook: told of each new pending approval
 
 
 def session_key(state_dir: Path) -> bytes:
@@ -86,6 +87,7 @@ def create_app(settings: WebSettings, store: WebStore) -> web.Application:
     app.router.add_post("/logout", logout)
     app.router.add_get("/approvals/fragment", fragment)
     app.router.add_post("/approvals/{host}/{id}", answer)
+    app.router.add_get("/approvals/{id}", link)
     app.router.add_get("/sessions", sessions)
     app.router.add_get("/sessions/{host}/{id}", replay)
     app.router.add_get("/api/approvals", api_approvals)
@@ -202,6 +204,13 @@ async def index(request: web.Request) -> web.Response:
     items = await request.app[STORE_KEY].approvals()
     return aiohttp_jinja2.render_template("approvals.html", request, {
         "who": who, "csrf": csrf, "approvals": items, "prefix": _prefix(request), "notice": request.query.get("notice", "")})
+
+
+async def link(request: web.Request) -> web.Response:
+    """Where a notification's link lands: the pending list, at that approval."""
+    from urllib.parse import quote
+
+    raise web.HTTPFound(_prefix(request) + "/#approval-" + quote(request.match_info["id"], safe=""))
 
 
 async def fragment(request: web.Request) -> web.Response:

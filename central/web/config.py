@@ -10,6 +10,9 @@
     approvers:
       groups: [dba, oncall]                   # who may answer when a rule names none
       four_eyes: true                         # an agent's own owner may not answer its requests
+    webhooks:                                 # told of each new pending approval (central/notify.py)
+      - {name: ops, url: https://hooks.example/interlock, kind: json, secret: "..."}   # HMAC-SHA256 signed
+      - {name: slack, url: https://hooks.slack.com/services/..., kind: slack}
 
 The redirect URI to register at the provider is <origin>/ui/auth/callback.
 """
@@ -21,6 +24,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from central.notify import Webhook
 from central.web.app import WebSettings, session_key
 from central.web.auth import ApproverRules
 from central.web.oidc import OIDCSettings
@@ -47,11 +51,19 @@ def load(path: Path, state_dir: Path, prefix: str = "/ui") -> WebSettings:
     a = raw.get("approvers") or {}
     if not isinstance(a, dict) or not isinstance(a.get("groups", []), list):
         raise WebConfigError(f"{path}: approvers must be a mapping with groups: [..] and four_eyes: true|false")
-    unknown = set(raw) - {"origin", "oidc", "approvers"}
+    unknown = set(raw) - {"origin", "oidc", "approvers", "webhooks"}
     if unknown:
-        raise WebConfigError(f"{path}: unknown keys {sorted(unknown)} (known: origin, oidc, approvers)")
+        raise WebConfigError(f"{path}: unknown keys {sorted(unknown)} (known: origin, oidc, approvers, webhooks)")
+    hooks = []
+    for i, w in enumerate(raw.get("webhooks") or []):
+        try:
+            hooks.append(Webhook(str(w["name"]), str(w["url"]), str(w.get("kind", "json")),
+                                 str(w["secret"]).encode() if w.get("secret") else None))
+        except (KeyError, TypeError, ValueError) as e:
+            raise WebConfigError(f"{path}: webhooks[{i}]: {e} (each needs name, url, kind json|slack, secret for json)") from None
     oidc = OIDCSettings(issuer=str(o["issuer"]), client_id=str(o["client_id"]), redirect_uri=origin + prefix + "/auth/callback",
                         client_secret=str(o.get("client_secret") or ""), groups_claim=str(o.get("groups_claim") or "groups"),
                         ca_file=o.get("ca_file"))
     return WebSettings(oidc=oidc, origin=origin, session_key=session_key(state_dir),
-                       rules=ApproverRules(groups=tuple(map(str, a.get("groups", []))), four_eyes=bool(a.get("four_eyes", True))))
+                       rules=ApproverRules(groups=tuple(map(str, a.get("groups", []))), four_eyes=bool(a.get("four_eyes", True))),
+                       webhooks=tuple(hooks))
