@@ -25,6 +25,11 @@ from recorder.join import HostFiles
 log = logging.getLogger("interlock.recorder.channel")
 WAIT = 20.0  # seconds the recorder may hold one poll open
 BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
+NO_PAGE_RETRY = 60.0  # seconds between looks while the recorder serves no approval page (404)
+
+
+class NoPage(Exception):
+    """The recorder answers 404 to /v1/decisions: it was started without --web."""
 
 
 class DecisionChannel:
@@ -38,6 +43,7 @@ class DecisionChannel:
         self._thread: threading.Thread | None = None
         self.connected = False
         self.applied = 0
+        self.page: bool | None = None  # False while the recorder answers that it serves no page
         self._live: http.client.HTTPSConnection | None = None
         u = urlsplit(files.server)
         self._host, self._port = u.hostname or "", u.port or 443
@@ -72,9 +78,16 @@ class DecisionChannel:
                     conn.connect()
                     self.connected, failures = True, 0
                 answers = self._request(conn, "GET", f"/v1/decisions?wait={self.wait:g}")["decisions"]
+                self.page = True
                 if answers:
                     results = [{"approval": a["approval"], "result": self.apply(a)} for a in answers]
                     self._request(conn, "POST", "/v1/decisions/ack", {"results": results})
+            except NoPage:
+                if self.page is not False:
+                    log.info("recorder channel: %s serves no approval page; looking again every %.0f s",
+                             self.files.server, NO_PAGE_RETRY)
+                self.page = False
+                self._stop.wait(NO_PAGE_RETRY)
             except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError) as e:
                 if conn is not None:
                     conn.close()
@@ -92,6 +105,8 @@ class DecisionChannel:
         conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
         r = conn.getresponse()
         payload = r.read()
+        if r.status == 404:
+            raise NoPage()
         if r.status != 200:
             raise http.client.HTTPException(f"{method} {path}: HTTP {r.status} {payload[:200]!r}")
         return json.loads(payload)
