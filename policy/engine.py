@@ -53,6 +53,20 @@ class Agent:
 IDENTITY_RULE = "identity"  # the rule name of a refusal for an invalid or expired identity token
 
 
+def _no_identity(agent: str) -> None:
+    return None
+
+
+_identity_source: Callable[[str], object | None] = _no_identity
+
+
+def set_identity_source(source: Callable[[str], object | None] | None) -> None:
+    """Where every policy of this process finds agents' bound identities (the proxy: its
+    identity.agents.IdentityBook.get); None: no agent has one. A Policy's own identity_of wins."""
+    global _identity_source
+    _identity_source = source or _no_identity
+
+
 def identity_matches(wanted: tuple[tuple[str, tuple[str, ...]], ...], claims: dict | None) -> bool:
     """Every claim a rule names is present and one of its values matches one of the globs
     (case-sensitive: subjects and repository names are). No identity matches no such rule."""
@@ -171,13 +185,14 @@ class Policy:
     targets: dict[str, Target] = field(default_factory=dict)
     rules: list[Rule] = field(default_factory=list)
     default: Verdict = Verdict.DENY
+    # agent name -> its bound identity (identity.agents.AgentIdentity: .claims, .key, .refusal())
+    # or None; None here: the process's source (set_identity_source), which the proxy sets.
+    identity_of: Callable[[str], object | None] | None = field(default=None, repr=False, compare=False)
+    _identity_keys: dict = field(default_factory=dict, repr=False, compare=False)  # agent -> binding key of the memo
     # decide() is a pure function of its inputs and the (never mutated) loaded policy, and a
     # protocol handler asks it the same question for every statement or request: remember answers.
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
     _attr_names: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
-    # agent name -> its bound identity (identity.agents.AgentIdentity: .claims, .key, .refusal())
-    # or None; the proxy sets it (proxy/gate.py), elsewhere no agent has an identity.
-    identity_of: Callable[[str], object | None] = field(default=lambda _agent: None, repr=False, compare=False)
 
     def targets_for(self, dest: Destination) -> list[Target]:
         return [t for t in self.targets.values() if t.matches(dest)]
@@ -198,26 +213,34 @@ class Policy:
     def rule(self, name: str) -> Rule | None:
         return next((r for r in self.rules if r.name == name), None)
 
+    def identity(self, agent: str):
+        """The agent's bound OIDC identity (identity/agents.py AgentIdentity), or None."""
+        return (self.identity_of or _identity_source)(agent)
+
     def decide(self, agent: str, dest: Destination, op: Operation) -> Decision:
         """The first matching rule's decision. A destination known by several names is judged
         under each name alone and the most restrictive answer wins: which of an address's names
-        a connection "means" is the agent's to choose, so no name may lend it a looser rule."""
+        a connection "means" is the agent's to choose, so no name may lend it a looser rule.
+        An agent whose identity token is invalid or expired is refused everything (rule identity)."""
+        ident = self.identity(agent)
+        if ident is not None:
+            refused = ident.refusal()
+            if refused is not None:
+                return Decision(Verdict.DENY, IDENTITY_RULE, refused)
+        if self._identity_keys.get(agent) != (bound := ident.key if ident is not None else None):
+            self._memo.clear()  # decided under another identity of this agent: never served again
+            self._identity_keys[agent] = bound
         if len(dest.names) > 1:
             return max((self.decide(agent, Destination(dest.address, dest.port, (n,), dest.protocol), op)
                         for n in dest.names), key=lambda d: _STRICTNESS[d.verdict])
-        ident = self.identity_of(agent)
-        if ident is not None:
-            refused = ident.refusal()
-            if refused is not None:  # an invalid or expired token: nothing of this agent's is allowed
-                return Decision(Verdict.DENY, IDENTITY_RULE, refused)
         names = self._attr_names
         if names is None:
             names = self._attr_names = tuple(sorted({n for r in self.rules for n, _ in r.attributes}))
         key = (agent, dest, op.protocol, op.action, op.objects, op.risks, op.attributes.get("created_in_session"),
-               ident.key if ident is not None else None, *(op.attributes.get(n) for n in names))
+               *(op.attributes.get(n) for n in names))
         hit = self._memo.get(key)
         if hit is None:
-            hit = self._decide(agent, dest, op, ident.claims if ident is not None else None)
+            hit = self._decide(agent, dest, op)
             if len(self._memo) >= 8192:
                 self._memo.clear()
             self._memo[key] = hit
@@ -246,16 +269,14 @@ class Policy:
                 return True
         return False
 
-    def agent(self, name: str, claims: dict | None = None) -> Agent:
+    def agent(self, name: str) -> Agent:
         """The agent as rules see it: the file's groups and its bound identity's claims."""
         who = self.agents.get(name) or Agent(name)
-        if claims is None:
-            ident = self.identity_of(name)
-            claims = ident.claims if ident is not None else None
-        return Agent(who.name, who.groups, claims) if claims is not None else who
+        ident = self.identity(name)
+        return Agent(who.name, who.groups, ident.claims) if ident is not None else who
 
-    def _decide(self, agent: str, dest: Destination, op: Operation, claims: dict | None = None) -> Decision:
-        who = self.agent(agent, claims)
+    def _decide(self, agent: str, dest: Destination, op: Operation) -> Decision:
+        who = self.agent(agent)
         if op.protocol == "dns" and op.action != "connect":
             # A DNS query goes to Interlock's resolver, not to a target: it is judged against
             # the targets its name names (by hostname; their ports and addresses do not apply).

@@ -88,7 +88,7 @@ def opaque_refusal(policy: Policy, agent: str, dest: Destination, label: str, al
     be; another label without a parser only against rules that name it in `protocol:`. A "tcp"
     connection allowed by a rule that names tcp (`protocol: tcp`, or targets with
     `protocol: tcp`) is relayed: the operator said so."""
-    ident = policy.identity_of(agent)
+    ident = policy.identity(agent)
     key = (id(policy), agent, dest, label, allowed_by, ident.key if ident is not None else None)
     hit = _CACHE.get(key, _MISS)
     if hit is not _MISS:

@@ -30,7 +30,7 @@ from identity.agents import IdentityBook
 from interceptor import logs
 from interceptor.config import Config, load
 from interceptor.layout import Layout
-from policy.engine import IDENTITY_RULE, Destination
+from policy.engine import IDENTITY_RULE, Destination, set_identity_source
 from policy.model import Decision, Operation, Verdict
 from proxy import inbound
 from proxy.gate import Holds, NameBindings, PolicyHolder
@@ -69,12 +69,13 @@ class Proxy:
         self.live: dict[str, tuple[asyncio.BaseTransport, asyncio.Future]] = {}
         self.status_fd: int | None = None
         self._reported: dict | None = None
-        # Agents' verified OIDC identities, as the daemon bound them at enrolment (identity/agents.py).
-        self.identities = IdentityBook(layout.identities_file)
-        self.policy = PolicyHolder(config.policy, self.recorder, on_load=self.metrics.policy_loaded,
-                                   identity_of=self.identities.get)
+        self.policy = PolicyHolder(config.policy, self.recorder, on_load=self.metrics.policy_loaded)
         self.names = NameBindings()
         self.credentials = CredentialStore(layout.state_dir)
+        # Agents' verified OIDC identities, as the daemon bound them at enrolment (identity/agents.py):
+        # every policy this process loads asks them.
+        self.identities = IdentityBook(layout.identities_file)
+        set_identity_source(self.identities.get)
         # Our interception CA (state_dir/ca, key 0600) and the leaf certificates it mints per
         # name: what the TLS-terminating handlers (PostgreSQL sslmode, HTTPS) present to agents.
         self.ca = CertificateAuthority.load_or_create(layout.state_dir / "ca")
@@ -243,12 +244,11 @@ class Proxy:
         return bound.record_json() if bound is not None else None
 
     def _record(self, dest, ident) -> SessionRecord:
-        agent = self.agent_name(ident.agent_id)
         return SessionRecord(
-            id=new_session_id(), agent=agent, pid=ident.pid,
+            id=new_session_id(), agent=self.agent_name(ident.agent_id), pid=ident.pid,
             tgid=ident.tgid, uid=ident.uid, gid=ident.gid, comm=ident.comm, exe=ident.exe,
             cmdline=ident.cmdline, cgroup_id=ident.cgroup_id, dst_addr=dest.host,
-            dst_port=dest.port, family=dest.family, identity=self.identity_json(agent))
+            dst_port=dest.port, family=dest.family, identity=self.identity_json(self.agent_name(ident.agent_id)))
 
     async def sweep(self, interval: float = 2.0, max_age: float = 5.0) -> None:
         """Record connections the agent abandoned before accept: no connection goes unrecorded."""
