@@ -66,16 +66,16 @@ def need_operator(request: web.Request) -> str:
     return cn
 
 
-async def _json_body(request: web.Request, limit: int) -> object:
+async def _json_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise Refused(413, f"request of {request.content_length} bytes: at most {limit}")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise Refused(413, f"request larger than {limit} bytes") from None
-    if len(raw) > limit:
-        raise Refused(413, f"request of {len(raw)} bytes: at most {limit}")
-    return raw
+    # read up to the route's own limit (a chunked upload has no length to check first)
+    buf = bytearray()
+    async for chunk in request.content.iter_chunked(256 * 1024):
+        buf += chunk
+        if len(buf) > limit:
+            raise Refused(413, f"request larger than {limit} bytes")
+    return bytes(buf)
 
 
 # ---- host routes -------------------------------------------------------------------------

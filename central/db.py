@@ -117,7 +117,7 @@ async def _configure(conn: psycopg.AsyncConnection) -> None:
 def pool(dsn: str, min_size: int = 2, max_size: int = 10) -> AsyncConnectionPool:
     """The pool a recorder process uses (open it with `await pool.open()`)."""
     return AsyncConnectionPool(dsn, min_size=min_size, max_size=max_size, open=False, configure=_configure,
-                               kwargs={"connect_timeout": 10}, timeout=30, name="interlock-recorder")
+                               kwargs={"connect_timeout": 10}, timeout=10, name="interlock-recorder")
 
 
 def _one_line(e: BaseException) -> str:

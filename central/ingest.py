@@ -20,16 +20,23 @@ upserted set-wise from a per-connection staging table, latest record winning."""
 from __future__ import annotations
 
 import json
+import re
+import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
+from hashlib import sha256
 
 import psycopg
 
-from recorder.records import GENESIS, Checkpoint, Record, from_json, public_key_from_hex, record_hash
+from recorder.records import GENESIS, RECORD_KINDS, Checkpoint, Record, from_json, public_key_from_hex
 
 MAX_BYTES = 8 * 1024 * 1024
 MAX_RECORDS = 10_000
 MAX_CHECKPOINTS = 1_000
+_MAX_SEQ = 1 << 63
+_KINDS = frozenset(RECORD_KINDS)
+_RECORD_TAG = b"interlock-record-v1\x00"  # recorder.records' tag: _Hasher must hash exactly as record_hash does
+_SEQ, _LEN = struct.Struct(">Q"), struct.Struct(">I")
 
 SESSION_FIELDS = {
     "agent": str, "pid": int, "uid": int, "gid": int, "comm": str, "exe": str, "cmdline": str,
@@ -90,28 +97,30 @@ def parse_batch(raw: bytes, host_id: str) -> Batch:
     records: list[Record] = []
     sessions: list[str | None] = []
     docs: list[dict | None] = []
+    hasher = _Hasher(host_id)
     prev: bytes | None = None
     for i, item in enumerate(items):
-        try:
-            r = from_json(item)
-        except ValueError as e:
-            raise Refused(400, f"records[{i}]: {e}") from None
-        if not isinstance(r, Record):
-            raise Refused(400, f"records[{i}]: a checkpoint among the records")
+        r = _record(item, i)
         if r.host != host_id:
             raise Refused(403, f"records[{i}] is of host {r.host!r}: a host sends only its own records")
         if r.seq < 1 or (records and r.seq != records[-1].seq + 1):
             raise Refused(400, f"records[{i}] has seq {r.seq}: seqs start at 1 and are contiguous and in order within a batch")
         if "\x00" in r.body:
             raise Refused(400, f"record seq {r.seq}: the body contains a NUL character (not JSON text)")
-        if prev is not None:
-            h = record_hash(prev, r.host, r.seq, r.kind, r.body)
-            if h.hex() != r.hash:
-                raise Refused(400, f"record seq {r.seq} does not link to seq {r.seq - 1}: its hash is not H(seq) of its "
-                                   "content and the previous record's hash")
-            prev = h
-        else:
-            prev = bytes.fromhex(r.hash)
+        try:
+            if prev is not None:
+                h = hasher.hash(prev, r.seq, r.kind, r.body)
+                if h.hex() != r.hash:
+                    raise Refused(400, f"record seq {r.seq} does not link to seq {r.seq - 1}: its hash is not H(seq) of its "
+                                       "content and the previous record's hash")
+                prev = h
+            else:
+                r.body.encode("utf-8")
+                prev = bytes.fromhex(r.hash)
+        except UnicodeEncodeError:
+            raise Refused(400, f"record seq {r.seq}: the body is not valid Unicode text (a lone surrogate)") from None
+        except ValueError:
+            raise Refused(400, f"record seq {r.seq}: hash is not 32 bytes hex") from None
         records.append(r)
         session, d = _derive(r)
         sessions.append(session)
@@ -134,8 +143,52 @@ def parse_batch(raw: bytes, host_id: str) -> Batch:
     return Batch(host_id, records, checkpoints, sessions, docs)
 
 
+def _record(item: object, i: int) -> Record:
+    """recorder.records.from_json for the hot path: the common well-formed case without its
+    per-field conversions; anything unusual goes through from_json for the same answer."""
+    if type(item) is dict and item.get("type") == "record" and len(item) == 6:
+        seq, kind, body, h = item.get("seq"), item.get("kind"), item.get("body"), item.get("hash")
+        if type(seq) is int and 0 <= seq < _MAX_SEQ and kind in _KINDS and type(body) is str and type(h) is str \
+                and len(h) == 64 and type(item.get("host")) is str:
+            return Record(item["host"], seq, kind, body, h)
+    try:
+        r = from_json(item)
+    except ValueError as e:
+        raise Refused(400, f"records[{i}]: {e}") from None
+    if not isinstance(r, Record):
+        raise Refused(400, f"records[{i}]: a checkpoint among the records")
+    return r
+
+
+class _Hasher:
+    """recorder.records.record_hash with the per-batch constant parts (tag, host, kinds) encoded once;
+    tests/central check it equals record_hash."""
+
+    def __init__(self, host: str):
+        self.host = _lp(host)
+        self.kinds = {k: _lp(k) for k in RECORD_KINDS}
+
+    def hash(self, prev: bytes, seq: int, kind: str, body: str) -> bytes:
+        b = body.encode("utf-8")
+        k = self.kinds.get(kind) or _lp(kind)
+        return sha256(b"".join((_RECORD_TAG, prev, self.host, _SEQ.pack(seq), k, _LEN.pack(len(b)), b))).digest()
+
+
+def _lp(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return _LEN.pack(len(b)) + b
+
+
+# The journal's event body as SQLite's json_object writes it: the session id without a JSON parse.
+_EVENT_HEAD = re.compile(r'\{"id":-?[0-9]+,"at":[-+.eE0-9]+,"kind":"[^"\\]*","session":(?:null|"([^"\\]*)")[,}]')
+
+
 def _derive(r: Record) -> tuple[str | None, dict | None]:
     """The session a record belongs to, and its body as an object when it feeds a derived table."""
+    if r.kind == "event":
+        m = _EVENT_HEAD.match(r.body)
+        if m:
+            return m.group(1), None
     try:
         d = json.loads(r.body)
     except ValueError:
@@ -227,9 +280,7 @@ async def store(conn: psycopg.AsyncConnection, batch: Batch) -> dict:
         cur = conn.cursor()
         if new:
             async with cur.copy("COPY records (host_id, seq, kind, body, hash, session) FROM STDIN") as copy:
-                for i in range(new_from, len(recs)):
-                    r = recs[i]
-                    await copy.write_row((host, r.seq, r.kind, r.body, bytes.fromhex(r.hash), batch.sessions[i]))
+                await copy.write(_copy_text(host, recs, batch.sessions, new_from))
             await _derived(conn, batch, new_from)
         if batch.checkpoints:
             await cur.executemany("INSERT INTO checkpoints (host_id, seq, head, at_us, sig) VALUES (%s, %s, %s, %s, %s)"
@@ -240,6 +291,25 @@ async def store(conn: psycopg.AsyncConnection, batch: Batch) -> dict:
                                " WHERE host_id = %s",
                                (top, bytes.fromhex(new[-1].hash) if new else bytes(head_hash), signed, host))
     return {"acked": top, "stored": len(new), "duplicates": len(recs) - len(new)}
+
+
+def _esc(s: str) -> str:
+    """A value in PostgreSQL's COPY text format (backslash, tab, newline, carriage return escaped)."""
+    if "\\" in s or "\t" in s or "\n" in s or "\r" in s:
+        s = s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return s
+
+
+def _copy_text(host: str, recs: list[Record], sessions: list[str | None], start: int) -> str:
+    """COPY text for records[start:], built in one pass (psycopg's write_row per row costs more here).
+    The hash goes in as bytea hex input (\\x…): it is already 64 hex digits, checked against the
+    computed hash (a record whose hash is not the computed one never gets here)."""
+    h = _esc(host)
+    return "".join([f"{h}\t{r.seq}\t{_esc(r.kind)}\t{_esc(r.body)}\t\\\\x{r.hash}\t{_esc(sess) if sess is not None else NULL}\n"
+                    for r, sess in zip(recs[start:], sessions[start:], strict=True)])
+
+
+NULL = "\\N"
 
 
 async def _check_checkpoints(conn, batch: Batch, top: int, hashes: dict[int, str], signing_key: str) -> int:

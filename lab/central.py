@@ -98,6 +98,15 @@ class Client:
         return self.request("POST", path, body)
 
 
+@dataclass
+class JoinedHost:
+    """A host joined by `Central.join_host`: its id, a Client with its certificate, its Ed25519 signing key."""
+
+    host_id: str
+    client: Client
+    signing: object
+
+
 class Central:
     """PostgreSQL + one recorder (`workers` processes) on `host`, listening on all its addresses."""
 
@@ -177,6 +186,30 @@ class Central:
         out = self.dir / f"op-{name}"
         self.cli("operator", name, "--state", str(self.state), "--out", str(out))
         return Client(self.url, self.ca_pem, out / "operator.crt", out / "operator.key")
+
+    def join_host(self, name: str = "lab-host") -> JoinedHost:
+        """Join a host the way `interlock join` does (CSR + Ed25519 key + token) and return its client."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        from recorder.records import Ed25519PrivateKey, public_key_hex
+
+        key, signing = ec.generate_private_key(ec.SECP256R1()), Ed25519PrivateKey.generate()
+        csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        pem = csr.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+        body = {"token": self.token(), "csr": pem, "signing_key": public_key_hex(signing), "name": name}
+        r = in_host(self.host, Client(self.url, self.ca_pem).post, "/v1/join", body)
+        if r.status != 200:
+            raise RuntimeError(f"join refused: {r.status} {r.body[:300]!r}")
+        got = r.json()
+        d = self.dir / "hosts" / got["host_id"]
+        d.mkdir(parents=True)
+        (d / "tls.crt").write_text(got["cert"])
+        (d / "tls.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+        return JoinedHost(got["host_id"], Client(self.url, self.ca_pem, d / "tls.crt", d / "tls.key"), signing)
 
     def psql(self, sql: str) -> str:
         return self.pg.psql(sql)
