@@ -10,8 +10,11 @@ extra row in a commit they make anyway). Kinds and bodies follow docs/RECORDER.m
     event          INSERT events                         {"id","at","kind","session","data": <the event's JSON>}
     approval       INSERT/UPDATE approvals               every approval column
 
-Byte-count flushes (outcome stays 'open') are not journaled. Floating-point columns are written
-with 17 significant digits so a body parses back to the exact value stored.
+Byte-count flushes (outcome stays 'open') are not journaled. A session row's trigger copies its
+columns into `journal_sessions` rather than building JSON (json_object of 22 columns was most of
+the trigger's cost on every connection); the chainer renders that body, off the data path, before
+it hashes it. Event bodies are concatenated around the event's own JSON text; approval bodies are
+json_object with floats at 17 significant digits. Every body parses back to the values stored.
 
 The `Chainer` (a daemon thread) numbers new rows densely (seq 1, 2, …), stores H(seq)
 (recorder.records) and signs a checkpoint of the head with the host's Ed25519 key at most every
@@ -24,6 +27,7 @@ holds the head, the last signature and what the server acked."""
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -46,7 +50,7 @@ CREATE TABLE IF NOT EXISTS journal (
     id INTEGER PRIMARY KEY,  -- commit order, dense (prune keeps the newest row, so ids are never reused)
     at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),  -- epoch seconds, for the lag
     kind TEXT NOT NULL,
-    body TEXT NOT NULL,
+    body TEXT,    -- NULL for a session row until the chainer renders its snapshot (journal_sessions)
     seq INTEGER,  -- NULL until chained
     hash TEXT     -- H(seq), hex
 );
@@ -119,17 +123,24 @@ def install(conn: sqlite3.Connection, host: str) -> None:
                                f"joined as {host}: one host id per journal")
         conn.execute("UPDATE journal_state SET host = ?", (host,))
     sessions, events, approvals_ = (_columns(conn, t) for t in ("sessions", "events", "approvals"))
+    _snapshot_table(conn, sessions)
+    snap_cols = ", ".join(f'"{n}"' for n, _ in sessions)
+    snap_vals = ", ".join(f'NEW."{n}"' for n, _ in sessions)
+
+    def session_row(kind: str) -> str:
+        # A copy of the row's columns, no JSON: the chainer renders the body off the data path.
+        return (f"INSERT INTO journal (kind, body) VALUES ('{kind}', NULL); "
+                f"INSERT INTO journal_sessions (jid, {snap_cols}) VALUES (last_insert_rowid(), {snap_vals});")
+
     # Events are the per-operation path (statements, requests): the body is concatenated, with the
     # event's own JSON text inside as written (checked, not parsed and re-rendered by json()).
     event_body = ("""'{"id":' || NEW.id || ',"at":' || """ + _float_text("NEW.at") +
                   """ || ',"kind":' || json_quote(NEW.kind) || ',"session":' || json_quote(NEW.session) || """
                   """',"data":' || CASE WHEN json_valid(NEW.data) THEN NEW.data ELSE json_quote(NEW.data) END || '}'""")
     statements = [
-        f"CREATE TRIGGER journal_session_open AFTER INSERT ON sessions BEGIN "
-        f"INSERT INTO journal (kind, body) VALUES ('session-open', {_object(sessions)}); END",
+        f"CREATE TRIGGER journal_session_open AFTER INSERT ON sessions BEGIN {session_row('session-open')} END",
         f"CREATE TRIGGER journal_session_close AFTER UPDATE OF outcome ON sessions "
-        f"WHEN OLD.outcome = 'open' AND NEW.outcome IS NOT 'open' BEGIN "
-        f"INSERT INTO journal (kind, body) VALUES ('session-close', {_object(sessions)}); END",
+        f"WHEN OLD.outcome = 'open' AND NEW.outcome IS NOT 'open' BEGIN {session_row('session-close')} END",
         f"CREATE TRIGGER journal_event AFTER INSERT ON events BEGIN "
         f"INSERT INTO journal (kind, body) VALUES ('event', {event_body}); END",
         f"CREATE TRIGGER journal_approval_new AFTER INSERT ON approvals BEGIN "
@@ -147,6 +158,30 @@ def install(conn: sqlite3.Connection, host: str) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _snapshot_table(conn: sqlite3.Connection, sessions: list[tuple[str, str]]) -> None:
+    """journal_sessions: the session columns (same declared types, so the same values) keyed by
+    the journal row; columns the sessions table gained since are added."""
+    have = {n for n, _ in _columns(conn, "journal_sessions")}
+    if not have:
+        cols = ", ".join(f'"{n}" {t}' for n, t in sessions)
+        conn.execute(f"CREATE TABLE journal_sessions (jid INTEGER PRIMARY KEY, {cols})")
+        return
+    for n, t in sessions:
+        if n not in have:
+            conn.execute(f'ALTER TABLE journal_sessions ADD COLUMN "{n}" {t}')
+
+
+def render(conn: sqlite3.Connection, ids: list[int]) -> dict[int, str]:
+    """The JSON bodies of session rows (journal id → body), from their snapshots: every column,
+    in the table's order; floats as Python writes them (they parse back to the same value)."""
+    if not ids:
+        return {}
+    cur = conn.execute(f"SELECT * FROM journal_sessions WHERE jid IN ({','.join('?' * len(ids))})", ids)
+    names = [d[0] for d in cur.description][1:]
+    return {row[0]: json.dumps(dict(zip(names, row[1:], strict=True)), separators=(",", ":"), ensure_ascii=False)
+            for row in cur.fetchall()}
 
 
 def uninstall(conn: sqlite3.Connection) -> None:
@@ -257,6 +292,8 @@ class Chainer:
             raise records_error(host, self.host)
         rows = c.execute("SELECT id, kind, body FROM journal WHERE id > ? ORDER BY id LIMIT ?",
                          (head_id, CHAIN_BATCH)).fetchall()
+        rendered = render(c, [r[0] for r in rows if r[2] is None])
+        rows = [(i, k, b if b is not None else rendered.get(i, "{}")) for i, k, b in rows]  # a lost snapshot: {}
         chained = list(records.chain(host, head_seq + 1, bytes.fromhex(head_hash), ((r[1], r[2]) for r in rows)))
         now = time.time() if now is None else now
         new_seq = chained[-1].seq if chained else head_seq
@@ -269,8 +306,10 @@ class Chainer:
             if c.execute("SELECT head_id FROM journal_state").fetchone()[0] != head_id:
                 c.execute("ROLLBACK")  # another chainer got here first: start over from its head
                 return 0
-            c.executemany("UPDATE journal SET seq = ?, hash = ? WHERE id = ?",
-                          [(r.seq, r.hash, row[0]) for r, row in zip(chained, rows, strict=True)])
+            c.executemany("UPDATE journal SET seq = ?, hash = ?, body = ? WHERE id = ?",
+                          [(r.seq, r.hash, r.body, row[0]) for r, row in zip(chained, rows, strict=True)])
+            if rendered:
+                c.execute(f"DELETE FROM journal_sessions WHERE jid IN ({','.join('?' * len(rendered))})", list(rendered))
             state = {"head_seq": new_seq, "head_hash": new_hash, "head_id": rows[-1][0] if rows else head_id}
             if sign:
                 at_us = int(now * 1e6)
@@ -286,6 +325,10 @@ class Chainer:
             raise
         self.sync()
         self.durable_seq = new_seq
+        try:  # checkpoints here, off the data path: the WAL rarely grows to the proxy's auto-checkpoint
+            c.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error:
+            pass
         if chained and self.on_chained is not None:
             self.on_chained(new_seq)
         return len(chained)
