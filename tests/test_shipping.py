@@ -164,6 +164,7 @@ def test_a_chainer_killed_mid_round_neither_forks_nor_skips(rec, tmp_path):
     ch = journal.Chainer(db, HOST, key)
     while ch.run_once(now=time.time() + 1e6):
         pass
+    ch.run_once(now=time.time() + 2e6)  # the head signed
     ch.conn.close()
     recs, cps = chain_of(rec.conn)
     opened = total // 10
@@ -248,13 +249,16 @@ def test_prune_never_deletes_unshipped_journal_rows(rec, tmp_path):
         rec.event("x", {"i": i})
     ch.run_once(now=time.time())
     _ack(rec.conn, 4)
-    rec.event("unchained", {})
+    rec.event("unchained", {"pruned": "before it was chained"})
     done = store.prune(tmp_path / "recorder.db", time.time() + 3600)
-    assert done["journal"] == 4
+    assert done["journal"] == 4 and done["events"] == 7  # the unchained event's row is gone from events...
     left = [r[0] for r in rec.conn.execute("SELECT seq FROM journal ORDER BY id")]
     assert left == [5, 6, None]
     sp = journal.spool(rec.conn)
     assert (sp.unshipped, sp.acked_seq, sp.head_seq) == (3, 4, 6)
+    assert ch.run_once() == 1  # ...but its journal row was rendered as it went, and is chained and shippable
+    body = json.loads(rec.conn.execute("SELECT body FROM journal WHERE seq = 7").fetchone()[0])
+    assert body["kind"] == "unchained" and body["data"] == {"pruned": "before it was chained"}
     ch.conn.close()
 
 
