@@ -10,8 +10,12 @@ extra row in a commit they make anyway). Kinds and bodies follow docs/RECORDER.m
     event          INSERT events                         {"id","at","kind","session","data": <the event's JSON>}
     approval       INSERT/UPDATE approvals               every approval column
 
-Byte-count flushes (outcome stays 'open') are not journaled. Floating-point columns are written
-with 17 significant digits so a body parses back to the exact value stored.
+Byte-count flushes (outcome stays 'open') are not journaled. The data path builds no JSON: a
+session row's trigger copies its columns into `journal_sessions`, an event's row points at the
+event (events are never updated); the chainer renders those bodies, off the data path, before it
+hashes them (an event pruned before that is rendered in SQL as it is deleted). Approval bodies
+(rare) are json_object with floats at 17 significant digits. Every body parses back to the values
+stored.
 
 The `Chainer` (a daemon thread) numbers new rows densely (seq 1, 2, …), stores H(seq)
 (recorder.records) and signs a checkpoint of the head with the host's Ed25519 key at most every
@@ -24,6 +28,7 @@ holds the head, the last signature and what the server acked."""
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -46,7 +51,8 @@ CREATE TABLE IF NOT EXISTS journal (
     id INTEGER PRIMARY KEY,  -- commit order, dense (prune keeps the newest row, so ids are never reused)
     at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),  -- epoch seconds, for the lag
     kind TEXT NOT NULL,
-    body TEXT NOT NULL,
+    body TEXT,    -- NULL until the chainer renders it (session rows: journal_sessions; events: `ref`)
+    ref INTEGER,  -- an event row's events.id
     seq INTEGER,  -- NULL until chained
     hash TEXT     -- H(seq), hex
 );
@@ -63,8 +69,8 @@ CREATE TABLE IF NOT EXISTS journal_state (
     cp_shipped INTEGER NOT NULL DEFAULT 0
 );
 """
-TRIGGERS = ("journal_session_open", "journal_session_close", "journal_event", "journal_approval_new",
-            "journal_approval_change")
+TRIGGERS = ("journal_session_open", "journal_session_close", "journal_event", "journal_event_kept",
+            "journal_approval_new", "journal_approval_change")
 
 
 class JournalError(RuntimeError):
@@ -119,19 +125,30 @@ def install(conn: sqlite3.Connection, host: str) -> None:
                                f"joined as {host}: one host id per journal")
         conn.execute("UPDATE journal_state SET host = ?", (host,))
     sessions, events, approvals_ = (_columns(conn, t) for t in ("sessions", "events", "approvals"))
-    # Events are the per-operation path (statements, requests): the body is concatenated, with the
-    # event's own JSON text inside as written (checked, not parsed and re-rendered by json()).
-    event_body = ("""'{"id":' || NEW.id || ',"at":' || """ + _float_text("NEW.at") +
-                  """ || ',"kind":' || json_quote(NEW.kind) || ',"session":' || json_quote(NEW.session) || """
-                  """',"data":' || CASE WHEN json_valid(NEW.data) THEN NEW.data ELSE json_quote(NEW.data) END || '}'""")
+    _snapshot_table(conn, sessions)
+    snap_cols = ", ".join(f'"{n}"' for n, _ in sessions)
+    snap_vals = ", ".join(f'NEW."{n}"' for n, _ in sessions)
+
+    def session_row(kind: str) -> str:
+        # A copy of the row's columns, no JSON: the chainer renders the body off the data path.
+        return (f"INSERT INTO journal (kind, body) VALUES ('{kind}', NULL); "
+                f"INSERT INTO journal_sessions (jid, {snap_cols}) VALUES (last_insert_rowid(), {snap_vals});")
+
+    # Events are the per-operation path (statements, requests): the row only points at the event
+    # (events are never updated) and the chainer renders the body. An event deleted before that
+    # (prune) gets its body rendered here first, by concatenation around its own JSON text.
+    kept_body = ("""'{"id":' || OLD.id || ',"at":' || """ + _float_text("OLD.at") +
+                 """ || ',"kind":' || json_quote(OLD.kind) || ',"session":' || json_quote(OLD.session) || """
+                 """',"data":' || CASE WHEN json_valid(OLD.data) THEN OLD.data ELSE json_quote(OLD.data) END || '}'""")
     statements = [
-        f"CREATE TRIGGER journal_session_open AFTER INSERT ON sessions BEGIN "
-        f"INSERT INTO journal (kind, body) VALUES ('session-open', {_object(sessions)}); END",
+        f"CREATE TRIGGER journal_session_open AFTER INSERT ON sessions BEGIN {session_row('session-open')} END",
         f"CREATE TRIGGER journal_session_close AFTER UPDATE OF outcome ON sessions "
-        f"WHEN OLD.outcome = 'open' AND NEW.outcome IS NOT 'open' BEGIN "
-        f"INSERT INTO journal (kind, body) VALUES ('session-close', {_object(sessions)}); END",
-        f"CREATE TRIGGER journal_event AFTER INSERT ON events BEGIN "
-        f"INSERT INTO journal (kind, body) VALUES ('event', {event_body}); END",
+        f"WHEN OLD.outcome = 'open' AND NEW.outcome IS NOT 'open' BEGIN {session_row('session-close')} END",
+        "CREATE TRIGGER journal_event AFTER INSERT ON events BEGIN "
+        "INSERT INTO journal (kind, body, ref) VALUES ('event', NULL, NEW.id); END",
+        f"CREATE TRIGGER journal_event_kept BEFORE DELETE ON events BEGIN "
+        f"UPDATE journal SET body = {kept_body} WHERE id > (SELECT head_id FROM journal_state) "
+        f"AND ref = OLD.id AND body IS NULL; END",
         f"CREATE TRIGGER journal_approval_new AFTER INSERT ON approvals BEGIN "
         f"INSERT INTO journal (kind, body) VALUES ('approval', {_object(approvals_)}); END",
         f"CREATE TRIGGER journal_approval_change AFTER UPDATE ON approvals BEGIN "
@@ -147,6 +164,51 @@ def install(conn: sqlite3.Connection, host: str) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _snapshot_table(conn: sqlite3.Connection, sessions: list[tuple[str, str]]) -> None:
+    """journal_sessions: the session columns (same declared types, so the same values) keyed by
+    the journal row; columns the sessions table gained since are added."""
+    have = {n for n, _ in _columns(conn, "journal_sessions")}
+    if not have:
+        cols = ", ".join(f'"{n}" {t}' for n, t in sessions)
+        conn.execute(f"CREATE TABLE journal_sessions (jid INTEGER PRIMARY KEY, {cols})")
+        return
+    for n, t in sessions:
+        if n not in have:
+            conn.execute(f'ALTER TABLE journal_sessions ADD COLUMN "{n}" {t}')
+
+
+def _in(ids: list[int]) -> str:
+    return f"({','.join('?' * len(ids))})"
+
+
+def render(conn: sqlite3.Connection, rows: list[tuple[int, str, int | None]]) -> dict[int, str]:
+    """Bodies for journal rows the triggers left unrendered, (id, kind, ref) → {journal id: body}.
+
+    Session rows: every column from the snapshot, in the table's order. Events:
+    {"id","at","kind","session","data"} with the event's JSON text as written (a string when it
+    is not JSON). Floats as Python writes them: they parse back to the same value."""
+    out: dict[int, str] = {}
+    snaps = [r[0] for r in rows if r[1] != "event"]
+    if snaps:
+        cur = conn.execute(f"SELECT * FROM journal_sessions WHERE jid IN {_in(snaps)}", snaps)
+        names = [d[0] for d in cur.description][1:]
+        for row in cur.fetchall():
+            out[row[0]] = json.dumps(dict(zip(names, row[1:], strict=True)), separators=(",", ":"), ensure_ascii=False)
+    events = {r[2]: r[0] for r in rows if r[1] == "event" and r[2] is not None}
+    if events:
+        refs = list(events)
+        for eid, at, kind, session, data in conn.execute(
+                f"SELECT id, at, kind, session, data FROM events WHERE id IN {_in(refs)}", refs):
+            try:
+                json.loads(data)
+                text = data
+            except (TypeError, ValueError):
+                text = json.dumps(data, ensure_ascii=False)
+            out[events[eid]] = (f'{{"id":{eid},"at":{json.dumps(at)},"kind":{json.dumps(kind, ensure_ascii=False)},'
+                                f'"session":{json.dumps(session, ensure_ascii=False)},"data":{text}}}')
+    return out
 
 
 def uninstall(conn: sqlite3.Connection) -> None:
@@ -255,8 +317,10 @@ class Chainer:
         host, head_seq, head_hash, head_id, signed_seq, signed_at = st
         if host != self.host:
             raise records_error(host, self.host)
-        rows = c.execute("SELECT id, kind, body FROM journal WHERE id > ? ORDER BY id LIMIT ?",
+        rows = c.execute("SELECT id, kind, body, ref FROM journal WHERE id > ? ORDER BY id LIMIT ?",
                          (head_id, CHAIN_BATCH)).fetchall()
+        rendered = render(c, [(i, k, ref) for i, k, b, ref in rows if b is None])
+        rows = [(i, k, b if b is not None else rendered.get(i, "{}")) for i, k, b, _ in rows]  # lost source: {}
         chained = list(records.chain(host, head_seq + 1, bytes.fromhex(head_hash), ((r[1], r[2]) for r in rows)))
         now = time.time() if now is None else now
         new_seq = chained[-1].seq if chained else head_seq
@@ -269,8 +333,10 @@ class Chainer:
             if c.execute("SELECT head_id FROM journal_state").fetchone()[0] != head_id:
                 c.execute("ROLLBACK")  # another chainer got here first: start over from its head
                 return 0
-            c.executemany("UPDATE journal SET seq = ?, hash = ? WHERE id = ?",
-                          [(r.seq, r.hash, row[0]) for r, row in zip(chained, rows, strict=True)])
+            c.executemany("UPDATE journal SET seq = ?, hash = ?, body = ? WHERE id = ?",
+                          [(r.seq, r.hash, r.body, row[0]) for r, row in zip(chained, rows, strict=True)])
+            if rendered:
+                c.execute(f"DELETE FROM journal_sessions WHERE jid IN {_in(list(rendered))}", list(rendered))
             state = {"head_seq": new_seq, "head_hash": new_hash, "head_id": rows[-1][0] if rows else head_id}
             if sign:
                 at_us = int(now * 1e6)
@@ -286,6 +352,10 @@ class Chainer:
             raise
         self.sync()
         self.durable_seq = new_seq
+        try:  # checkpoints here, off the data path: the WAL rarely grows to the proxy's auto-checkpoint
+            c.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error:
+            pass
         if chained and self.on_chained is not None:
             self.on_chained(new_seq)
         return len(chained)

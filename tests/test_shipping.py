@@ -73,6 +73,11 @@ def test_triggers_journal_sessions_events_and_approvals_but_not_byte_flushes(rec
     aid = approvals.request(rec.conn, approvals.HeldOperation(s.id, "bot", "db:5432", "postgres", "delete",
                                                                 ("t",), "DELETE FROM t", "r2", "why", 60))
     approvals.decide(tmp_path / "recorder.db", aid, approve=False, by="alice", note="no")
+    assert rec.conn.execute("SELECT count(*) FROM journal_sessions").fetchone()[0] == 4  # rendered by the chainer
+    ch = journal.Chainer(tmp_path / "recorder.db", HOST, Ed25519PrivateKey.generate())
+    assert ch.run_once() == 8
+    ch.conn.close()
+    assert rec.conn.execute("SELECT count(*) FROM journal_sessions").fetchone()[0] == 0
     kinds = [k for k, _ in journal_rows(rec.conn)]
     assert kinds == ["session-open", "event", "event", "session-close", "session-open", "session-close",
                      "approval", "approval"]
@@ -145,6 +150,8 @@ def test_a_chainer_killed_mid_round_neither_forks_nor_skips(rec, tmp_path):
         for i in range(3000):
             rec.conn.execute("INSERT INTO events (at, kind, session, data) VALUES (?, 'bulk', NULL, ?)",
                              (time.time(), json.dumps({"n": total + i})))
+            if i % 10 == 0:  # session rows too: their bodies are rendered inside the chaining transaction
+                rec.conn.execute(store._OPEN_SQL, session(id=f"s{total + i}").row())
         rec.conn.execute("COMMIT")
         total += 3000
         p = subprocess.Popen([sys.executable, "-c", _CHAIN_FOREVER, str(db), HOST, "700", str(key_file)], env=env,
@@ -157,11 +164,16 @@ def test_a_chainer_killed_mid_round_neither_forks_nor_skips(rec, tmp_path):
     ch = journal.Chainer(db, HOST, key)
     while ch.run_once(now=time.time() + 1e6):
         pass
+    ch.run_once(now=time.time() + 2e6)  # the head signed
     ch.conn.close()
     recs, cps = chain_of(rec.conn)
-    assert [r.seq for r in recs] == list(range(1, total + 1))
-    assert rec.conn.execute("SELECT count(*) FROM journal WHERE seq IS NULL").fetchone()[0] == 0
-    assert sorted(json.loads(r.body)["data"]["n"] for r in recs) == list(range(total))
+    opened = total // 10
+    assert [r.seq for r in recs] == list(range(1, total + opened + 1))
+    assert rec.conn.execute("SELECT count(*) FROM journal WHERE seq IS NULL OR body IS NULL").fetchone()[0] == 0
+    assert rec.conn.execute("SELECT count(*) FROM journal_sessions").fetchone()[0] == 0
+    assert sorted(json.loads(r.body)["data"]["n"] for r in recs if r.kind == "event") == list(range(total))
+    assert sorted(json.loads(r.body)["id"] for r in recs if r.kind == "session-open") == \
+        sorted(f"s{n}" for n in range(0, total, 10))
     assert len(cps) >= 2
     assert records.verify_chain(HOST, recs, cps, key.public_key()) == []
     assert kills == 6
@@ -237,13 +249,16 @@ def test_prune_never_deletes_unshipped_journal_rows(rec, tmp_path):
         rec.event("x", {"i": i})
     ch.run_once(now=time.time())
     _ack(rec.conn, 4)
-    rec.event("unchained", {})
+    rec.event("unchained", {"pruned": "before it was chained"})
     done = store.prune(tmp_path / "recorder.db", time.time() + 3600)
-    assert done["journal"] == 4
+    assert done["journal"] == 4 and done["events"] == 7  # the unchained event's row is gone from events...
     left = [r[0] for r in rec.conn.execute("SELECT seq FROM journal ORDER BY id")]
     assert left == [5, 6, None]
     sp = journal.spool(rec.conn)
     assert (sp.unshipped, sp.acked_seq, sp.head_seq) == (3, 4, 6)
+    assert ch.run_once() == 1  # ...but its journal row was rendered as it went, and is chained and shippable
+    body = json.loads(rec.conn.execute("SELECT body FROM journal WHERE seq = 7").fetchone()[0])
+    assert body["kind"] == "unchained" and body["data"] == {"pruned": "before it was chained"}
     ch.conn.close()
 
 
