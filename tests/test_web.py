@@ -36,6 +36,7 @@ rules:
     decision: approve
     reason: deleting every row needs a DBA
     timeout: 120s
+    approvers: {groups: [dba], four_eyes: true}
   - name: hold-truncate
     risk: [truncate]
     decision: approve
@@ -427,8 +428,9 @@ def test_automation_answers_with_the_providers_token_and_only_approver_groups_ma
     p = agent_psql(host, lab, "delete from holdme")
     a = one_held(host, p)
     path = f"/ui/api/approvals/{host_id(host)}/{a['id']}"
-    wait_until(lambda: any(x["id"] == a["id"] for x in api(rec, lab, "GET", "/ui/api/approvals", idp.token("alice", CLIENT_ID))[1]
-                           .get("approvals", [])), timeout=30)
+    listed = wait_until(lambda: [x for x in api(rec, lab, "GET", "/ui/api/approvals", idp.token("alice", CLIENT_ID))[1]
+                                 .get("approvals", []) if x["id"] == a["id"]], timeout=30)
+    assert listed and listed[0]["approvers"] == {"groups": ["dba"], "four_eyes": True}, listed  # the rule's, from the host's record
     status, body = api(rec, lab, "POST", path, None, {"decision": "approve"})
     assert status == 401 and "Bearer" in body["error"]
     status, body = api(rec, lab, "POST", path, idp.token("alice", "another-client"), {"decision": "approve"})
