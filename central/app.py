@@ -199,7 +199,7 @@ async def refusals(request: web.Request, handler) -> web.StreamResponse:
 
 # ---- the app -----------------------------------------------------------------------------
 
-def make_app(state: Path, dsn: str, pool_size: int = 10) -> web.Application:
+def make_app(state: Path, dsn: str, pool_size: int = 10, web_config: Path | None = None) -> web.Application:
     app = web.Application(middlewares=[refusals], client_max_size=ingest.MAX_BYTES)
     sd = ca.StateDir(state)
     sd.need()
@@ -218,4 +218,8 @@ def make_app(state: Path, dsn: str, pool_size: int = 10) -> web.Application:
     app.router.add_post("/v1/ingest", post_ingest)
     app.router.add_get("/v1/head", get_head)
     read.add_routes(app, POOL, need_operator)
+    if web_config is not None:  # the approval page and the hosts' answer channel (central/web, issue 12)
+        from central.web import attach
+
+        attach(app, web_config, state, dsn, app[POOL], need_host)
     return app

@@ -90,7 +90,7 @@ def _serve_one(args, dsn: str, host: str, port: int, reuse_port: bool) -> None:
     from central.app import make_app
 
     ctx = ca.server_context(ca.StateDir(args.state))
-    app = make_app(args.state, dsn, pool_size=args.pool)
+    app = make_app(args.state, dsn, pool_size=args.pool, web_config=args.web)
     hp = f"[{host}]" if ":" in host else host
     web.run_app(app, host=host, port=port, ssl_context=ctx, reuse_port=reuse_port, access_log=None,
                 print=lambda _msg: print(f"recorder {os.getpid()} listening on https://{hp}:{port}", flush=True),
@@ -219,6 +219,7 @@ def add_verbs(sub) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
     p.add_argument("--pool", type=int, default=10, help="PostgreSQL connections per process")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--web", type=Path, metavar="FILE", help="serve the approval page: its YAML config (central/web/config.py)")
     p.set_defaults(fn=_run(cmd_serve))
     p = sub.add_parser("token", parents=[common, st, db], help="make a single-use enrolment token for 'interlock join'")
     p.add_argument("--expires", default="1h", metavar="DURATION", help="e.g. 30m, 1h, 7d (default 1h)")

@@ -70,6 +70,7 @@ class Daemon:
         self._pipe_rest = b""
         self.ptrace_defence: ptrace_guard.Defence | None = None
         self._guard_seen: set[tuple[int, int, int]] = set()
+        self.shipping = None  # recorder.shipper.Shipping when `recorder:` is configured
         self.identities: Identities | None = None
         self.shipping = None  # recorder.shipper.Shipping when `recorder:` is configured
 

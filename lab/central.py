@@ -110,8 +110,10 @@ class JoinedHost:
 class Central:
     """PostgreSQL + one recorder (`workers` processes) on `host`, listening on all its addresses."""
 
-    def __init__(self, host: Host, port: int = RECORDER_PORT, workers: int = 1, name: str = "recorder.test"):
+    def __init__(self, host: Host, port: int = RECORDER_PORT, workers: int = 1, name: str = "recorder.test",
+                 web_config: Path | None = None):
         self.host, self.port, self.workers, self.name = host, port, workers, name
+        self.web_config = web_config  # serve the approval page with this config (central/web/config.py)
         self.pg: Postgres | None = None
         self.proc: subprocess.Popen | None = None
         self.dir: Path | None = None
@@ -162,7 +164,8 @@ class Central:
         """(Re)start the recorder process(es) after a stop or kill."""
         with open(self.log, "ab") as log:
             self.proc = self.host.popen([sys.executable, "-m", "central", "serve", "--state", str(self.state), "--database", self.dsn,
-                                         "--listen", f"0.0.0.0:{self.port}", "--workers", str(self.workers)],
+                                         "--listen", f"0.0.0.0:{self.port}", "--workers", str(self.workers),
+                                         *(["--web", str(self.web_config)] if self.web_config else [])],
                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL, process_group=0)
         wait_listening(self.host, self.port, self.proc, self.log, timeout=60)
 

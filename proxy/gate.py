@@ -4,6 +4,7 @@ each agent has bound to an address through the resolver, and the approvals being
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import time
@@ -25,15 +26,19 @@ APPROVAL_POLL = 0.1
 class PolicyHolder:
     """The policy in force. A reload that fails validation keeps the old one and says why."""
 
-    def __init__(self, path: str | None, recorder: Recorder, on_load: Callable[[int], None] | None = None):
+    def __init__(self, path: str | None, recorder: Recorder, on_load: Callable[[int], None] | None = None,
+                 identity_of: Callable[[str], object | None] | None = None):
         self.path = path
         self.recorder = recorder
         self.on_load = on_load
+        self.identity_of = identity_of  # agent -> its bound identity (identity/agents.py), for every policy loaded
         self.current: Policy = load(path) if path else load_default()
         self._mtime = self._stat()
         self._loaded()
 
     def _loaded(self) -> None:
+        if self.identity_of is not None:
+            self.current.identity_of = self.identity_of
         if self.on_load is not None:
             self.on_load(len(self.current.rules))
 
@@ -150,7 +155,7 @@ class Holds:
         try:
             approval_id = approvals.request(conn, approvals.HeldOperation(
                 rec.id, rec.agent, dest, op.protocol, op.action, op.objects, op.summary, decision.rule,
-                decision.reason, timeout))
+                decision.reason, timeout, json.dumps(decision.approvers) if decision.approvers else ""))
         except sqlite3.Error as e:  # no pending approval on record: nobody could answer it
             self.proxy.recorder.fail(e, [])
             return "recorder-error"

@@ -19,6 +19,7 @@ APPROVAL_COLUMNS = {
     "id": str, "created": float, "session": str, "agent": str, "destination": str, "protocol": str,
     "action": str, "objects": str, "summary": str, "rule": str, "reason": str, "timeout_at": float,
     "status": str, "decided_by": str, "decided_at": float, "note": str, "grant_until": float,
+    "approvers": str,  # JSON {"groups": [...], "four_eyes": bool} from the rule: who may answer on the central page
 }
 GRANT_COLUMNS = {"id": int, "agent": str, "destination": str, "protocol": str, "action": str,
                  "objects": str, "until": float, "approval": str, "created_by": str}
@@ -31,6 +32,8 @@ class ApprovalError(Exception):
 
 def ensure_schema(db: sqlite_utils.Database) -> None:
     db["approvals"].create(APPROVAL_COLUMNS, pk="id", if_not_exists=True)
+    if "approvers" not in db["approvals"].columns_dict:  # a store from before `approvers:`
+        db["approvals"].add_column("approvers", str)
     db["approvals"].create_index(["status"], if_not_exists=True)
     db["grants"].create(GRANT_COLUMNS, pk="id", if_not_exists=True)
 
@@ -47,6 +50,7 @@ class HeldOperation:
     rule: str
     reason: str
     timeout: float
+    approvers: str = ""  # JSON of the rule's `approvers:` ("" when it names none)
 
 
 def request(conn: sqlite3.Connection, held: HeldOperation) -> str:
@@ -57,9 +61,10 @@ def request(conn: sqlite3.Connection, held: HeldOperation) -> str:
     try:
         conn.execute(
             "INSERT INTO approvals (id, created, session, agent, destination, protocol, action, objects, summary,"
-            " rule, reason, timeout_at, status) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " rule, reason, timeout_at, status, approvers) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (approval_id, now, held.session, held.agent, held.destination, held.protocol, held.action,
-             json.dumps(list(held.objects)), held.summary, held.rule, held.reason, now + held.timeout, PENDING))
+             json.dumps(list(held.objects)), held.summary, held.rule, held.reason, now + held.timeout, PENDING,
+             held.approvers or None))
     finally:
         conn.execute("PRAGMA synchronous=NORMAL")
     return approval_id

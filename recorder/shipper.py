@@ -73,6 +73,7 @@ class Shipping:
         self.key = records.load_signing_key(files.signing_key)
         self.chainer: journal.Chainer | None = None
         self.shipper: Shipper | None = None
+        self.channel = None  # recorder.channel.DecisionChannel once started
 
     def install(self, conn: sqlite3.Connection) -> None:
         journal.install(conn, self.files.host_id)
@@ -82,9 +83,13 @@ class Shipping:
         self.shipper = Shipper(self.db, self.files, durable=lambda: self.chainer.durable_seq)
         self.chainer.start()
         self.shipper.start()
+        from recorder.channel import DecisionChannel  # approvers' answers from the recorder (i-web)
+        self.channel = DecisionChannel(self.files, self.db).start()
 
     def stop(self, drain: float = 2.0) -> None:
         """Chain and sign what is left, give the shipper `drain` seconds to send it, stop both."""
+        if self.channel is not None:
+            self.channel.stop()
         if self.chainer is not None:
             self.chainer.stop()
         if self.shipper is not None:

@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 PKGS=(bpfcc-tools python3-bpfcc nftables python3-nftables iproute2 util-linux bpftool
       linux-headers-amd64 python3-venv python3-dev gcc curl
-      postgresql postgresql-contrib pgbouncer haproxy iperf3 sqlite3 nginx wrk ca-certificates)
+      postgresql postgresql-contrib pgbouncer haproxy iperf3 sqlite3 nginx wrk ca-certificates
+      chromium chromium-driver)  # headless Chromium for the approval page tests (tests/test_web.py)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
