@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from interceptor import config as config_mod
+from interceptor import fleet_cli
 from interceptor.cgroups import CgroupError
 from interceptor.control import DaemonUnavailable, request
 from interceptor.layout import InstanceInfo, Layout
@@ -296,6 +297,8 @@ def cmd_rearm(args) -> int:
 
 
 def cmd_sessions(args) -> int:
+    if args.server:
+        return fleet_cli.sessions(args)
     from recorder.store import read_sessions
 
     rows = read_sessions(_layout(args).db, agent=args.agent, limit=args.limit)
@@ -455,6 +458,8 @@ def _explained_identity(agent: str, claims: list[str]):
 
 
 def cmd_approvals(args) -> int:
+    if args.server:
+        return fleet_cli.approvals(args)
     from recorder.approvals import listing
 
     rows = listing(_layout(args).db, pending_only=not args.all)
@@ -502,6 +507,8 @@ def cmd_deny(args) -> int:
 
 
 def cmd_replay(args) -> int:
+    if args.server:
+        return fleet_cli.replay(args)
     from recorder.replay import render, timeline
 
     tl = timeline(_layout(args).db, args.session)
@@ -644,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sessions", parents=[common], help="list recorded sessions")
     p.add_argument("--agent")
     p.add_argument("--limit", type=int, default=200)
+    fleet_cli.add_server_options(p, ("target", "verdict", "time"))
     p.set_defaults(fn=cmd_sessions)
     p = sub.add_parser("status", parents=[common], help="what is attached, listening and enrolled")
     p.set_defaults(fn=cmd_status)
@@ -666,6 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_policy)
     p = sub.add_parser("approvals", parents=[common], help="operations waiting for a human")
     p.add_argument("--all", action="store_true", help="include decided and expired ones")
+    fleet_cli.add_server_options(p, ("agent", "time"))
     p.set_defaults(fn=cmd_approvals)
     p = sub.add_parser("approve", parents=[common], help="let a held operation run")
     p.add_argument("id")
@@ -703,7 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_join)
     p = sub.add_parser("replay", parents=[common], help="a session as a timeline")
     p.add_argument("session")
+    fleet_cli.add_server_options(p)
     p.set_defaults(fn=cmd_replay)
+    fleet_cli.register(sub, common)  # export, verify: a central recorder's records
     from central.cli import add_parser as add_recorder  # the central recorder's admin verbs (central/)
 
     add_recorder(sub)
@@ -735,7 +746,7 @@ def _main(argv: list[str] | None) -> int:
         args.cmd = args.cmd[1:]
     try:
         return args.fn(args)
-    except (CliError, config_mod.ConfigError, CgroupError, OSError, sqlite3.Error) as e:
+    except (CliError, fleet_cli.FleetCliError, config_mod.ConfigError, CgroupError, OSError, sqlite3.Error) as e:
         if getattr(args, "json", False):
             print(json.dumps({"ok": False, "verb": args.verb, "error": str(e)}, indent=1))
         print(f"interlock {args.verb}: {e}", file=sys.stderr)
