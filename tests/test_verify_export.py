@@ -162,7 +162,7 @@ def test_bad_input_is_one_line_with_the_fix(tmp_path, hosts):
     a, _ = hosts
     for content, needle in [("not json\n", "line 1: not JSON"),
                             (json.dumps(R.to_json(a.records[0])) + "\n", "line 1: a record before any host line"),
-                            ("\n".join(a.lines()[:1] + ['{"type":"record","host":"h-0001","seq":-1}']), "line 2: not a non-negative 64-bit integer: -1")]:
+                            ("\n".join(a.lines()[:1] + ['{"type":"record","host":"h-0001","seq":-1}']), "line 2: not a non-negative 64-bit")]:
         r = verify("--export", str(write(tmp_path / "bad.jsonl", [content])))
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = verify("--export", str(tmp_path / "absent.jsonl"))
