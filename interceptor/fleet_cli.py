@@ -131,6 +131,13 @@ def _host_id(h: dict) -> str:
     return str(h.get("host") or h.get("id"))
 
 
+def _int_or_none(v: object) -> int | None:
+    try:
+        return int(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 # ---- sessions / replay / approvals ------------------------------------------------------------
 
 def sessions(args) -> int:
@@ -192,7 +199,10 @@ _SESSION_DEFAULTS = {"id": "", "agent": "", "pid": 0, "tgid": 0, "uid": "", "exe
 
 def timeline_of(answer: dict) -> dict:
     """The recorder's {"session", "events"} in the shape recorder.replay.render reads (offsets, parsed data)."""
-    s = {**_SESSION_DEFAULTS, **{k: v for k, v in (answer.get("session") or {}).items() if v is not None or k == "ended"}}
+    given = answer.get("session") or {}
+    s = {**_SESSION_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+    if given.get("tgid") is None:  # the recorder keeps the process id; the thread id is the same for most
+        s["tgid"] = s["pid"]
     events = []
     for e in answer.get("events") or []:
         data = e.get("data")
@@ -215,7 +225,9 @@ def approvals(args) -> int:
         async with _fleet(args) as fleet:
             return await fleet.approvals(**filters)
 
-    rows = _call(go())
+    rows = [r for r in _call(go()) if (not args.agent or r.get("agent") == args.agent)
+            and (filters["since"] is None or float(r.get("created") or 0) >= filters["since"])
+            and (filters["until"] is None or float(r.get("created") or 0) < filters["until"])]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -240,15 +252,17 @@ def cmd_export(args) -> int:
 
     async def go(sink) -> None:
         async with _fleet(args) as fleet:
-            for h in _resolve_hosts(await fleet.hosts(), args.host):
-                async for line in fleet.lines("/v1/export", host=_host_id(h)):
+            # the whole fleet in one request (one snapshot of the store), or the named hosts one by one
+            names = [_host_id(h) for h in _resolve_hosts(await fleet.hosts(), args.host)] if args.host else [None]
+            for hid in names:
+                async for line in fleet.lines("/v1/export", host=hid):
                     if not line.strip():
                         continue
                     try:
                         kind = json.loads(line).get("type")
                     except (ValueError, AttributeError):
-                        raise FleetCliError(f"the recorder's export of host {p(_host_label(h))} has a line that is not "
-                                            "a JSON object; nothing was written") from None
+                        raise FleetCliError("the recorder's export has a line that is not a JSON object; "
+                                            "nothing was written") from None
                     counts["hosts" if kind == "host" else "records" if kind == "record" else "checkpoints"] += 1
                     sink.write(line + b"\n")  # verbatim: the bodies are hashed as they are
 
@@ -287,10 +301,10 @@ def cmd_verify(args) -> int:
     reports: list[HostReport] = []
     wanted = set(args.host or ())
 
-    def check(chain: HostChain, source: str) -> None:
+    def check(chain: HostChain, source: str, stored_head: int | None = None) -> None:
         if wanted and not wanted & {chain.host, chain.name}:
             return
-        reports.append(verify_host(chain, pin_for(pins, chain), source))
+        reports.append(verify_host(chain, pin_for(pins, chain), source, stored_head))
 
     if args.export is not None:
         try:
@@ -320,7 +334,7 @@ def cmd_verify(args) -> int:
                     if not chains:  # a host that has shipped nothing yet still has its key on record
                         chains = [HostChain(_host_id(h), str(h.get("name") or ""), str(h.get("key") or ""))]
                     for c in chains:
-                        check(c, "server")
+                        check(c, "server", _int_or_none(h.get("head_seq")))
                 return [(_host_id(h), str(h.get("name") or "")) for h in hosts]
 
         seen_hosts = _call(go())

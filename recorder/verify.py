@@ -129,8 +129,12 @@ def session_of(rec: Record) -> str:
     return value if isinstance(value, str) else ""
 
 
-def verify_host(chain: HostChain, pinned_key: str | None = None, key_source: str = "export") -> HostReport:
-    """Recompute `chain` (records in the order given) and locate every break, first break first."""
+def verify_host(chain: HostChain, pinned_key: str | None = None, key_source: str = "export",
+                stored_head: int | None = None) -> HostReport:
+    """Recompute `chain` (records in the order given) and locate every break, first break first.
+
+    `stored_head`: where the store's own bookkeeping says the chain ends (the recorder's
+    chain_heads, read before the export): records missing below it were removed from the end."""
     problems: list[Problem] = []
     key_hex = chain.key
     if pinned_key is not None:
@@ -156,6 +160,10 @@ def verify_host(chain: HostChain, pinned_key: str | None = None, key_source: str
         span = f"seq {last + 1}" if top == last + 1 else f"seqs {last + 1}..{top}"
         findings.append(Finding(chain.host, last + 1, "removed", f"{span} missing at the end: the host signed its "
                                 f"chain head at seq {top}"))
+    elif stored_head is not None and stored_head > last:
+        span = f"seq {last + 1}" if stored_head == last + 1 else f"seqs {last + 1}..{stored_head}"
+        findings.append(Finding(chain.host, last + 1, "removed", f"{span} missing at the end: the {key_source} "
+                                f"recorded its chain head at seq {stored_head}"))
     for f in findings:
         rec = by_seq.get(f.seq)
         problems.append(Problem(f.host, f.seq, f.problem, f.detail, rec.kind if rec else "", session_of(rec) if rec else ""))
