@@ -201,8 +201,9 @@ class Fleet:
             return FleetError(f"cannot reach {where} ({reason}): is `interlock recorder serve` running there, and "
                               "the address and port right?")
         if isinstance(e, aiohttp.ServerDisconnectedError):
-            return FleetError(f"{where} closed the connection without answering: it may refuse this certificate "
-                              f"({self.credentials.cert}); check its log")
+            # TLS 1.3: a server that rejects the client certificate does so after the handshake, by closing
+            return FleetError(f"{where} closed the connection without answering: most likely it refused the operator "
+                              f"certificate {self.credentials.cert} (not signed by its CA); {MAKE_CREDENTIALS}, or check its log")
         return FleetError(f"talking to {where} failed: {reason or type(e).__name__}")
 
 

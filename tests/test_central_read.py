@@ -197,7 +197,7 @@ def tampering(rig: FleetRig, host: str):
 
 
 def test_body_edited_in_postgres_is_named(rig, tmp_path):
-    host, seq = "beta", 6  # the close of beta's second session
+    host, seq = "beta", 8  # the close of beta's second session (4 records a session)
     old = rig.hosts[host].records[seq - 1].body
     new = old.replace('"bytes_down":1800', '"bytes_down":18')
     assert new != old
@@ -292,16 +292,16 @@ def test_errors_say_what_to_do(rig, tmp_path):
     host_creds = rig.hosts["alpha"].files.dir
     bad(rig.cli("sessions", credentials=host_creds), "refused the certificate", "not an operator's")
     # credentials of another recorder: its CA does not vouch for this server, nor this server's CA for our certificate
-    with Central(rig.lab.b, port=8444, name="other.test") as other:
-        elsewhere = tmp_path / "other-ops"
-        other.cli("operator", "ops", "--state", str(other.state), "--out", str(elsewhere))
-        bad(rig.cli("sessions", credentials=elsewhere), "presented a certificate that", "does not vouch for")
-        mixed = tmp_path / "mixed"
-        mixed.mkdir()
-        for f in ("operator.crt", "operator.key"):
-            (mixed / f).write_bytes((elsewhere / f).read_bytes())
-        (mixed / "ca.pem").write_bytes((rig.ops / "ca.pem").read_bytes())
-        bad(rig.cli("sessions", credentials=mixed), "operator certificate")
+    other, elsewhere = tmp_path / "other-recorder", tmp_path / "other-ops"
+    rig.rec.cli("init", "--state", str(other), "--name", "other.test", "--ip", rig.lab.b.addr4)
+    rig.rec.cli("operator", "ops", "--state", str(other), "--out", str(elsewhere))
+    bad(rig.cli("sessions", credentials=elsewhere), "presented a certificate that", "does not vouch for")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for f in ("operator.crt", "operator.key"):
+        (mixed / f).write_bytes((elsewhere / f).read_bytes())
+    (mixed / "ca.pem").write_bytes((rig.ops / "ca.pem").read_bytes())
+    bad(rig.cli("sessions", credentials=mixed), "operator certificate")
     bad(rig.lab.a.run([sys.executable, "-m", "interceptor.cli", "sessions", "--server", "http://x:1", "--credentials", str(rig.ops)],
                       cwd=REPO), "--server must be the recorder's https:// URL")
     bad(rig.cli("verify", "--host", "gamma"), "the recorder has no host 'gamma'", "alpha", "beta")
