@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 
+from bench import ingest as ingest_bench
 from bench import pg as pg_bench
 from bench import web as web_bench
 from lab.instance import Instance, leftovers
@@ -45,7 +46,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("direct", "haproxy", "interlock")
 GROUPS = ("pg", "iperf", "conn")
 
-EXTRA_GROUPS = ("web",)  # bench/web.py: HTTP and HTTPS with wrk, its own servers and proxies
+EXTRA_GROUPS = ("web", "ingest")  # bench/web.py: HTTP and HTTPS with wrk; bench/ingest.py: the central recorder
 SERVICE_PORT = {"pg": 5432, "iperf": 5201, "conn": 7000}
 HAPROXY_PORT = {"pg": 25432, "iperf": 25201, "conn": 27000}
 INTERLOCK_PROXY_PORT = 15001
@@ -432,7 +433,7 @@ def signals_interrupt() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs, for checking the harness")
-    ap.add_argument("--only", default=",".join(GROUPS + EXTRA_GROUPS), help="comma-separated subset of: pg,iperf,conn,web")
+    ap.add_argument("--only", default=",".join(GROUPS + EXTRA_GROUPS), help="comma-separated subset of: pg,iperf,conn,web,ingest")
     ap.add_argument("--haproxy-threads", type=int, help="haproxy nbthread (default: haproxy's, one per CPU)")
     args = ap.parse_args(argv)
     groups = {g.strip() for g in args.only.split(",") if g.strip()}
@@ -444,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     measured: dict[str, dict[str, Result]] = {}
     web_results: dict[str, dict[str, dict]] = {}
     pg_results: dict[str, dict[str, dict]] = {}
+    ingest_results: dict = {}
     started = time.monotonic()
     try:
         with signals_interrupt(), contextlib.ExitStack() as stack:
@@ -478,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
                 web = web_bench.Web(stack, bench.a, bench.b, bench.tmp, d.conn, cpu_seconds)
                 web.setup()
                 web_results = web.run()
+            if "ingest" in groups:  # last: it restarts bench's Interlock with `recorder:` configured
+                print("central recorder (ingest vs COPY; data path with and without shipping) ...", flush=True)
+                ingest_results = ingest_bench.run(stack, bench, d, args.quick, cpu_seconds)
             print("tearing down ...", flush=True)
     except KeyboardInterrupt:
         print("\ninterrupted; lab torn down", file=sys.stderr)
@@ -491,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     if web_results:
         print()
         print(web_bench.table(web_results))
+    if ingest_results:
+        print()
+        print(ingest_bench.table(ingest_results))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench-{datetime.now():%Y%m%d-%H%M%S}.json"
     meta["loadavg_end"] = loadavg()
@@ -498,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
            "results": {k: {p: {"value": r.value, "unit": next(b.unit for b in BENCHMARKS if b.key == k),
                                "ratio_to_direct": ratio(v, p), "ops": r.ops, **r.detail}
                            for p, r in v.items()} for k, v in measured.items()},
-           "postgres": pg_results, "web": web_results}
+           "postgres": pg_results, "web": web_results, "ingest": ingest_results}
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"\nresults: {out.relative_to(REPO)} ({doc['elapsed_s']} s)")
     return 0

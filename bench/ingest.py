@@ -1,0 +1,345 @@
+"""The central recorder's ingest, end to end, against PostgreSQL's own COPY; and the agent's data path
+with shipping on against off: `bench.run --only ingest`.
+
+Ingest: on host a, a host spool of N records as the daemon keeps it (the SQLite recorder with the
+journal triggers of recorder/journal.py; the sessions, their statement decisions and closes written
+as the proxy writes them, the journal filled by the triggers; chained and signed by the real
+Chainer). The real shipper (recorder/shipper.py, its own process in a's namespace) sends them over
+mTLS to one recorder process (`python -m central serve`, lab/central.py) on host b, which checks
+every link and checkpoint and stores them in PostgreSQL 15. Measured: records/s from the shipper's
+start to the server's ack of the last record. In the same run, the same rows (host, seq, kind,
+body, hash, session) are loaded into the same `records` table with one plain COPY (text format,
+prepared before the clock starts): the limit. Targets (issue 11): ingest >= 0.3x COPY and
+>= 20,000 records/s.
+
+Data path: bench.run's `conn` line (new TCP connections: two journal rows each) and pgbench -S
+(one statement event per transaction) through Interlock, measured with the daemon configured
+without `recorder:` and then restarted with `recorder:` (the host joined to a recorder on host a,
+so the recorder is not on the server's CPU path), each beside the direct path. Target: with
+shipping, no more than 5% slower (ratio with/without >= 0.95).
+
+`python -m bench.ingest ship STATE_DIR` is the shipper process the benchmark starts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FULL_RECORDS, QUICK_RECORDS = 200_000, 40_000
+STATEMENTS_PER_SESSION = 3  # a session: open, 3 statement decisions, close = 5 records
+RECORDER_PORT = 8443
+TARGET_RATIO, TARGET_RATE, TARGET_DATAPATH = 0.3, 20_000, 0.95
+
+
+# ---- the host spool --------------------------------------------------------------------------------
+
+def fill_spool(db: Path, host_id: str, n: int, start: float | None = None) -> int:
+    """Write sessions, statement decisions and closes into the recorder database at `db` (journal
+    installed for `host_id`) until the triggers have journaled `n` rows; returns the rows journaled."""
+    from recorder import journal, store
+
+    conn = sqlite3.connect(str(db), isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        journal.install(conn, host_id)
+        cols = list(store.SESSION_COLUMNS)
+        t0 = start or time.time() - 3600
+        per = 2 + STATEMENTS_PER_SESSION
+        sessions = (n + per - 1) // per
+        conn.execute("BEGIN")
+        for i in range(sessions):
+            sid = f"{int((t0 + i * 0.01) * 1e6):x}{i:08x}"
+            row = {"id": sid, "agent": f"agent-{i % 7}", "pid": 4000 + i % 500, "tgid": 4000 + i % 500, "uid": 65533,
+                   "gid": 65533, "comm": "psql", "exe": "/usr/bin/psql", "cmdline": "psql -h db.internal -c select",
+                   "cgroup_id": 9127, "dst_addr": "10.20.0.5", "dst_port": 5432, "family": "ipv4", "protocol": "postgres",
+                   "started": t0 + i * 0.01, "ended": None, "bytes_up": 0, "bytes_down": 0, "outcome": "open", "detail": None,
+                   "verdict": "allow", "rule": "app-db"}
+            conn.execute(f"INSERT INTO sessions ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                         [row[c] for c in cols])
+            for k in range(STATEMENTS_PER_SESSION):
+                data = {"verdict": "allow", "protocol": "postgres", "action": "read", "objects": ["public.orders"],
+                        "summary": f"SELECT id, total, status FROM orders WHERE customer_id = $1 ORDER BY id LIMIT {k + 10}",
+                        "rule": "app-db", "reason": "rule app-db: allow"}
+                conn.execute("INSERT INTO events (at, kind, session, data) VALUES (?, 'decision', ?, ?)",
+                             (t0 + i * 0.01 + 0.001 * (k + 1), sid, json.dumps(data)))
+            conn.execute("UPDATE sessions SET outcome = 'closed', ended = ?, bytes_up = ?, bytes_down = ? WHERE id = ?",
+                         (t0 + i * 0.01 + 0.005, 310, 2870, sid))
+        conn.execute("COMMIT")
+        # the last session may overshoot n: drop the surplus journal rows (never chained, never shipped)
+        conn.execute("DELETE FROM journal WHERE id > (SELECT min(id) + ? - 1 FROM journal)", (n,))
+        return conn.execute("SELECT count(*) FROM journal").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def chain_spool(db: Path, host_id: str, signing_key: Path) -> tuple[int, float]:
+    """Chain and sign every journal row with the real Chainer; (records chained, seconds)."""
+    from recorder import journal, records
+
+    ch = journal.Chainer(db, host_id, records.load_signing_key(signing_key))
+    t0 = time.monotonic()
+    total = 0
+    try:
+        while True:
+            n = ch.run_once(now=time.time() + journal.CHECKPOINT_INTERVAL * (total // journal.CHAIN_BATCH + 1))
+            total += n
+            if n == 0:
+                break
+        ch.run_once(now=time.time() + 3600)  # a checkpoint over the head
+    finally:
+        ch.conn.close()
+    return total, time.monotonic() - t0
+
+
+def ship(state_dir: Path, timeout: float = 600) -> dict:
+    """Run the real shipper until the recorder has acked the whole chain (in this process: `ship` verb)."""
+    from recorder import journal
+    from recorder.join import HostFiles
+    from recorder.shipper import Shipper
+
+    files = HostFiles.load(state_dir)
+    db = state_dir / "recorder.db"
+    conn = journal.connect(db)
+    head = conn.execute("SELECT head_seq FROM journal_state").fetchone()[0]
+    s = Shipper(db, files)
+    t0, cpu0 = time.monotonic(), time.process_time()
+    s.start()
+    acked, last_move, moved = 0, t0, 0
+    try:
+        while acked < head:
+            time.sleep(0.01)
+            now_acked = conn.execute("SELECT acked_seq FROM journal_state").fetchone()[0]
+            if now_acked != acked:
+                acked, last_move = now_acked, time.monotonic()
+            elif time.monotonic() - last_move > 60:
+                raise RuntimeError(f"no progress for 60 s at seq {acked} of {head}: {s.state()}")
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"shipped {acked} of {head} in {timeout} s")
+        elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
+    finally:
+        moved = s.sent
+        s.stop()
+        conn.close()
+    return {"records": head, "seconds": round(elapsed, 3), "rate": round(head / elapsed, 1), "stored": moved,
+            "shipper_cpu_s": round(cpu, 2)}
+
+
+def copy_text(db: Path, host_id: str) -> tuple[bytes, int]:
+    """The chained journal as COPY text rows of records (host_id, seq, kind, body, hash, session)."""
+    from recorder.records import Record
+    from recorder.verify import session_of
+
+    def esc(s: str) -> str:
+        return s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    out, n = [], 0
+    try:
+        for seq, kind, body, h in conn.execute("SELECT seq, kind, body, hash FROM journal WHERE seq IS NOT NULL ORDER BY seq"):
+            session = session_of(Record(host_id, seq, kind, body, h))
+            out.append(f"{host_id}\t{seq}\t{kind}\t{esc(body)}\t\\\\x{h}\t{esc(session) if session else chr(92) + 'N'}\n")
+            n += 1
+    finally:
+        conn.close()
+    return "".join(out).encode(), n
+
+
+def copy_rate(dsn: str, data: bytes, n: int) -> dict:
+    """One COPY of the prepared rows into `records`, timed from the statement to the commit."""
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        t0 = time.monotonic()
+        with conn.cursor() as cur, cur.copy("COPY records (host_id, seq, kind, body, hash, session) FROM STDIN") as cp:
+            view = memoryview(data)
+            for i in range(0, len(view), 1 << 20):
+                cp.write(view[i:i + (1 << 20)])
+        conn.commit()
+        elapsed = time.monotonic() - t0
+    return {"records": n, "seconds": round(elapsed, 3), "rate": round(n / elapsed, 1), "bytes": len(data)}
+
+
+def postgres_cpu(rec) -> float:
+    """CPU seconds of every process of the recorder's PostgreSQL cluster (the postmaster's children)."""
+    from bench.run import CLK_TCK
+
+    root, total = rec.pg.proc.pid, 0.0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        f = stat[stat.rindex(")") + 2:].split()
+        if int(d.name) == root or int(f[1]) == root:
+            total += (int(f[11]) + int(f[12])) / CLK_TCK
+    return total
+
+
+# ---- inside bench.run -------------------------------------------------------------------------------
+
+def measure_ingest(lab, tmp: Path, n: int, stack: contextlib.ExitStack, cpu_seconds) -> dict:
+    from lab.central import Central, in_host
+    from recorder.join import join
+
+    print(f"  recorder + PostgreSQL on {lab.b.name} ...", flush=True)
+    rec = Central(lab.b, port=RECORDER_PORT)
+    stack.callback(rec.close)
+    rec.start()
+    state = tmp / "ingest-host"
+    files = in_host(lab.a, join, state, rec.url, rec.token(), "bench-host")
+    db = state / "recorder.db"
+    t0 = time.monotonic()
+    journaled = fill_spool(db, files.host_id, n)
+    spool_s = time.monotonic() - t0
+    chained, chain_s = chain_spool(db, files.host_id, files.signing_key)
+    print(f"  spool: {journaled:,} records written in {spool_s:.1f} s, chained and signed at {chained / chain_s:,.0f}/s",
+          flush=True)
+    cpu0, pg0 = cpu_seconds(rec.proc.pid), postgres_cpu(rec)
+    r = lab.a.run([sys.executable, "-m", "bench.ingest", "ship", str(state)], cwd=REPO, timeout=900,
+                  env={"PYTHONPATH": str(REPO), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    cpu1, pg1 = cpu_seconds(rec.proc.pid), postgres_cpu(rec)
+    if r.returncode != 0:
+        raise RuntimeError(f"shipper failed: {(r.stderr or r.stdout)[-1500:]}")
+    shipped = json.loads(r.stdout.strip().splitlines()[-1])
+    shipped["postgres_cpu_s"] = round(pg1 - pg0, 2)
+    stored = int(rec.psql(f"SELECT count(*) FROM records WHERE host_id = '{files.host_id}'"))
+    if stored != journaled:
+        raise RuntimeError(f"the recorder stored {stored} records of {journaled}")
+    if cpu0 is not None and cpu1 is not None:
+        shipped["recorder_cpu_s"] = round(cpu1 - cpu0, 2)
+        shipped["recorder_cpu_us_per_record"] = round(1e6 * (cpu1 - cpu0) / journaled, 1)
+    print(f"  shipper -> recorder -> PostgreSQL: {shipped['rate']:,.0f} records/s ({journaled:,} in {shipped['seconds']} s)",
+          flush=True)
+    data, rows = copy_text(db, files.host_id + "-copy")
+    copied = copy_rate(rec.dsn, data, rows)
+    print(f"  plain COPY of the same rows:       {copied['rate']:,.0f} records/s", flush=True)
+    return {"records": journaled, "spool_write_s": round(spool_s, 2), "chain_rate": round(chained / chain_s, 1),
+            "ingest": shipped, "copy": copied, "ratio": round(shipped["rate"] / copied["rate"], 3)}
+
+
+def measure_datapath(bench, d, stack: contextlib.ExitStack) -> dict:
+    """bench.run's conn line and pgbench -S (8 clients), Interlock without and with `recorder:`."""
+    from bench import run as br
+    from lab.central import Central, in_host
+    from lab.instance import Instance
+    from recorder.join import join
+
+    if bench.pg is None:
+        bench._start_postgres()
+    lines = [next(b for b in br.BENCHMARKS if b.key == "conn"),
+             br.Benchmark("pgbench_c8", "pg", "pgbench -S simple, 8 clients", "tps", lambda d_: d_.pg, br.pgbench_cmd(8),
+                          br.parse_pgbench)]
+    # the recorder on the agent host's side (host a): off the benchmark server's CPU; PostgreSQL's port 5432 is b's
+    rec = Central(bench.a, port=RECORDER_PORT)
+    stack.callback(rec.close)
+    rec.start()
+    out: dict[str, dict] = {ln.key: {} for ln in lines}
+    for mode in ("without", "with"):
+        inst: Instance = bench.inst
+        if mode == "with":
+            config = {k: v for k, v in inst.config.items() if k not in ("instance", "cgroup_root", "proxy_port", "dns_port")}
+            br.Bench._close_interlock(inst)
+            inst = Instance(bench.a, inst.name, proxy_port=br.INTERLOCK_PROXY_PORT, dns_port=br.INTERLOCK_DNS_PORT,
+                            recorder={"server": rec.url}, **config)
+            files = in_host(bench.a, join, inst.state_dir, rec.url, rec.token(), "bench-agent-host")
+            stack.callback(br.Bench._close_interlock, inst)
+            inst.start()
+            bench.inst = inst
+            bench.measure(lines[0], "interlock", br.Durations(pg=1, iperf=1, conn=0.3, warmup=0))  # capture works
+        for ln in lines:
+            for path in ("direct", "interlock"):
+                res = bench.measure(ln, path)
+                out[ln.key].setdefault(mode, {})[path] = {"value": res.value, **res.detail}
+            r = out[ln.key][mode]["interlock"]["value"] / out[ln.key][mode]["direct"]["value"]
+            out[ln.key][mode]["ratio_to_direct"] = round(r, 3)
+            print(f"  {ln.label:30} shipping {mode:7} {br.fmt(out[ln.key][mode]['interlock']['value'])} {ln.unit} "
+                  f"({r:.2f}x direct)", flush=True)
+        if mode == "with":
+            stored = int(rec.psql(f"SELECT count(*) FROM records WHERE host_id = '{files.host_id}'"))
+            st = json.loads(inst.cli("status", "--json").stdout).get("recorder", {})
+            out["shipping"] = {"records_stored": stored, "status": st}
+            if stored == 0:
+                raise RuntimeError(f"shipping on, but the recorder stored nothing: {st}")
+    for ln in lines:
+        res = out[ln.key]
+        res["with_over_without"] = round(res["with"]["ratio_to_direct"] / res["without"]["ratio_to_direct"], 3)
+    return out
+
+
+def run(stack: contextlib.ExitStack, bench, d, quick: bool, cpu_seconds) -> dict:
+    """The ingest group inside bench.run: both measurements; the results document's "ingest" key."""
+    out = {"ingest": measure_ingest(bench.lab, bench.tmp, QUICK_RECORDS if quick else FULL_RECORDS, stack, cpu_seconds)}
+    print("  agent data path, shipping off vs on ...", flush=True)
+    out["datapath"] = measure_datapath(bench, d, stack)
+    return out
+
+
+def table(res: dict) -> str:
+    ing = res.get("ingest") or {}
+    lines = ["central recorder (issue 11)"]
+    if ing:
+        lines += [f"  ingest end to end (spool -> shipper -> recorder -> PostgreSQL): {ing['ingest']['rate']:>10,.0f} records/s"
+                  f"   target >= {TARGET_RATE:,}  {'met' if ing['ingest']['rate'] >= TARGET_RATE else 'NOT MET'}",
+                  f"  plain COPY of the same rows into the same table:               {ing['copy']['rate']:>10,.0f} records/s",
+                  f"  ingest / COPY:                                                 {ing['ratio']:>10.2f}x"
+                  f"          target >= {TARGET_RATIO}x  {'met' if ing['ratio'] >= TARGET_RATIO else 'NOT MET'}"]
+        if ing["ingest"].get("recorder_cpu_us_per_record") is not None:
+            i = ing["ingest"]
+            lines.append(f"  CPU during ingest: recorder {i['recorder_cpu_s']} s ({i['recorder_cpu_us_per_record']} us/record), "
+                         f"PostgreSQL {i.get('postgres_cpu_s')} s, shipper {i.get('shipper_cpu_s')} s of {i['seconds']} s; "
+                         f"host chainer {ing['chain_rate']:,.0f} records/s")
+    dp = res.get("datapath") or {}
+    for key, label in (("conn", "new TCP connections"), ("pgbench_c8", "pgbench -S simple, 8 clients")):
+        if key in dp:
+            x = dp[key]
+            lines.append(f"  {label:30} /direct without shipping {x['without']['ratio_to_direct']:.2f}x, with "
+                         f"{x['with']['ratio_to_direct']:.2f}x: with/without {x['with_over_without']:.2f}"
+                         f"   target >= {TARGET_DATAPATH}  {'met' if x['with_over_without'] >= TARGET_DATAPATH else 'NOT MET'}")
+    return "\n".join(lines)
+
+
+def register_targets() -> None:
+    """Our lines in bench/targets.py's summary, where that module exists."""
+    try:
+        from bench import targets
+    except ImportError:
+        return
+
+    def ingest(doc: dict):
+        ing = (doc.get("ingest") or {}).get("ingest")
+        if not ing:
+            return None
+        return targets.Measured(f"{ing['ingest']['rate']:,.0f}/s, {ing['ratio']:.2f}x COPY",
+                                ing["ingest"]["rate"] >= TARGET_RATE and ing["ratio"] >= TARGET_RATIO)
+
+    def datapath(key: str):
+        def check(doc: dict):
+            x = ((doc.get("ingest") or {}).get("datapath") or {}).get(key)
+            return None if not x else targets.Measured(f"{x['with_over_without']:.2f}x", x["with_over_without"] >= TARGET_DATAPATH)
+        return check
+
+    targets.register("ingest", "central recorder ingest", f">= {TARGET_RATE:,} records/s and >= {TARGET_RATIO}x COPY", ingest)
+    targets.register("ship_conn", "new connections, shipping on/off", f">= {TARGET_DATAPATH}", datapath("conn"))
+    targets.register("ship_pg", "pgbench -S c8, shipping on/off", f">= {TARGET_DATAPATH}", datapath("pgbench_c8"))
+
+
+register_targets()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "ship":
+        print(json.dumps(ship(Path(argv[1]))), flush=True)
+        return 0
+    print("usage: python -m bench.ingest ship STATE_DIR (the shipper process of `bench.run --only ingest`)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
