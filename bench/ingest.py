@@ -4,8 +4,9 @@ with shipping on against off: `bench.run --only ingest`.
 Ingest: on host a, a host spool of N records as the daemon keeps it (the SQLite recorder with the
 journal triggers of recorder/journal.py; the sessions, their statement decisions and closes written
 as the proxy writes them, the journal filled by the triggers; chained and signed by the real
-Chainer). The real shipper (recorder/shipper.py, its own process in a's namespace) sends them over
-mTLS to one recorder process (`python -m central serve`, lab/central.py) on host b, which checks
+Chainer). The real shipper (recorder/shipper.py, its own process) sends them over mTLS to one
+recorder process (`python -m central serve`, lab/central.py; in a's namespace as well, since b's
+port 5432 is the benchmark's PostgreSQL: on one kernel a veth hop costs what loopback does), which checks
 every link and checkpoint and stores them in PostgreSQL 15. Measured: records/s from the shipper's
 start to the server's ack of the last record. In the same run, the same rows (host, seq, kind,
 body, hash, session) are loaded into the same `records` table with one plain COPY (text format,
@@ -184,16 +185,25 @@ def postgres_cpu(rec) -> float:
 
 # ---- inside bench.run -------------------------------------------------------------------------------
 
-def measure_ingest(lab, tmp: Path, n: int, stack: contextlib.ExitStack, cpu_seconds) -> dict:
-    from lab.central import Central, in_host
+def measure_ingest(host, tmp: Path, n: int, cpu_seconds) -> dict:
+    """N records from a spool on `host` through the shipper to a recorder + PostgreSQL on `host`, then the COPY."""
+    from lab.central import Central
+
+    print(f"  recorder + PostgreSQL on {host.name} ...", flush=True)
+    rec = Central(host, port=RECORDER_PORT)
+    try:
+        rec.start()
+        return _ingest(rec, host, tmp, n, cpu_seconds)
+    finally:
+        rec.close()
+
+
+def _ingest(rec, host, tmp: Path, n: int, cpu_seconds) -> dict:
+    from lab.central import in_host
     from recorder.join import join
 
-    print(f"  recorder + PostgreSQL on {lab.b.name} ...", flush=True)
-    rec = Central(lab.b, port=RECORDER_PORT)
-    stack.callback(rec.close)
-    rec.start()
     state = tmp / "ingest-host"
-    files = in_host(lab.a, join, state, rec.url, rec.token(), "bench-host")
+    files = in_host(host, join, state, rec.url, rec.token(), "bench-host")
     db = state / "recorder.db"
     t0 = time.monotonic()
     journaled = fill_spool(db, files.host_id, n)
@@ -202,7 +212,7 @@ def measure_ingest(lab, tmp: Path, n: int, stack: contextlib.ExitStack, cpu_seco
     print(f"  spool: {journaled:,} records written in {spool_s:.1f} s, chained and signed at {chained / chain_s:,.0f}/s",
           flush=True)
     cpu0, pg0 = cpu_seconds(rec.proc.pid), postgres_cpu(rec)
-    r = lab.a.run([sys.executable, "-m", "bench.ingest", "ship", str(state)], cwd=REPO, timeout=900,
+    r = host.run([sys.executable, "-m", "bench.ingest", "ship", str(state)], cwd=REPO, timeout=900,
                   env={"PYTHONPATH": str(REPO), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     cpu1, pg1 = cpu_seconds(rec.proc.pid), postgres_cpu(rec)
     if r.returncode != 0:
@@ -236,7 +246,7 @@ def measure_datapath(bench, d, stack: contextlib.ExitStack) -> dict:
     lines = [next(b for b in br.BENCHMARKS if b.key == "conn"),
              br.Benchmark("pgbench_c8", "pg", "pgbench -S simple, 8 clients", "tps", lambda d_: d_.pg, br.pgbench_cmd(8),
                           br.parse_pgbench)]
-    # the recorder on the agent host's side (host a): off the benchmark server's CPU; PostgreSQL's port 5432 is b's
+    # the recorder in the agent host's namespace: b's port 5432 is the benchmark's PostgreSQL
     rec = Central(bench.a, port=RECORDER_PORT)
     stack.callback(rec.close)
     rec.start()
@@ -275,7 +285,8 @@ def measure_datapath(bench, d, stack: contextlib.ExitStack) -> dict:
 
 def run(stack: contextlib.ExitStack, bench, d, quick: bool, cpu_seconds) -> dict:
     """The ingest group inside bench.run: both measurements; the results document's "ingest" key."""
-    out = {"ingest": measure_ingest(bench.lab, bench.tmp, QUICK_RECORDS if quick else FULL_RECORDS, stack, cpu_seconds)}
+    # the recorder in a's namespace too (b's port 5432 is the benchmark's PostgreSQL): one kernel either way
+    out = {"ingest": measure_ingest(bench.a, bench.tmp, QUICK_RECORDS if quick else FULL_RECORDS, cpu_seconds)}
     print("  agent data path, shipping off vs on ...", flush=True)
     out["datapath"] = measure_datapath(bench, d, stack)
     return out
