@@ -381,4 +381,5 @@ def _problem_text(q) -> str:
     where = f"seq {q.seq}" + (f" ({p(q.kind)}" + (f", session {p(q.session)}" if q.session else "") + ")" if q.kind else "")
     if q.problem == "key-mismatch":
         where = "the host's key"
-    return f"{_HEADLINE.get(q.problem, q.problem.upper())} {where}: {p(q.detail)}"
+    detail = q.detail.removeprefix(f"seq {q.seq} ({q.kind}): ")  # verify_chain's detail repeats what `where` says
+    return f"{_HEADLINE.get(q.problem, q.problem.upper())} {where}: {p(detail)}"

@@ -161,7 +161,8 @@ def _steps(stack: contextlib.ExitStack, tmp: Path, agent_hosts: tuple[Host, Host
                              f"AND session = '{opened.get(victim, '')}'") or "0|").split("|")
     sql = (f"UPDATE records SET body = replace(body, '\"uid\":65533', '\"uid\":0') "
            f"WHERE host_id = '{hid}' AND seq = {int(seq)}")
-    r = run(hub, [str(rec.pg.bindir / "psql"), *rec.pg.client_args(), "-d", "postgres", "-X", "-c", sql])
+    r = show(hub, [str(rec.pg.bindir / "psql"), *rec.pg.client_args(), "-d", "postgres", "-X", "-c", sql],
+             f"psql -c {shlex.quote(sql)}")
     CHECKS.succeeded(f"the session-close record of {victim} (seq {seq}) was rewritten in PostgreSQL", r, "UPDATE 1")
     r = run(hub, _cmd("verify", *fleet, *pins))
     CHECKS.refused("verify fails and names the edited record (host, seq, kind, session)", r,
