@@ -299,6 +299,7 @@ def cmd_rearm(args) -> int:
 def cmd_sessions(args) -> int:
     if args.server:
         return fleet_cli.sessions(args)
+    fleet_cli.need_server(args, "sessions")
     from recorder.store import read_sessions
 
     rows = read_sessions(_layout(args).db, agent=args.agent, limit=args.limit)
@@ -460,6 +461,7 @@ def _explained_identity(agent: str, claims: list[str]):
 def cmd_approvals(args) -> int:
     if args.server:
         return fleet_cli.approvals(args)
+    fleet_cli.need_server(args, "approvals")
     from recorder.approvals import listing
 
     rows = listing(_layout(args).db, pending_only=not args.all)
@@ -509,6 +511,7 @@ def cmd_deny(args) -> int:
 def cmd_replay(args) -> int:
     if args.server:
         return fleet_cli.replay(args)
+    fleet_cli.need_server(args, "replay")
     from recorder.replay import render, timeline
 
     tl = timeline(_layout(args).db, args.session)

@@ -72,6 +72,15 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     pv.set_defaults(fn=cmd_verify)
 
 
+def need_server(args, verb: str) -> None:
+    """Without --server a verb reads this host's recorder: options only a central recorder answers are an error, not ignored."""
+    given = [f"--{k}" for k in ("host", "credentials", "target", "verdict", "since", "until")
+             if getattr(args, k, None) is not None]
+    if given:
+        raise FleetCliError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for a central recorder: add --server URL "
+                            f"(without it, interlock {verb} reads this host's own recordings)")
+
+
 def when(text: str | None, opt: str) -> float | None:
     """--since/--until as epoch seconds: a duration ago (90s, 30m, 2h, 7d), epoch seconds, or ISO 8601 (local time if no zone)."""
     if not text:

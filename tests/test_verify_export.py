@@ -187,3 +187,9 @@ def test_parse_export_and_verify_host_in_process(hosts):
     assert verify_host(chains[0]).ok and verify_host(chains[1], b.key_hex).key_source == "pinned"
     with pytest.raises(ExportError, match="appears twice"):
         list(parse_export(a.lines() + a.lines()))
+
+
+def test_fleet_options_without_server_are_refused(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "interceptor.cli", "sessions", "--state-dir", str(tmp_path), "--verdict", "deny",
+                        "--host", "web-1"], capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "--host, --verdict are for a central recorder: add --server URL" in r.stderr, r.stderr
