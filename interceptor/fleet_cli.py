@@ -308,6 +308,7 @@ def cmd_verify(args) -> int:
     except ValueError as e:
         raise FleetCliError(str(e)) from None
     reports: list[HostReport] = []
+    flagged: dict[str, int] = {}  # breaks the recorder refused at ingest, per host (informational)
     wanted = set(args.host or ())
 
     def check(chain: HostChain, source: str, stored_head: int | None = None) -> None:
@@ -344,6 +345,7 @@ def cmd_verify(args) -> int:
                         chains = [HostChain(_host_id(h), str(h.get("name") or ""), str(h.get("key") or ""))]
                     for c in chains:
                         check(c, "server", _int_or_none(h.get("head_seq")))
+                flagged.update({_host_id(h): n for h in hosts if (n := _int_or_none(h.get("findings")))})
                 return [(_host_id(h), str(h.get("name") or "")) for h in hosts]
 
         seen_hosts = _call(go())
@@ -352,11 +354,15 @@ def cmd_verify(args) -> int:
         missing += [h for h in wanted if not any(h in pair for pair in seen_hosts) and h not in missing]
     failed = sum(not r.ok for r in reports) + len(missing)
     if args.json:
-        print(json.dumps({"ok": failed == 0, "hosts": [r.as_dict() for r in reports], "missing_hosts": missing}, indent=1))
+        print(json.dumps({"ok": failed == 0, "hosts": [{**r.as_dict(), "ingest_findings": flagged.get(r.host, 0)} for r in reports],
+                          "missing_hosts": missing}, indent=1))
         return 1 if failed else 0
     source = f"export {args.export}" if args.export is not None else f"recorder {args.server}"
     for r in reports:
         print(_report_text(r))
+        if flagged.get(r.host):
+            print(f"           note: the recorder refused {flagged[r.host]} batch(es) of this host at ingest (gap, fork or "
+                  f"bad checkpoint; not stored): GET /v1/findings?host={p(r.host)}")
     for h in missing:
         print(f"MISSING  host {p(h)}: named by --host/--host-key but not in the {source}: its records are gone or it never shipped")
     if not reports and not missing:
