@@ -14,10 +14,11 @@ prepared before the clock starts): the limit. Targets (issue 11): ingest >= 0.3x
 >= 20,000 records/s.
 
 Data path: bench.run's `conn` line (new TCP connections: two journal rows each) and pgbench -S
-(one statement event per transaction) through Interlock, measured with the daemon configured
-without `recorder:` and then restarted with `recorder:` (the host joined to a recorder on host a,
-so the recorder is not on the server's CPU path), each beside the direct path. Target: with
-shipping, no more than 5% slower (ratio with/without >= 0.95).
+(one statement event per transaction) through two daemons on host a, bench.run's own (no
+`recorder:`) and a second one joined to a recorder (`interlock join`) and configured with it, in
+alternating order over 3 rounds (1 with --quick), each run beside the direct path measured just
+before it; per line, the median ratio to direct of each. Target: with shipping, no more than 5%
+slower (ratio with/without >= 0.95).
 
 `python -m bench.ingest ship STATE_DIR` is the shipper process the benchmark starts."""
 
@@ -234,12 +235,15 @@ def _ingest(rec, host, tmp: Path, n: int, cpu_seconds) -> dict:
             "ingest": shipped, "copy": copied, "ratio": round(shipped["rate"] / copied["rate"], 3)}
 
 
-def measure_datapath(bench, d, stack: contextlib.ExitStack) -> dict:
-    """bench.run's conn line and pgbench -S (8 clients), Interlock without and with `recorder:`."""
+def measure_datapath(bench, d, stack: contextlib.ExitStack, rounds: int) -> dict:
+    """bench.run's conn line and pgbench -S (8 clients) through two daemons on host a, one without
+    `recorder:` (bench.run's own) and one with it, in alternating order for `rounds` rounds, each
+    beside the direct path measured just before it; per line the median ratio to direct of each."""
+    import statistics
+
     from bench import run as br
-    from lab.central import Central, in_host
-    from lab.instance import Instance
-    from recorder.join import join
+    from lab.central import Central
+    from lab.instance import INTERLOCK, Instance
 
     if bench.pg is None:
         bench._start_postgres()
@@ -250,36 +254,45 @@ def measure_datapath(bench, d, stack: contextlib.ExitStack) -> dict:
     rec = Central(bench.a, port=RECORDER_PORT)
     stack.callback(rec.close)
     rec.start()
-    out: dict[str, dict] = {ln.key: {} for ln in lines}
-    for mode in ("without", "with"):
-        inst: Instance = bench.inst
-        if mode == "with":
-            config = {k: v for k, v in inst.config.items() if k not in ("instance", "cgroup_root", "proxy_port", "dns_port")}
-            br.Bench._close_interlock(inst)
-            inst = Instance(bench.a, inst.name, proxy_port=br.INTERLOCK_PROXY_PORT, dns_port=br.INTERLOCK_DNS_PORT,
-                            recorder={"server": rec.url}, **config)
-            files = in_host(bench.a, join, inst.state_dir, rec.url, rec.token(), "bench-agent-host")
-            stack.callback(br.Bench._close_interlock, inst)
-            inst.start()
-            bench.inst = inst
-            bench.measure(lines[0], "interlock", br.Durations(pg=1, iperf=1, conn=0.3, warmup=0))  # capture works
-        for ln in lines:
-            for path in ("direct", "interlock"):
-                res = bench.measure(ln, path)
-                out[ln.key].setdefault(mode, {})[path] = {"value": res.value, **res.detail}
-            r = out[ln.key][mode]["interlock"]["value"] / out[ln.key][mode]["direct"]["value"]
-            out[ln.key][mode]["ratio_to_direct"] = round(r, 3)
-            print(f"  {ln.label:30} shipping {mode:7} {br.fmt(out[ln.key][mode]['interlock']['value'])} {ln.unit} "
-                  f"({r:.2f}x direct)", flush=True)
-        if mode == "with":
-            stored = int(rec.psql(f"SELECT count(*) FROM records WHERE host_id = '{files.host_id}'"))
-            st = json.loads(inst.cli("status", "--json").stdout).get("recorder", {})
-            out["shipping"] = {"records_stored": stored, "status": st}
-            if stored == 0:
-                raise RuntimeError(f"shipping on, but the recorder stored nothing: {st}")
+    without: Instance = bench.inst
+    config = {k: v for k, v in without.config.items() if k not in ("instance", "cgroup_root", "proxy_port", "dns_port")}
+    shipping = Instance(bench.a, f"{without.name}s", proxy_port=br.INTERLOCK_PROXY_PORT + 10,
+                        dns_port=br.INTERLOCK_DNS_PORT + 10, recorder={"server": rec.url}, **config)
+    stack.callback(br.Bench._close_interlock, shipping)
+    r = shipping.host.run([*INTERLOCK, "join", "--state-dir", str(shipping.state_dir), "--server", rec.url,
+                           "--token", rec.token(), "--name", "bench-agent-host", "--json"], cwd=REPO, env=bench.env)
+    if r.returncode != 0:
+        raise RuntimeError(f"interlock join failed: {r.stderr or r.stdout}")
+    host_id = json.loads(r.stdout)["host_id"]
+    shipping.start()
+    daemons = {"without": without, "with": shipping}
+    samples: dict[str, dict[str, list]] = {ln.key: {"without": [], "with": []} for ln in lines}
+    try:
+        bench.inst = shipping
+        bench.measure(lines[0], "interlock", br.Durations(pg=1, iperf=1, conn=0.3, warmup=0))  # it captures
+        for rnd in range(rounds):
+            for ln in lines:
+                for mode in (("without", "with") if rnd % 2 == 0 else ("with", "without")):
+                    bench.inst = daemons[mode]
+                    direct, mine = bench.measure(ln, "direct"), bench.measure(ln, "interlock")
+                    ratio = mine.value / direct.value
+                    samples[ln.key][mode].append({"direct": direct.value, "interlock": mine.value, "ratio": round(ratio, 3),
+                                                  "proxy_cpu_us_per_op": mine.detail.get("proxy_cpu_us_per_op")})
+                    print(f"  {ln.label:30} round {rnd + 1} shipping {mode:7} {br.fmt(mine.value)} {ln.unit} "
+                          f"({ratio:.2f}x direct)", flush=True)
+    finally:
+        bench.inst = without
+    stored = int(rec.psql(f"SELECT count(*) FROM records WHERE host_id = '{host_id}'"))
+    st = json.loads(shipping.cli("status", "--json").stdout).get("recorder", {})
+    if stored == 0:
+        raise RuntimeError(f"shipping on, but the recorder stored nothing: {st}")
+    out: dict[str, dict] = {"shipping": {"records_stored": stored, "status": st}, "rounds": rounds}
     for ln in lines:
-        res = out[ln.key]
+        res = {mode: {"samples": samples[ln.key][mode],
+                      "ratio_to_direct": round(statistics.median(x["ratio"] for x in samples[ln.key][mode]), 3)}
+               for mode in ("without", "with")}
         res["with_over_without"] = round(res["with"]["ratio_to_direct"] / res["without"]["ratio_to_direct"], 3)
+        out[ln.key] = res
     return out
 
 
@@ -288,7 +301,7 @@ def run(stack: contextlib.ExitStack, bench, d, quick: bool, cpu_seconds) -> dict
     # the recorder in a's namespace too (b's port 5432 is the benchmark's PostgreSQL): one kernel either way
     out = {"ingest": measure_ingest(bench.a, bench.tmp, QUICK_RECORDS if quick else FULL_RECORDS, cpu_seconds)}
     print("  agent data path, shipping off vs on ...", flush=True)
-    out["datapath"] = measure_datapath(bench, d, stack)
+    out["datapath"] = measure_datapath(bench, d, stack, rounds=1 if quick else 3)
     return out
 
 
