@@ -5,7 +5,10 @@ agent's connections with no endpoint change; the policy allows one service, deni
 holds a third until a human approves (the demo approves itself and shows the command); then the
 replay, fail-closed and a clean `interlock down`. Then PostgreSQL (lab.demo_postgres: injected
 credentials, masking, a refused DROP, a held DELETE) and HTTPS/AWS (lab.demo_https: re-signed
-calls, a refused DeleteBucket, a held TerminateInstances)."""
+calls, a refused DeleteBucket, a held TerminateInstances). Then the fleet (lab.demo_central: two
+agent hosts shipping to one central recorder, `interlock verify` passing, a row edited in
+PostgreSQL and verify naming it) and the approval page (lab.demo_approvals: a held DELETE approved
+in a headless Chromium by an approver signed in with OIDC, and the replay naming that approver)."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lab import demo_https, demo_postgres
+from lab import demo_approvals, demo_central, demo_https, demo_postgres
 from lab.demo_checks import CHECKS
 from lab.instance import INTERLOCK, Instance, leftovers
 from lab.netns import Lab
@@ -180,6 +183,8 @@ def _demo() -> int:
         # The protocol-aware parts, each with its own daemon on the same two hosts.
         demo_postgres.demo(lab, say, show)
         demo_https.demo(lab, say, show)
+        demo_approvals.demo(lab, say, show)
+    demo_central.demo(say, show)  # builds its own labs: two agent hosts and a recorder host
     return CHECKS.summary()
 
 
