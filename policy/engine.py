@@ -210,6 +210,15 @@ class Policy:
                 return value[f"group:{g}"]
         return value.get("*")
 
+    def attribute_names(self) -> tuple[str, ...]:
+        """The operation attributes any rule names (method, path, header.NAME, …), sorted: a
+        decision depends on these attributes of an operation and on no other (see decide), so
+        they are what a cache of decisions keys on besides action, objects and risks."""
+        names = self._attr_names
+        if names is None:
+            names = self._attr_names = tuple(sorted({n for r in self.rules for n, _ in r.attributes}))
+        return names
+
     def rule(self, name: str) -> Rule | None:
         return next((r for r in self.rules if r.name == name), None)
 
@@ -233,9 +242,7 @@ class Policy:
         if len(dest.names) > 1:
             return max((self.decide(agent, Destination(dest.address, dest.port, (n,), dest.protocol), op)
                         for n in dest.names), key=lambda d: _STRICTNESS[d.verdict])
-        names = self._attr_names
-        if names is None:
-            names = self._attr_names = tuple(sorted({n for r in self.rules for n, _ in r.attributes}))
+        names = self.attribute_names()
         key = (agent, dest, op.protocol, op.action, op.objects, op.risks, op.attributes.get("created_in_session"),
                *(op.attributes.get(n) for n in names))
         hit = self._memo.get(key)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from policy.engine import Policy, PolicyError, load, load_default
-from policy.model import Decision, Operation
+from policy.model import Decision, Operation, Verdict
 from recorder import approvals
 from recorder.store import Recorder, SessionRecord
 
@@ -68,6 +68,43 @@ class PolicyHolder:
             if m is not None and m != self._mtime:
                 self._mtime = m
                 self.reload()
+
+
+class DecisionCache:
+    """One connection's (one session's) allowed decisions by operation shape, for the policy in force.
+
+    A protocol handler asks the policy the same question for every request or statement of a
+    kept-alive connection. `shape` is whatever the protocol computes from an operation that
+    determines both the Operation it builds and every input of Policy.decide (HTTP: method,
+    target, Host, the headers rules name, the names the request counts under); the entry holds
+    the Operation, the Decision and the decision's record, encoded once. Only allow and mask are
+    kept: a refusal or a hold is judged and recorded durably, and awaited, every time. A policy
+    reload makes a new Policy object; a lookup under another object than the entries were made
+    under empties the cache first, so nothing decided under an old policy is ever served."""
+
+    __slots__ = ("policy", "entries", "size")
+
+    def __init__(self, size: int = 256):
+        self.policy: Policy | None = None
+        self.entries: dict[tuple, tuple[Operation, Decision, str]] = {}
+        self.size = size
+
+    def get(self, policy: Policy, shape: tuple) -> tuple[Operation, Decision, str] | None:
+        if policy is not self.policy:
+            self.policy = policy
+            self.entries.clear()
+            return None
+        return self.entries.get(shape)
+
+    def put(self, policy: Policy, shape: tuple, op: Operation, decision: Decision, record: str) -> None:
+        if decision.verdict not in (Verdict.ALLOW, Verdict.MASK):
+            return
+        if policy is not self.policy:
+            self.policy = policy
+            self.entries.clear()
+        if len(self.entries) >= self.size:
+            self.entries.clear()
+        self.entries[shape] = (op, decision, record)
 
 
 class NameBindings:

@@ -23,6 +23,7 @@ class ProxyMetrics:
                                    ["agent", "protocol", "outcome"], registry=reg)
         self.bytes = Counter("interlock_bytes_total", "Bytes relayed for agents (up: agent to service)",
                              ["agent", "protocol", "direction"], registry=reg)
+        self._operation_children: dict[tuple[str, str, str], object] = {}
         self.operations = Counter("interlock_operations_total", "Operations judged, by decision",
                                   ["agent", "protocol", "decision"], registry=reg)
         self.commit_seconds = Histogram("interlock_recorder_commit_seconds", "Recorder group-commit latency",
@@ -75,7 +76,11 @@ class ProxyMetrics:
         self.policy_rules.set(rules)
 
     def operation(self, agent: str, protocol: str, decision: str) -> None:
-        self.operations.labels(agent, protocol, decision).inc()
+        key = (agent, protocol, decision)
+        child = self._operation_children.get(key)
+        if child is None:  # labels() takes a lock and builds its key each time: once per label set
+            child = self._operation_children[key] = self.operations.labels(agent, protocol, decision)
+        child.inc()
 
     def session_closed(self, agent: str, protocol: str, outcome: str, up: int, down: int) -> None:
         self.connections.labels(agent, protocol, outcome).inc()

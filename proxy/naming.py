@@ -15,6 +15,7 @@ agent bound to the address, the most restrictive answer winning (policy.engine.P
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from proxy.relay import AgentSide
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of the text, asked once or twice per request
 def host_only(value: str) -> str:
     """A Host header or SNI as a bare name: lower case, no port, no brackets, no trailing dot."""
     v = value.strip().lower()
@@ -97,6 +99,7 @@ def request_names(conn: AgentSide, host: str, sni: str, counts_here) -> tuple[st
     return tuple(dict.fromkeys(n for n in (host, sni) if n and counts_here(n)))
 
 
+@functools.lru_cache(maxsize=4096)
 def is_address(name: str) -> bool:
     try:
         ipaddress.ip_address(name)

@@ -417,10 +417,16 @@ class Recorder:
     def decision(self, session: str, op, decision) -> asyncio.Future | None:
         """A decision and its reason. Refusals and holds are flushed to disk (synchronous=FULL)
         before they take effect, so no refusal is ever unrecorded; the future says when."""
-        data = {"protocol": op.protocol, "action": op.action, "objects": list(op.objects),
-                "risks": list(op.risks), "summary": op.summary, "verdict": decision.verdict.value,
-                "rule": decision.rule, "reason": decision.reason}
-        return self.event("decision", data, session, durable=decision.verdict.value in ("deny", "approve"), wait=True)
+        return self.event_json("decision", decision_record(op, decision), session,
+                               durable=decision.verdict.value in ("deny", "approve"), wait=True)
+
+    def event_json(self, kind: str, data: str, session: str | None = None, durable: bool = False,
+                   wait: bool = False) -> asyncio.Future | None:
+        """event() for data already encoded (a record a handler encoded once and writes again)."""
+        level = LOGGED_EVENTS.get(kind)
+        if level is not None:
+            _events_log.log(level, kind, extra={"event": kind, "session": session, "data": json.loads(data)})
+        return self._write(_EVENT_SQL, (time.time(), kind, session, data), durable, wait)
 
     def close(self) -> None:
         self.hold = None  # nothing is admitted any more: what was kept goes to disk (and the spool)
@@ -429,6 +435,13 @@ class Recorder:
         elif self.health.failed:
             self.recover()
         self.conn.close()
+
+
+def decision_record(op, decision) -> str:
+    """A `decision` event's data (policy.model Operation and Decision), as stored."""
+    return json.dumps({"protocol": op.protocol, "action": op.action, "objects": list(op.objects),
+                       "risks": list(op.risks), "summary": op.summary, "verdict": decision.verdict.value,
+                       "rule": decision.rule, "reason": decision.reason}, sort_keys=True)
 
 
 def read_sessions(path: Path, agent: str | None = None, limit: int = 1000) -> list[dict]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -27,9 +28,10 @@ from proxy import naming
 from proxy.aws import errors as aws_errors
 from proxy.aws.identify import AwsCall, identify_request
 from proxy.aws.sigv4 import S3_LIKE_SERVICES, Credentials, SigV4Error, resign
+from proxy.gate import DecisionCache
 from proxy.handler import Handler, register
 from proxy.http import responses
-from proxy.http.masking import MaskSpec, is_json_content_type, mask_json_bytes, redact_query
+from proxy.http.masking import SECRET_HEADERS, MaskSpec, is_json_content_type, mask_json_bytes, redact_query
 from proxy.http.model import (
     AgentConnection,
     Body,
@@ -48,6 +50,7 @@ from proxy.http.model import (
 from proxy.http.responses import Canned
 from proxy.http.rules import operation_from_request
 from recorder import approvals
+from recorder.store import decision_record
 
 # A request body read whole before judging (AWS query/JSON protocols: the action and the
 # signature's payload hash are in it). AWS API documents are small; an upload is S3, streamed.
@@ -88,6 +91,14 @@ class Exchange:
     up: int = 0
     down: int = 0
     outcome: str = "forwarded"
+    names: tuple[str, ...] | None = None  # the names it was judged under
+
+
+@functools.lru_cache(maxsize=4096)  # a kept-alive connection asks for the same few paths
+def _recorded_path(path: str, target: str, query: str) -> str:
+    """A request's path as its http event records it: normalised, credentials in the query redacted."""
+    query = redact_query(query)
+    return ((normalize_path(path) if path else target[:300]) + (f"?{query}" if query else ""))[:500]
 
 
 def _has_body(head: RequestHead) -> bool:
@@ -122,6 +133,7 @@ class HttpHandler(Handler):
         self.host_hint = ""  # SNI, for the host-sni-mismatch risk
         self.served = 0  # requests finished on this connection
         self._targets: tuple | None = None  # (policy, names, targets) of the last request
+        self.decisions = DecisionCache()  # allowed request shapes (proxy/gate.py)
         # Bytes produced while handling one read go out in one write per side (one TLS record,
         # one segment): a response head, body and end as three sends cost three syscalls.
         self.batch = 0
@@ -328,7 +340,8 @@ class HttpHandler(Handler):
         return naming.counts(self.conn, name)
 
     def targets(self, req: Exchange) -> list:
-        rec, policy, names = self.conn.rec, self.conn.proxy.policy.current, self.names(req)
+        rec, policy = self.conn.rec, self.conn.proxy.policy.current
+        names = req.names if req.names is not None else self.names(req)
         hit = self._targets
         if hit is not None and hit[0] is policy and hit[1] == names:
             return hit[2]  # a kept-alive connection asks about the same host again and again
@@ -336,17 +349,44 @@ class HttpHandler(Handler):
         self._targets = (policy, names, found)
         return found
 
+    def shape(self, req: Exchange, names: tuple[str, ...], policy) -> tuple:
+        """What this request's Operation and decision are made of (DecisionCache): the method, the
+        target (path and query), the version, the authority (Host), what makes a risk, the names it
+        counts under, and the value of every header a rule names (secret ones excepted, as in
+        operation_from_request). Two requests of one connection with the same shape get the same
+        Operation and the same decision under the same policy."""
+        head = req.head
+        h = head.headers
+        return (head.method, head.target, head.http_version, head.authority, h.get_joined("x-http-method-override"),
+                head.upgrade, names, *[h.get_joined(n[7:]) for n in policy.attribute_names()
+                                       if n.startswith("header.") and n[7:] not in SECRET_HEADERS])
+
     def _judge(self, req: Exchange) -> None:
         self.busy = True
         if req.call is not None and req.body:
             req.call = identify_request(req.head, bytes(req.body[:64 << 10]))
-        req.op = self.operation(req)
-        names = self.names(req)
+        proxy, rec = self.conn.proxy, self.conn.rec
+        names = req.names = self.names(req)
         host = naming.host_only(req.head.host or "")
         if host and host not in names and not naming.is_address(host):
-            self.conn.event("name-unbound", {"name": host[:255], "address": self.conn.rec.dst_addr,
+            self.conn.event("name-unbound", {"name": host[:255], "address": rec.dst_addr,
                                              "judged": "by address", "in": "Host"})
-        req.decision, written = self.conn.proxy.judge(self.conn.rec, req.op, names=names)
+        policy = proxy.policy.current
+        shape = self.shape(req, names, policy) if req.call is None else None  # AWS: signed per request
+        if shape is not None and not proxy.recorder.failed:
+            hit = self.decisions.get(policy, shape)
+            if hit is not None:
+                # Allowed before on this connection, under this policy: its record rides the group
+                # commit (no wait), with the data encoded once; refusals and holds never come here.
+                req.op, req.decision, record = hit
+                proxy.metrics.operation(rec.agent, req.op.protocol, req.decision.verdict.value)
+                proxy.recorder.event_json("decision", record, rec.id)
+                self._act(req, "allowed")
+                return
+        req.op = self.operation(req)
+        req.decision, written = proxy.judge(rec, req.op, names=names)
+        if shape is not None:
+            self.decisions.put(policy, shape, req.op, req.decision, decision_record(req.op, req.decision))
         if req.decision.verdict is Verdict.APPROVE:
             self.conn.spawn(self._hold(req, written))
         else:  # a callback, not a task: most requests are decided in one loop turn
@@ -592,10 +632,8 @@ class HttpHandler(Handler):
             req.outcome = outcome
         d = req.decision
         head = req.head
-        path = normalize_path(head.path) if head.path else head.target[:300]
-        query = redact_query(head.query)
         data = {"method": head.method[:16], "host": (head.host or self.conn.rec.dst_addr)[:255],
-                "path": (path + (f"?{query}" if query else ""))[:500], "status": req.status, "up": req.up,
+                "path": _recorded_path(head.path, head.target, head.query), "status": req.status, "up": req.up,
                 "down": req.down, "outcome": req.outcome, "ms": round((time.time() - req.started) * 1000, 1)}
         if d is not None:
             data.update(verdict=d.verdict.value, rule=d.rule)
