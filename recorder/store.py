@@ -139,6 +139,7 @@ def _say(level: int, kind: str, msg: str, data: dict) -> None:
         pass
 
 
+LINGER = 0.002  # seconds a write nothing waits on may wait for company in its group commit
 MAX_BACKLOG = 20000  # entries kept while the database cannot be written (~ a few MB)
 RETRY_INTERVAL = 1.0  # seconds between attempts to write the backlog
 _Entry = tuple  # (sql, params, durable, future | None)
@@ -155,6 +156,8 @@ class GroupWriter:
         self.recorder, self.loop = recorder, loop
         self.batch: list[_Entry] = []
         self.scheduled = False
+        self.soon = False  # the flush is at the end of this turn (a write waits on it)
+        self.lingering: asyncio.TimerHandle | None = None
         self.retrying: asyncio.TimerHandle | None = None
         self.on_commit: Callable[[float, int], None] | None = None  # (seconds, rows): for metrics
 
@@ -167,13 +170,23 @@ class GroupWriter:
                 fut.set_exception(RecorderDown(self.recorder.health.failed))
             return fut
         self.batch.append((sql, params, durable, fut))
-        if not self.scheduled:
+        if fut is not None:
+            if not self.soon:  # something waits to act on this write: commit at the end of the turn
+                self.soon = self.scheduled = True
+                self.loop.call_soon(self.flush)
+        elif not self.scheduled:
+            # Nothing waits on it (a byte count, a closed session, an allowed request's record):
+            # it rides the next commit, at most LINGER later, so that under load one commit
+            # carries the records of many requests instead of one each.
             self.scheduled = True
-            self.loop.call_soon(self.flush)
+            self.lingering = self.loop.call_later(LINGER, self.flush)
         return fut
 
     def flush(self) -> None:
-        self.scheduled = False
+        self.scheduled = self.soon = False
+        if self.lingering is not None:
+            self.lingering.cancel()
+            self.lingering = None
         batch, self.batch = self.batch, []
         if not batch:
             return

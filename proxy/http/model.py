@@ -59,22 +59,36 @@ class Headers:
     Names and values are str, decoded as latin-1 so any byte survives.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_index")
 
     def __init__(self, items: Iterable[tuple[str | bytes, str | bytes]] = ()) -> None:
         self._items: list[tuple[str, str]] = [(_s(k), _s(v)) for k, v in items]
+        self._index: dict[str, list[str]] | None = None
+
+    def _lookup(self) -> dict[str, list[str]]:
+        """Values by lower-case name, built on the first lookup: a head is asked about the same
+        fields several times (framing, Connection, the policy); every mutator drops it."""
+        index = self._index
+        if index is None:
+            index = {}
+            for k, v in self._items:
+                low = k.lower()
+                vals = index.get(low)
+                if vals is None:
+                    index[low] = [v]
+                else:
+                    vals.append(v)
+            self._index = index
+        return index
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of name, or default. Use get_joined for list-valued fields."""
-        low = name.lower()
-        for k, v in self._items:
-            if k.lower() == low:
-                return v
-        return default
+        vals = self._lookup().get(name.lower())
+        return vals[0] if vals else default
 
     def get_all(self, name: str) -> list[str]:
-        low = name.lower()
-        return [v for k, v in self._items if k.lower() == low]
+        vals = self._lookup().get(name.lower())
+        return list(vals) if vals else []
 
     def get_joined(self, name: str) -> str | None:
         vals = self.get_all(name)
@@ -107,6 +121,7 @@ class Headers:
 
     def add(self, name: str, value: str) -> None:
         self._items.append((name, value))
+        self._index = None
 
     def set(self, name: str, value: str) -> None:
         """Replace every field called name with one, kept where the first one was."""
@@ -123,16 +138,19 @@ class Headers:
         if not placed:
             out.append((name, value))
         self._items = out
+        self._index = None
 
     def remove(self, *names: str) -> None:
         lows = {n.lower() for n in names}
         self._items = [(k, v) for k, v in self._items if k.lower() not in lows]
+        self._index = None
 
     @classmethod
     def _of(cls, items: list[tuple[str, str]]) -> Headers:
         """Adopt a list of already-decoded pairs without copying (the parser's own list)."""
         h = cls.__new__(cls)
         h._items = items
+        h._index = None
         return h
 
 

@@ -159,7 +159,7 @@ class TlsHandler(HttpHandler):
             self.a_ready = True
             self.conn.event("tls", {"sni": self.sni, "alpn": self.a_tls.selected_alpn_protocol(),
                                     "version": self.a_tls.version(), "offered_alpn": self.details.get("alpn") or []})
-        plain = self._drain(self.a_tls, self._flush_agent)
+        plain = self._drain(self.a_tls, self._flush_agent, self.a_in)
         if plain is None:
             self.on_client_eof()
         elif plain:
@@ -253,17 +253,30 @@ class TlsHandler(HttpHandler):
             self._handshake_origin()
             if not self.o_ready:
                 return
-        plain = self._drain(self.o_tls, self._flush_origin)
-        if not self.session_saved and self.o_tls.session is not None and self.o_tls.session.has_ticket:
-            self.session_saved = True  # TLS 1.3 tickets come after the handshake, with the first data
-            _sessions[self.session_key] = self.o_tls.session
-            _sessions.move_to_end(self.session_key)
-            while len(_sessions) > _SESSIONS_MAX:
-                _sessions.popitem(last=False)
+        plain = self._drain(self.o_tls, self._flush_origin, self.o_in)
+        if plain and not self.session_saved:
+            self._save_session()
         if plain:
             self.origin_plain(plain)
         if plain is None and not self.ending:
             self.origin_plain(b"")
+
+    def _save_session(self) -> None:
+        """Keep the service's session for the next connection, once per connection, when its first
+        response bytes arrive: TLS 1.3 tickets come after the handshake and before those bytes.
+        Reading SSLObject.session copies the session through DER (peer certificate included,
+        ~0.3 ms), so a connection that resumed the session already kept is not read again."""
+        self.session_saved = True
+        if self.o_tls.session_reused and self.session_key in _sessions:
+            _sessions.move_to_end(self.session_key)
+            return
+        session = self.o_tls.session
+        if session is None or not session.has_ticket:
+            return
+        _sessions[self.session_key] = session
+        _sessions.move_to_end(self.session_key)
+        while len(_sessions) > _SESSIONS_MAX:
+            _sessions.popitem(last=False)
 
     def send_origin(self, data: bytes) -> None:
         if not data or self.raw or self.origin_gone is not None:
@@ -285,7 +298,7 @@ class TlsHandler(HttpHandler):
     # ---- both ---------------------------------------------------------------------------------
 
     @staticmethod
-    def _drain(tls: ssl.SSLObject, flush) -> bytes | None:
+    def _drain(tls: ssl.SSLObject, flush, incoming: ssl.MemoryBIO) -> bytes | None:
         """All plaintext available now; None when the peer sent close_notify."""
         parts = []
         while True:
@@ -300,6 +313,8 @@ class TlsHandler(HttpHandler):
             if not chunk:
                 return b"".join(parts) or None
             parts.append(chunk)
+            if not incoming.pending and not tls.pending():
+                break  # all read: no SSLWantReadError raised and caught per read
         flush()
         return b"".join(parts)
 
