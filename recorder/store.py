@@ -161,7 +161,8 @@ class GroupWriter:
         self.retrying: asyncio.TimerHandle | None = None
         self.on_commit: Callable[[float, int], None] | None = None  # (seconds, rows): for metrics
 
-    def submit(self, sql: str, params: tuple, durable: bool = False, wait: bool = False) -> asyncio.Future | None:
+    def submit(self, sql: str, params: tuple, durable: bool = False, wait: bool = False,
+               linger: bool = False) -> asyncio.Future | None:
         fut = self.loop.create_future() if (wait or durable) else None
         if self.recorder.health.failed:
             self.recorder.keep([(sql, params, durable, None)])
@@ -170,14 +171,14 @@ class GroupWriter:
                 fut.set_exception(RecorderDown(self.recorder.health.failed))
             return fut
         self.batch.append((sql, params, durable, fut))
-        if fut is not None:
-            if not self.soon:  # something waits to act on this write: commit at the end of the turn
+        if not linger or fut is not None:
+            if not self.soon:  # commit at the end of this turn of the loop
                 self.soon = self.scheduled = True
                 self.loop.call_soon(self.flush)
         elif not self.scheduled:
-            # Nothing waits on it (a byte count, a closed session, an allowed request's record):
-            # it rides the next commit, at most LINGER later, so that under load one commit
-            # carries the records of many requests instead of one each.
+            # A per-request record nothing waits on (an allowed request's): it rides the next
+            # commit, at most LINGER later, so that under load one commit carries the records of
+            # many requests instead of one each.
             self.scheduled = True
             self.lingering = self.loop.call_later(LINGER, self.flush)
         return fut
@@ -365,9 +366,10 @@ class Recorder:
             self.on_health(h)
         return True
 
-    def _write(self, sql: str, params: tuple, durable: bool = False, wait: bool = False) -> asyncio.Future | None:
+    def _write(self, sql: str, params: tuple, durable: bool = False, wait: bool = False,
+               linger: bool = False) -> asyncio.Future | None:
         if self.writer is not None:
-            return self.writer.submit(sql, params, durable, wait)
+            return self.writer.submit(sql, params, durable, wait, linger)
         with self._lock:
             entry = (sql, params, durable, None)
             if self.health.failed is not None and not self.recover():
@@ -421,11 +423,14 @@ class Recorder:
                     (outcome, detail, time.time()))
 
     def event(self, kind: str, data: dict, session: str | None = None, durable: bool = False,
-              wait: bool = False) -> asyncio.Future | None:
+              wait: bool = False, linger: bool = False) -> asyncio.Future | None:
+        """One event row. linger: a per-request record nothing waits on, which may wait up to
+        LINGER for others to share its commit (never a refusal, a hold or anything awaited)."""
         level = LOGGED_EVENTS.get(kind)
         if level is not None:
             _events_log.log(level, kind, extra={"event": kind, "session": session, "data": data})
-        return self._write(_EVENT_SQL, (time.time(), kind, session, json.dumps(data, sort_keys=True)), durable, wait)
+        return self._write(_EVENT_SQL, (time.time(), kind, session, json.dumps(data, sort_keys=True)), durable, wait,
+                           linger and not durable)
 
     def decision(self, session: str, op, decision) -> asyncio.Future | None:
         """A decision and its reason. Refusals and holds are flushed to disk (synchronous=FULL)
@@ -434,12 +439,12 @@ class Recorder:
                                durable=decision.verdict.value in ("deny", "approve"), wait=True)
 
     def event_json(self, kind: str, data: str, session: str | None = None, durable: bool = False,
-                   wait: bool = False) -> asyncio.Future | None:
+                   wait: bool = False, linger: bool = False) -> asyncio.Future | None:
         """event() for data already encoded (a record a handler encoded once and writes again)."""
         level = LOGGED_EVENTS.get(kind)
         if level is not None:
             _events_log.log(level, kind, extra={"event": kind, "session": session, "data": json.loads(data)})
-        return self._write(_EVENT_SQL, (time.time(), kind, session, data), durable, wait)
+        return self._write(_EVENT_SQL, (time.time(), kind, session, data), durable, wait, linger and not durable)
 
     def close(self) -> None:
         self.hold = None  # nothing is admitted any more: what was kept goes to disk (and the spool)

@@ -380,7 +380,7 @@ class HttpHandler(Handler):
                 # commit (no wait), with the data encoded once; refusals and holds never come here.
                 req.op, req.decision, record = hit
                 proxy.metrics.operation(rec.agent, req.op.protocol, req.decision.verdict.value)
-                proxy.recorder.event_json("decision", record, rec.id)
+                proxy.recorder.event_json("decision", record, rec.id, linger=True)
                 self._act(req, "allowed")
                 return
         req.op = self.operation(req)
@@ -639,7 +639,7 @@ class HttpHandler(Handler):
             data.update(verdict=d.verdict.value, rule=d.rule)
         if req.op is not None and req.op.protocol == "aws":
             data["action"] = req.op.action
-        self.conn.event("http", data)
+        self.conn.proxy.recorder.event("http", data, self.conn.rec.id, linger=True)  # rides a shared commit
         self.served += 1
         self.req = None
 
