@@ -139,6 +139,8 @@ def _say(level: int, kind: str, msg: str, data: dict) -> None:
         pass
 
 
+# json.dumps(data, sort_keys=True) without building an encoder per call: the same text.
+_encode = json.JSONEncoder(sort_keys=True).encode
 LINGER = 0.002  # seconds a write nothing waits on may wait for company in its group commit
 MAX_BACKLOG = 20000  # entries kept while the database cannot be written (~ a few MB)
 RETRY_INTERVAL = 1.0  # seconds between attempts to write the backlog
@@ -429,7 +431,7 @@ class Recorder:
         level = LOGGED_EVENTS.get(kind)
         if level is not None:
             _events_log.log(level, kind, extra={"event": kind, "session": session, "data": data})
-        return self._write(_EVENT_SQL, (time.time(), kind, session, json.dumps(data, sort_keys=True)), durable, wait,
+        return self._write(_EVENT_SQL, (time.time(), kind, session, _encode(data)), durable, wait,
                            linger and not durable)
 
     def decision(self, session: str, op, decision) -> asyncio.Future | None:
@@ -457,9 +459,9 @@ class Recorder:
 
 def decision_record(op, decision) -> str:
     """A `decision` event's data (policy.model Operation and Decision), as stored."""
-    return json.dumps({"protocol": op.protocol, "action": op.action, "objects": list(op.objects),
+    return _encode({"protocol": op.protocol, "action": op.action, "objects": list(op.objects),
                        "risks": list(op.risks), "summary": op.summary, "verdict": decision.verdict.value,
-                       "rule": decision.rule, "reason": decision.reason}, sort_keys=True)
+                       "rule": decision.rule, "reason": decision.reason})
 
 
 def read_sessions(path: Path, agent: str | None = None, limit: int = 1000) -> list[dict]:

@@ -101,6 +101,15 @@ def _recorded_path(path: str, target: str, query: str) -> str:
     return ((normalize_path(path) if path else target[:300]) + (f"?{query}" if query else ""))[:500]
 
 
+def _maybe_aws(head: RequestHead) -> bool:
+    """Whether proxy.aws.identify could name an AWS call here: it needs a SigV4 signature (an
+    Authorization header, or a query that may carry a presigned one) or an AWS host. Most
+    requests have none of these and skip it."""
+    if head.query or head.headers.get("authorization") is not None:
+        return True
+    return ".amazonaws.com" in head.authority.lower()  # a superset of identify's host test
+
+
 def _has_body(head: RequestHead) -> bool:
     if "transfer-encoding" in head.headers:
         return True
@@ -270,7 +279,7 @@ class HttpHandler(Handler):
             self.head_timer.cancel()
             self.head_timer = None
         req = self.req = Exchange(head)
-        req.call = identify_request(head)
+        req.call = identify_request(head) if _maybe_aws(head) else None
         if not _has_body(head):
             req.body = bytearray()  # judged at End, which is already here: a refusal keeps the connection
         elif req.call is not None and _needs_body(req.call, head):
