@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -319,3 +320,62 @@ print(r.status_code)
     db += wal.read_bytes() if wal.exists() else b""
     for secret in [*secrets, TOKEN]:
         assert secret.encode() not in db, secret
+
+
+def test_one_kept_alive_connection_is_judged_per_request_shape_and_per_policy(web, tmp_path):
+    """The proxy keeps the allowed decisions of a connection by request shape (proxy/gate.py
+    DecisionCache). A header a rule names makes another shape; a refusal is judged and recorded
+    every time; a policy reload is seen by the next request on the same connection."""
+    go, ready = tmp_path / "go", tmp_path / "ready"
+    policy_file = web.config["policy"]
+    original = open(policy_file).read()
+    out: dict = {}
+
+    def agent() -> None:
+        out["r"] = py(web, f"""
+import os, time, requests
+s = requests.Session()
+codes = [s.get("https://{WWW}/small?shape-a", headers=h).status_code
+         for h in ({{}}, {{"X-Debug": "on"}}, {{}}, {{"X-Debug": "on"}})]
+open("{ready}", "w").close()
+while not os.path.exists("{go}"):
+    time.sleep(0.05)
+codes.append(s.get("https://{WWW}/small?shape-a").status_code)
+print(*codes)
+""")
+
+    import threading
+    loaded = len(web.events("policy-loaded"))
+    t = threading.Thread(target=agent)
+    t.start()
+    try:
+        assert wait_until(ready.exists, timeout=60)
+        # the same request is now refused by a rule ahead of the one that allowed it
+        _write(policy_file, original.replace("rules:\n", 'rules:\n  - name: no-small-now\n    path: "/small"\n'
+                                                           '    decision: deny\n', 1))
+        assert wait_until(lambda: len(web.events("policy-loaded")) > loaded, timeout=10)
+        go.touch()
+        t.join(120)
+    finally:
+        _write(policy_file, original)
+        go.touch()
+        t.join(120)
+    assert wait_until(lambda: len(web.events("policy-loaded")) > loaded + 1, timeout=10)
+    assert out["r"].stdout.split() == ["200", "403", "200", "403", "403"], out["r"].stdout
+    assert seen_by_nginx(web, "/small?shape-a") == 2, "only the two allowed requests reached nginx"
+    reqs = [e for e in web.events("http") if e["data"]["path"] == "/small?shape-a"]
+    assert len(reqs) == 5 and len({e["session"] for e in reqs}) == 1, "one kept-alive connection"
+    sid = reqs[0]["session"]
+    assert [e["data"]["rule"] for e in reqs] == ["www-ok", "no-debug", "www-ok", "no-debug", "no-small-now"]
+    decisions = [e["data"] for e in web.events("decision") if e["session"] == sid and e["data"]["action"] == "GET"]
+    refusals = [d["rule"] for d in decisions if d["verdict"] == "deny"]
+    assert refusals == ["no-debug", "no-debug", "no-small-now"], "each refusal on record"
+    assert [d["rule"] for d in decisions if d["verdict"] == "allow"] == ["www-ok", "www-ok"]
+
+
+def _write(path: str, text: str) -> None:
+    """Replace a file at once: the proxy's policy watcher never reads it half-written."""
+    tmp = f"{path}.new"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

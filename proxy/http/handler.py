@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as _q
 
 from policy import detectors
 from policy.engine import Destination
@@ -99,6 +100,15 @@ def _recorded_path(path: str, target: str, query: str) -> str:
     """A request's path as its http event records it: normalised, credentials in the query redacted."""
     query = redact_query(query)
     return ((normalize_path(path) if path else target[:300]) + (f"?{query}" if query else ""))[:500]
+
+
+def http_record(method: str, host: str, path: str, status: int, up: int, down: int, outcome: str, ms: float,
+                verdict: str, rule: str) -> str:
+    """An `http` event's data exactly as the recorder encodes a dict (JSON, keys sorted, ASCII),
+    written directly: it is one per request, and this is a few times cheaper than the encoder."""
+    return (f'{{"down": {down:d}, "host": {_q(host)}, "method": {_q(method)}, "ms": {float(ms)!r}, '
+            f'"outcome": {_q(outcome)}, "path": {_q(path)}, "rule": {_q(rule)}, "status": {status:d}, '
+            f'"up": {up:d}, "verdict": {_q(verdict)}}}')
 
 
 def _maybe_aws(head: RequestHead) -> bool:
@@ -641,14 +651,21 @@ class HttpHandler(Handler):
             req.outcome = outcome
         d = req.decision
         head = req.head
-        data = {"method": head.method[:16], "host": (head.host or self.conn.rec.dst_addr)[:255],
-                "path": _recorded_path(head.path, head.target, head.query), "status": req.status, "up": req.up,
-                "down": req.down, "outcome": req.outcome, "ms": round((time.time() - req.started) * 1000, 1)}
-        if d is not None:
-            data.update(verdict=d.verdict.value, rule=d.rule)
-        if req.op is not None and req.op.protocol == "aws":
-            data["action"] = req.op.action
-        self.conn.proxy.recorder.event("http", data, self.conn.rec.id, linger=True)  # rides a shared commit
+        recorder, sid = self.conn.proxy.recorder, self.conn.rec.id
+        method, host = head.method[:16], (head.host or self.conn.rec.dst_addr)[:255]
+        path, ms = _recorded_path(head.path, head.target, head.query), round((time.time() - req.started) * 1000, 1)
+        aws = req.op is not None and req.op.protocol == "aws"
+        if d is not None and not aws:  # the usual request: its record written directly, rides a shared commit
+            recorder.event_json("http", http_record(method, host, path, req.status, req.up, req.down, req.outcome, ms,
+                                                    d.verdict.value, d.rule), sid, linger=True)
+        else:
+            data = {"method": method, "host": host, "path": path, "status": req.status, "up": req.up,
+                    "down": req.down, "outcome": req.outcome, "ms": ms}
+            if d is not None:
+                data.update(verdict=d.verdict.value, rule=d.rule)
+            if aws:
+                data["action"] = req.op.action
+            recorder.event("http", data, sid, linger=True)
         self.served += 1
         self.req = None
 
