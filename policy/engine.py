@@ -193,9 +193,18 @@ class Policy:
     # protocol handler asks it the same question for every statement or request: remember answers.
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
     _attr_names: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    _targets_memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def targets_for(self, dest: Destination) -> list[Target]:
-        return [t for t in self.targets.values() if t.matches(dest)]
+        """The targets dest is in, in file order. Remembered like decide(): every new connection
+        asks it, and Target.matches parses the address (ipaddress) each time."""
+        hit = self._targets_memo.get(dest)
+        if hit is None:
+            hit = tuple(t for t in self.targets.values() if t.matches(dest))
+            if len(self._targets_memo) >= 8192:
+                self._targets_memo.clear()
+            self._targets_memo[dest] = hit
+        return list(hit)
 
     def for_agent(self, value: str | dict[str, str] | None, agent: str) -> str | None:
         """A per-agent target setting: the value itself, or the mapping's entry for the agent's
