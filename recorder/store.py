@@ -223,6 +223,47 @@ class GroupWriter:
             self.recorder.recover()
 
 
+CHECKPOINT_INTERVAL = 1.0  # seconds between looks at the proxy's WAL
+CHECKPOINT_PAGES = 1000  # SQLite's own wal_autocheckpoint default: checkpoint once the WAL is this long
+
+
+class Checkpointer:
+    """Checkpoints the proxy's WAL from a thread of its own (sqlite3 releases the GIL while it
+    works), where SQLite would have done it inside a commit on the event loop: once the WAL file
+    holds CHECKPOINT_PAGES pages. PASSIVE: it copies what no reader still needs and never waits
+    for, or blocks, the loop's writes. A failed checkpoint is retried at the next look; the WAL
+    grows meanwhile, and whether writes succeed is what the recorder's failed state watches."""
+
+    def __init__(self, path: Path, interval: float = CHECKPOINT_INTERVAL):
+        self.path, self.interval = path, interval
+        self.wal = Path(f"{path}-wal")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="recorder-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn = None
+        threshold = None
+        try:
+            while not self._stop.wait(self.interval):
+                try:
+                    if conn is None:
+                        conn = sqlite3.connect(str(self.path), timeout=0, isolation_level=None)
+                        page = conn.execute("PRAGMA page_size").fetchone()[0]
+                        threshold = 32 + CHECKPOINT_PAGES * (page + 24)  # WAL header, frames of header + page
+                    if self.wal.stat().st_size >= threshold:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except (sqlite3.Error, OSError):
+                    pass  # busy, failing or no WAL yet: the next look tries again
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), timeout=10, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -277,6 +318,13 @@ class Recorder:
         # A precondition besides writable storage (the spool bound): while it names a reason, recover() fails.
         self.hold: Callable[[], str | None] | None = None
         self.writer = GroupWriter(self, loop) if loop is not None else None
+        self.checkpointer: Checkpointer | None = None
+        if loop is not None:
+            # The proxy's commits never checkpoint (copy the WAL into the database and fsync it,
+            # which stalls every connection while the disk is slow): a thread does, with its own
+            # connection, in PASSIVE mode, which never blocks a writer.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            self.checkpointer = Checkpointer(path)
 
     # ---- writing, failing, recovering ------------------------------------------------------
 
@@ -454,6 +502,8 @@ class Recorder:
             self.writer.close()
         elif self.health.failed:
             self.recover()
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         self.conn.close()
 
 
