@@ -26,9 +26,22 @@ if TYPE_CHECKING:
     from proxy.relay import AgentSide
 
 
-@functools.lru_cache(maxsize=4096)  # a pure function of the text, asked once or twice per request
 def host_only(value: str) -> str:
     """A Host header or SNI as a bare name: lower case, no port, no brackets, no trailing dot."""
+    # Asked once or twice per request: remembered, for values short enough that a cache full of
+    # agent-chosen ones stays small (4096 × 256 characters).
+    return _host_only(value) if len(value) <= _CACHED_LEN else _bare(value)
+
+
+_CACHED_LEN = 256
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_only(value: str) -> str:
+    return _bare(value)
+
+
+def _bare(value: str) -> str:
     v = value.strip().lower()
     if v.startswith("["):
         v = v[1:v.find("]")] if "]" in v else v[1:]
@@ -99,8 +112,16 @@ def request_names(conn: AgentSide, host: str, sni: str, counts_here) -> tuple[st
     return tuple(dict.fromkeys(n for n in (host, sni) if n and counts_here(n)))
 
 
-@functools.lru_cache(maxsize=4096)
 def is_address(name: str) -> bool:
+    return _is_address(name) if len(name) <= _CACHED_LEN else _parses_as_address(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_address(name: str) -> bool:
+    return _parses_as_address(name)
+
+
+def _parses_as_address(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
     except ValueError:

@@ -67,3 +67,18 @@ def test_the_decision_depends_on_no_attribute_the_shape_leaves_out(tmp_path):
 
     assert decide() == decide(**{"header.user-agent": "x"}) == "web-ok"
     assert decide(**{"header.x-debug": "on"}) == "no-debug"
+
+
+def test_remembered_text_stays_small():
+    """The caches on the request path keep only short agent-chosen text: a kept-alive agent sending
+    heads of 64 KiB must not make them hold megabytes."""
+    from proxy import naming
+    from proxy.http import handler
+
+    naming._host_only.cache_clear()
+    handler._recorded_path_cached.cache_clear()
+    long_host, long_target = "a" * 5000 + ".example", "/" + "x" * 5000
+    assert naming.host_only(long_host.upper() + ":443") == long_host
+    assert handler._recorded_path(long_target, long_target, "") == long_target[:500]
+    assert naming._host_only.cache_info().currsize == 0 and handler._recorded_path_cached.cache_info().currsize == 0
+    assert naming.host_only("WWW.Example.:8080") == "www.example" and naming._host_only.cache_info().currsize == 1

@@ -60,6 +60,9 @@ JUDGE_BODY_LIMIT = 8 << 20
 MASK_BODY_LIMIT = 16 << 20
 # Bytes the agent may send while its request is being judged before it is paused.
 UNREAD_LIMIT = 1 << 20
+# Characters of a request's shape (target, Host, rule-named headers) up to which its decision is
+# kept for the connection: a head may be 64 KiB, and the cache must not multiply that.
+SHAPE_LIMIT = 1024
 
 _REGISTRY: dict | None = None
 
@@ -95,9 +98,21 @@ class Exchange:
     names: tuple[str, ...] | None = None  # the names it was judged under
 
 
-@functools.lru_cache(maxsize=4096)  # a kept-alive connection asks for the same few paths
 def _recorded_path(path: str, target: str, query: str) -> str:
-    """A request's path as its http event records it: normalised, credentials in the query redacted."""
+    """A request's path as its http event records it: normalised, credentials in the query redacted.
+    Remembered for short targets (a kept-alive connection asks for the same few paths); a cache of
+    long agent-chosen ones would hold megabytes."""
+    if len(target) <= SHAPE_LIMIT:
+        return _recorded_path_cached(path, target, query)
+    return _recorded_path_of(path, target, query)
+
+
+@functools.lru_cache(maxsize=4096)
+def _recorded_path_cached(path: str, target: str, query: str) -> str:
+    return _recorded_path_of(path, target, query)
+
+
+def _recorded_path_of(path: str, target: str, query: str) -> str:
     query = redact_query(query)
     return ((normalize_path(path) if path else target[:300]) + (f"?{query}" if query else ""))[:500]
 
@@ -152,7 +167,7 @@ class HttpHandler(Handler):
         self.host_hint = ""  # SNI, for the host-sni-mismatch risk
         self.served = 0  # requests finished on this connection
         self._targets: tuple | None = None  # (policy, names, targets) of the last request
-        self.decisions = DecisionCache()  # allowed request shapes (proxy/gate.py)
+        self.decisions = DecisionCache(size=64)  # allowed request shapes (proxy/gate.py): at most 64 × SHAPE_LIMIT
         # Bytes produced while handling one read go out in one write per side (one TLS record,
         # one segment): a response head, body and end as three sends cost three syscalls.
         self.batch = 0
@@ -380,6 +395,11 @@ class HttpHandler(Handler):
                 head.upgrade, names, *[h.get_joined(n[7:]) for n in policy.attribute_names()
                                        if n.startswith("header.") and n[7:] not in SECRET_HEADERS])
 
+    @staticmethod
+    def _small(shape: tuple) -> bool:
+        """A shape short enough to keep (SHAPE_LIMIT), so that a connection's cache stays within 64 KiB."""
+        return sum(len(x) for x in shape if isinstance(x, str)) + sum(map(len, shape[6])) <= SHAPE_LIMIT
+
     def _judge(self, req: Exchange) -> None:
         self.busy = True
         if req.call is not None and req.body:
@@ -392,6 +412,8 @@ class HttpHandler(Handler):
                                              "judged": "by address", "in": "Host"})
         policy = proxy.policy.current
         shape = self.shape(req, names, policy) if req.call is None else None  # AWS: signed per request
+        if shape is not None and not self._small(shape):
+            shape = None
         if shape is not None and not proxy.recorder.failed:
             hit = self.decisions.get(policy, shape)
             if hit is not None:
@@ -404,8 +426,9 @@ class HttpHandler(Handler):
                 return
         req.op = self.operation(req)
         req.decision, written = proxy.judge(rec, req.op, names=names)
-        if shape is not None:
-            self.decisions.put(policy, shape, req.op, req.decision, decision_record(req.op, req.decision))
+        if shape is not None:  # kept without its attributes (every header): decided, they are not read again
+            self.decisions.put(policy, shape, dataclasses.replace(req.op, attributes={}), req.decision,
+                               decision_record(req.op, req.decision))
         if req.decision.verdict is Verdict.APPROVE:
             self.conn.spawn(self._hold(req, written))
         else:  # a callback, not a task: most requests are decided in one loop turn
