@@ -110,19 +110,18 @@ class _StatementLog:
 
     def __init__(self, proxy: Any):
         self.recorder, self.loop = proxy.recorder, proxy.loop
-        self.pending: list[tuple[str, dict]] = []
+        self.pending: list[tuple[dict, str]] = []  # (event data, session id)
         self.timer: asyncio.TimerHandle | None = None
 
     def add(self, session: str, data: dict) -> None:
-        self.pending.append((session, data))
+        self.pending.append((data, session))
         if self.timer is None:
             self.timer = self.loop.call_later(self.DELAY, self.flush)
 
     def flush(self) -> None:
         self.timer = None
         pending, self.pending = self.pending, []
-        for session, data in pending:
-            self.recorder.event("statement", data, session)
+        self.recorder.events("statement", pending)
 
 
 _statement_logs: dict[int, _StatementLog] = {}
