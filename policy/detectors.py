@@ -213,6 +213,10 @@ def known(name: str) -> bool:
 
 def find(text: str, detectors: Iterable[Detector] | None = None) -> list[Finding]:
     """Sensitive spans in `text`, sorted and non-overlapping (the earlier, then longer, wins)."""
+    if len(text) < 13 and text.isascii() and text.isdigit():
+        # A bare short number (an id, a count, a bound parameter): only a card number is all
+        # digits, and it has at least 13; every other detector needs a letter, a sign or a separator.
+        return []
     found: list[Finding] = []
     for d in DETECTORS.values() if detectors is None else detectors:
         if d.quick is not None and not d.quick(text):

@@ -36,3 +36,12 @@ def test_the_samples_themselves():
         for d in detectors.DETECTORS.values():
             if d.quick is not None and _found_without_quick(d, text):
                 assert d.quick(text), (d.name, text)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(string.digits, min_size=1, max_size=12))
+def test_short_numbers_skip_no_detector(text):
+    """find() answers a bare number under 13 digits with nothing, unasked: no pattern may match one."""
+    for d in detectors.DETECTORS.values():
+        assert not _found_without_quick(d, text), (d.name, text)
+    assert detectors.find(text) == []
