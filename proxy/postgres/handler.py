@@ -1072,7 +1072,7 @@ class PostgresHandler(Handler):
             if len(self.statements) >= MAX_PREPARED and name not in self.statements:
                 raise wire.ProtocolError(f"more than {MAX_PREPARED} prepared statements")
             self.statements[name] = PreparedStatement(analyzed[0].summary, plan.verdict, plan.rule, plan.mask,
-                                                      tuple(analyzed), plan.decisions, param_types)
+                                                      tuple(analyzed), plan.decisions, param_types, plain=True)
             self.tracker.push(PARSE)
             self.sout.append(mv)
             return False
@@ -1142,7 +1142,8 @@ class PostgresHandler(Handler):
             return False
         ps = portal.statement
         st = Statement(ps.summary, ps.verdict, ps.rule, portal.params, mask=ps.mask)
-        made = next((op.attributes["creates"] for op in ps.ops if "creates" in op.attributes), None)
+        made = None if ps.plain else next((op.attributes["creates"] for op in ps.ops if "creates" in op.attributes),
+                                          None)
         if made:
             self.creating[st] = made
         if ps.verdict == "approve":
@@ -1162,7 +1163,7 @@ class PostgresHandler(Handler):
             self.sout.append(b"D" + (len(name) + 6).to_bytes(4, "big") + b"P" + name + b"\0")
         self.tracker.execute(portal, st)
         self.sout.append(mv)
-        if changes_parsing(portal.statement.ops):
+        if not portal.statement.plain and changes_parsing(portal.statement.ops):
             self.window_next_sync = True
 
     # ---- holds ---------------------------------------------------------------------------------
