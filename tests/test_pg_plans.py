@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
+from identity.agents import AgentIdentity
 from policy import engine
 from proxy.postgres import catalog, wire
 from proxy.postgres.analysis import Analyzer
@@ -157,3 +159,16 @@ def test_relations_the_session_created_mean_judging_again(session):
     session.h.known.clear()
     session.query("SELECT balance FROM accounts WHERE id = 3")
     assert len(session.judged) == before + 1
+
+
+def test_an_identity_token_that_expires_mid_session_refuses_a_remembered_statement(session):
+    """decide() refuses everything once the agent's bound identity expired: the session's memory
+    must not outlive it."""
+    ident = AgentIdentity("bot", iss="https://issuer.test", sub="repo:x", exp=time.time() + 3600)
+    session.policy.identity_of = {"bot": ident}.get
+    for aid in (1, 2, 3):
+        assert session.query(f"SELECT balance FROM accounts WHERE id = {aid}").startswith(b"Q")
+    assert session.h.plans
+    ident.exp = time.time() - 1
+    assert session.query("SELECT balance FROM accounts WHERE id = 4").startswith(REFUSAL_PARSE)
+    assert any('"rule": "identity"' in e for e in events(session, "decision"))

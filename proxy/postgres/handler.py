@@ -280,6 +280,7 @@ class PostgresHandler(Handler):
         self.known: set[tuple] = set()  # allows/masks on record this session (see _known)
         self.plans: dict[object, _Plan] = {}  # by Analyzer.key, under plans_policy (see _plan)
         self.plans_policy: object = None
+        self.plans_bound: tuple | None = None  # the agent identity's key when the plans were made
         # The policy grants this agent no write on this target: the upstream session is opened
         # read-only, and nothing may make it read-write (see _read_only_refusal).
         self.read_only = False
@@ -943,14 +944,23 @@ class PostgresHandler(Handler):
 
     def _plan(self, key: object) -> _Plan | None:
         """The judgement this session made of a statement text with the same Analyzer.key, when
-        nothing since can change it: the same policy object (a reload makes a new one), and no
-        relation of the session's own that a rule with created_in_session could care about."""
+        nothing since can change it: the same policy object (a reload makes a new one), the same
+        valid identity binding of the agent, and no relation of the session's own that a rule with
+        created_in_session could care about."""
         if key is None or self.owned or self.tx_owned:
             return None
         policy = self.conn.proxy.policy.current
-        if policy is not self.plans_policy:
+        # The agent's bound identity is the other input decide() has: a token that expired or was
+        # refused refuses everything from now on, and another binding may match other rules.
+        ident = policy.identity(self.conn.rec.agent)
+        bound = None
+        if ident is not None:
+            if ident.refusal() is not None:
+                return None
+            bound = ident.key
+        if policy is not self.plans_policy or bound != self.plans_bound:
             self.plans.clear()
-            self.plans_policy = policy
+            self.plans_policy, self.plans_bound = policy, bound
             return None
         return self.plans.get(key)
 
