@@ -332,7 +332,8 @@ class Recorder:
         """Write entries in one transaction (synchronous=FULL if any is durable); the error, if any."""
         conn = self.conn
         durable = any(e[2] for e in entries)
-        single = len(entries) == 1  # one statement commits by itself (autocommit): no BEGIN to share
+        # one statement commits by itself (autocommit): no BEGIN to share (executemany would commit each row)
+        single = len(entries) == 1 and entries[0][1].__class__ is not list
         try:
             if durable:
                 conn.execute("PRAGMA synchronous=FULL")
@@ -340,7 +341,10 @@ class Recorder:
                 conn.execute("BEGIN IMMEDIATE")  # the write lock now, through the busy timeout
             for sql, params, _, fut in entries:
                 try:
-                    conn.execute(sql, params)
+                    if params.__class__ is list:  # many rows of one statement (Recorder.events)
+                        conn.executemany(sql, params)
+                    else:
+                        conn.execute(sql, params)
                 except sqlite3.IntegrityError as e:  # one bad row must not block the others for ever
                     _say(logging.ERROR, "recorder-row-skipped", str(e), {"error": str(e)})
                     if fut is not None and not fut.done():
@@ -481,6 +485,13 @@ class Recorder:
             _events_log.log(level, kind, extra={"event": kind, "session": session, "data": data})
         return self._write(_EVENT_SQL, (time.time(), kind, session, _encode(data)), durable, wait,
                            linger and not durable)
+
+    def events(self, kind: str, items: list[tuple[dict, str | None]]) -> None:
+        """Many events of one kind (not logged, not durable, nothing waits on them), written as
+        one executemany in the next group commit: a busy session's statement records."""
+        if items:
+            now = time.time()
+            self._write(_EVENT_SQL, [(now, kind, session, _encode(data)) for data, session in items])
 
     def decision(self, session: str, op, decision) -> asyncio.Future | None:
         """A decision and its reason. Refusals and holds are flushed to disk (synchronous=FULL)

@@ -3,6 +3,7 @@ detector finds something, or masking would silently skip values."""
 
 from __future__ import annotations
 
+import re
 import string
 
 from hypothesis import given, settings
@@ -36,3 +37,37 @@ def test_the_samples_themselves():
         for d in detectors.DETECTORS.values():
             if d.quick is not None and _found_without_quick(d, text):
                 assert d.quick(text), (d.name, text)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(string.digits, min_size=1, max_size=12))
+def test_short_numbers_skip_no_detector(text):
+    """find() answers a bare number under 13 digits with nothing, unasked: no pattern may match one."""
+    for d in detectors.DETECTORS.values():
+        assert not _found_without_quick(d, text), (d.name, text)
+    assert detectors.find(text) == []
+
+
+def _digit_profile(text: str) -> tuple[int, int]:
+    runs = [len(r) for r in re.findall(r"\d+", text)]
+    return sum(runs), max(runs, default=0)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.one_of(st.text(ALPHABET + "²٣", max_size=14), st.sampled_from(SAMPLES)), max_size=6))
+def test_digit_needs_never_reject_a_text_the_pattern_matches(parts):
+    """min_digits/min_run, like quick, only save work: every match leaves them satisfied."""
+    text = " ".join(parts)
+    total, longest = _digit_profile(text)
+    for d in detectors.DETECTORS.values():
+        if d.min_digits and _found_without_quick(d, text):
+            assert total >= d.min_digits and longest >= d.min_run, (d.name, text)
+
+
+def test_digit_needs_hold_for_every_sample_match():
+    for text in SAMPLES:
+        for d in detectors.DETECTORS.values():
+            for m in d.pattern.finditer(text):
+                if d.validate is None or d.validate(m.group(0)):
+                    total, longest = _digit_profile(m.group(0))
+                    assert total >= d.min_digits and longest >= d.min_run, (d.name, m.group(0))

@@ -175,3 +175,26 @@ def test_cli_sessions_and_approvals_print_agent_strings_escaped(tmp_path):
         assert not any(c in out for c in "\x1b\u202e\r"), repr(out)
     assert "DELETE FROM t\\n\\x1b[1A\\u202e-- ok" in cli("approvals")
     assert json.loads(cli("approvals", "--json"))[0]["summary"] == "DELETE FROM t\n\x1b[1A\u202e-- ok"
+
+
+def test_many_events_in_one_executemany_are_each_recorded_and_journaled(tmp_path):
+    """Recorder.events (the PostgreSQL statement batch): one entry of the group commit, a row per
+    event, each with its own journal row for the central recorder."""
+    import sqlite3 as _sqlite3
+
+    from recorder import journal
+
+    loop = asyncio.new_event_loop()
+    try:
+        r = Recorder(tmp_path / "r.db", loop)
+        journal.install(r.conn, "host-1")
+        r.events("statement", [({"summary": f"select {i}", "verdict": "allow"}, "s1") for i in range(5)])
+        assert len(r.writer.batch) == 1
+        loop.run_until_complete(asyncio.sleep(0.01))
+        db = _sqlite3.connect(tmp_path / "r.db")
+        rows = db.execute("SELECT session, data FROM events WHERE kind = 'statement' ORDER BY id").fetchall()
+        assert rows == [("s1", f'{{"summary": "select {i}", "verdict": "allow"}}') for i in range(5)]
+        assert db.execute("SELECT count(*) FROM journal").fetchone()[0] == 5
+        r.close()
+    finally:
+        loop.close()

@@ -73,28 +73,37 @@ def _put(cache: OrderedDict, key: str, ops: list[Operation]) -> None:
 
 
 class Analyzer:
-    """One per client session, like SqlAnalyzer (whose prepared-statement memory it keeps)."""
+    """One per client session, like SqlAnalyzer (whose prepared-statement memory it keeps).
 
-    __slots__ = ("sql",)
+    After each `analyze`, `key` names the answer for callers that remember what they made of it
+    (the handler's judgement per statement text): texts with equal keys have the same operations
+    but for their summaries. None when the answer depends on the session or was not cached."""
+
+    __slots__ = ("sql", "key")
 
     def __init__(self) -> None:
         self.sql = SqlAnalyzer()
+        self.key: str | tuple[str] | None = None
 
     def analyze(self, text: str) -> list[Operation]:
         hit = _exact.get(text)
         if hit is not None:
             _exact.move_to_end(text)
+            self.key = text
             return list(hit)
         key = shape(text)
         if key is not None:
             hit = _shapes.get(key)
             if hit is not None:
                 _shapes.move_to_end(key)
+                self.key = (key,)
                 summary = _summary(text)
                 return [Operation(op.protocol, op.action, op.objects, op.risks, summary, op.attributes) for op in hit]
+        self.key = None
         ops = self.sql.analyze(text)
         if len(text) <= MAX_CACHED_TEXT and _session_free(ops):
             _put(_exact, text, ops)
+            self.key = text
             if key is not None and _shape_ok(ops):
                 _put(_shapes, key, ops)
         return ops
@@ -102,5 +111,6 @@ class Analyzer:
     def register_prepared(self, name: str, text: str) -> list[Operation]:
         """A protocol-level Parse: named statements are remembered for SQL EXECUTE."""
         if name:
+            self.key = None
             return self.sql.register_prepared(name, text)
         return self.analyze(text)

@@ -110,19 +110,18 @@ class _StatementLog:
 
     def __init__(self, proxy: Any):
         self.recorder, self.loop = proxy.recorder, proxy.loop
-        self.pending: list[tuple[str, dict]] = []
+        self.pending: list[tuple[dict, str]] = []  # (event data, session id)
         self.timer: asyncio.TimerHandle | None = None
 
     def add(self, session: str, data: dict) -> None:
-        self.pending.append((session, data))
+        self.pending.append((data, session))
         if self.timer is None:
             self.timer = self.loop.call_later(self.DELAY, self.flush)
 
     def flush(self) -> None:
         self.timer = None
         pending, self.pending = self.pending, []
-        for session, data in pending:
-            self.recorder.event("statement", data, session)
+        self.recorder.events("statement", pending)
 
 
 _statement_logs: dict[int, _StatementLog] = {}
@@ -227,6 +226,16 @@ def refusal_error(decision: Decision, outcome: str = "") -> bytes:
     return wire.error_response("ERROR", "42501", msg, detail=decision.reason or None)
 
 
+class _Plan:
+    """What a session made of a statement text it already ran: one operation, allowed or masked
+    under the policy in force, its decision already on record (see PostgresHandler._plan)."""
+
+    __slots__ = ("decisions", "verdict", "rule", "mask")
+
+    def __init__(self, decisions: tuple[Decision, ...], verdict: str, rule: str, mask: MaskSpec | None):
+        self.decisions, self.verdict, self.rule, self.mask = decisions, verdict, rule, mask
+
+
 class _Pending:
     """A message waiting for a human (or for its refusal): what to do once the answer is in."""
 
@@ -269,6 +278,9 @@ class PostgresHandler(Handler):
         self._simple_refusal = True
         self.dest: Destination | None = None
         self.known: set[tuple] = set()  # allows/masks on record this session (see _known)
+        self.plans: dict[object, _Plan] = {}  # by Analyzer.key, under plans_policy (see _plan)
+        self.plans_policy: object = None
+        self.plans_bound: tuple | None = None  # the agent identity's key when the plans were made
         # The policy grants this agent no write on this target: the upstream session is opened
         # read-only, and nothing may make it read-write (see _read_only_refusal).
         self.read_only = False
@@ -926,8 +938,46 @@ class PostgresHandler(Handler):
     def _remember(self, op: Operation, d: Decision) -> None:
         if len(self.known) >= MAX_PREPARED:
             self.known.clear()
+            self.plans.clear()
         self.known.add((id(self.conn.proxy.policy.current), op.protocol, op.action, op.objects, op.risks, d.verdict,
                         d.rule))
+
+    def _plan(self, key: object) -> _Plan | None:
+        """The judgement this session made of a statement text with the same Analyzer.key, when
+        nothing since can change it: the same policy object (a reload makes a new one), the same
+        valid identity binding of the agent, and no relation of the session's own that a rule with
+        created_in_session could care about."""
+        if key is None or self.owned or self.tx_owned:
+            return None
+        policy = self.conn.proxy.policy.current
+        # The agent's bound identity is the other input decide() has: a token that expired or was
+        # refused refuses everything from now on, and another binding may match other rules.
+        ident = policy.identity(self.conn.rec.agent)
+        bound = None
+        if ident is not None:
+            if ident.refusal() is not None:
+                return None
+            bound = ident.key
+        if policy is not self.plans_policy or bound != self.plans_bound:
+            self.plans.clear()
+            self.plans_policy, self.plans_bound = policy, bound
+            return None
+        return self.plans.get(key)
+
+    def _keep_plan(self, key: object, analyzed: list[Operation], ops: list[Operation], decisions: list[Decision],
+                   fut: asyncio.Future | None, d: Decision) -> None:
+        """Remember a judgement for _plan: only the common case of one operation the analyzer
+        gave as is (no function calls, nothing the session owns), allowed or masked, whose
+        decision was already on record (no write was needed for it: see _known). Refusals and
+        holds are never remembered: each is judged and recorded again."""
+        if (key is None or fut is not None or ops is not analyzed or len(ops) != 1
+                or d.verdict not in (Verdict.ALLOW, Verdict.MASK) or self.read_only and "read-write" in ops[0].risks
+                or "creates" in ops[0].attributes or changes_parsing(ops)
+                or self.conn.proxy.policy.current is not self.plans_policy):
+            return
+        if len(self.plans) >= MAX_PREPARED:
+            self.plans.clear()
+        self.plans[key] = _Plan(tuple(decisions), d.verdict.value, d.rule, mask_spec(decisions))
 
     def _record_builtin(self, op: Operation, d: Decision) -> asyncio.Future:
         return self.conn.proxy.recorder.decision(self.conn.rec.id, op, d)
@@ -952,17 +1002,24 @@ class PostgresHandler(Handler):
         self._simple_refusal = True
         if self._in_window(sql, "query text during a settings change"):
             return False
-        ops = self.analyzer.analyze(sql)
-        if not ops:
+        analyzed = self.analyzer.analyze(sql)
+        if not analyzed:
             self.tracker.query([])
             self.sout.append(mv)
             return False
-        ops = self._own(self._calls(ops))
+        key = self.analyzer.key
+        plan = self._plan(key)
+        if plan is not None:
+            self.tracker.query([Statement(analyzed[0].summary, plan.verdict, plan.rule, mask=plan.mask)])
+            self.sout.append(mv)
+            return False
+        ops = self._own(self._calls(analyzed))
         decisions, fut = self._judge(ops)
         stmts = self._statements(ops, decisions)
         if any("creates" in op.attributes for op in ops):
             self._note_creations(ops, stmts)
         d = combine(decisions)
+        self._keep_plan(key, analyzed, ops, decisions, fut, d)
         if d.verdict is Verdict.DENY:
             self._refuse(ops, decisions, [fut], simple=True, stmts=stmts, sql=sql)
             return False
@@ -1019,12 +1076,23 @@ class PostgresHandler(Handler):
         self._simple_refusal = False
         if self._in_window(sql, "statement text during a settings change"):
             return False
-        ops = self.analyzer.register_prepared(name, sql)
-        if not ops:  # an empty statement: nothing runs
-            ops = [Operation("postgres", "other", (), (), "", {"statement": "0"})]
-        ops = self._own(self._calls(ops))
+        analyzed = self.analyzer.register_prepared(name, sql)
+        key = self.analyzer.key
+        if analyzed and (plan := self._plan(key)) is not None:
+            if len(self.statements) >= MAX_PREPARED and name not in self.statements:
+                raise wire.ProtocolError(f"more than {MAX_PREPARED} prepared statements")
+            self.statements[name] = PreparedStatement(analyzed[0].summary, plan.verdict, plan.rule, plan.mask,
+                                                      tuple(analyzed), plan.decisions, param_types, plain=True)
+            self.tracker.push(PARSE)
+            self.sout.append(mv)
+            return False
+        if not analyzed:  # an empty statement: nothing runs
+            analyzed = [Operation("postgres", "other", (), (), "", {"statement": "0"})]
+            key = None
+        ops = self._own(self._calls(analyzed))
         decisions, fut = self._judge(ops)
         d = combine(decisions)
+        self._keep_plan(key, analyzed, ops, decisions, fut, d)
         summary = ops[0].summary
         if d.verdict is Verdict.DENY:
             self._refuse(ops, decisions, [fut], simple=False,
@@ -1084,7 +1152,8 @@ class PostgresHandler(Handler):
             return False
         ps = portal.statement
         st = Statement(ps.summary, ps.verdict, ps.rule, portal.params, mask=ps.mask)
-        made = next((op.attributes["creates"] for op in ps.ops if "creates" in op.attributes), None)
+        made = None if ps.plain else next((op.attributes["creates"] for op in ps.ops if "creates" in op.attributes),
+                                          None)
         if made:
             self.creating[st] = made
         if ps.verdict == "approve":
@@ -1104,7 +1173,7 @@ class PostgresHandler(Handler):
             self.sout.append(b"D" + (len(name) + 6).to_bytes(4, "big") + b"P" + name + b"\0")
         self.tracker.execute(portal, st)
         self.sout.append(mv)
-        if changes_parsing(portal.statement.ops):
+        if not portal.statement.plain and changes_parsing(portal.statement.ops):
             self.window_next_sync = True
 
     # ---- holds ---------------------------------------------------------------------------------

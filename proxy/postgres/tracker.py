@@ -138,6 +138,7 @@ class PreparedStatement:
     param_types: tuple[int, ...] = ()
     description: bytes | None = None  # the RowDescription message, parsed when rows are masked
     described: bool = False  # the client sent Describe(S): a description is on its way
+    plain: bool = False  # known to create nothing and to change no parsing setting (the relay's shortcut)
 
 
 @dataclass(eq=False)
