@@ -63,7 +63,7 @@ def fill_spool(db: Path, host_id: str, n: int, start: float | None = None) -> in
                    "started": t0 + i * 0.01, "ended": None, "bytes_up": 0, "bytes_down": 0, "outcome": "open", "detail": None,
                    "verdict": "allow", "rule": "app-db"}
             conn.execute(f"INSERT INTO sessions ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                         [row[c] for c in cols])
+                         [row.get(c) for c in cols])  # columns not sampled here (identity): NULL
             for k in range(STATEMENTS_PER_SESSION):
                 data = {"verdict": "allow", "protocol": "postgres", "action": "read", "objects": ["public.orders"],
                         "summary": f"SELECT id, total, status FROM orders WHERE customer_id = $1 ORDER BY id LIMIT {k + 10}",
