@@ -21,11 +21,14 @@ drained the spool below LOW_WATER × spool_max."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import json
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -34,8 +37,10 @@ from recorder import journal, records
 from recorder.join import HostFiles, JoinError, same_server
 from recorder.store import Recorder, Unrecordable
 
-BATCH_RECORDS = 2000
-BATCH_BYTES = 4 << 20  # well under the server's 8 MiB
+BATCH_RECORDS = 10_000  # the server's limit per request
+BATCH_BYTES = 7 << 20  # request body; the server takes 8 MiB
+MAX_CHECKPOINTS = 500  # per request (the server takes 1000)
+CHECKPOINT_BYTES = MAX_CHECKPOINTS * 400  # room kept for them within BATCH_BYTES
 REQUEST_TIMEOUT = 30.0
 RETRY_MIN, RETRY_MAX = 0.25, 5.0  # seconds between attempts while the recorder cannot be reached
 IDLE_POLL = 1.0  # seconds the shipper sleeps without a wake-up (checkpoints signed late, missed wakes)
@@ -130,6 +135,8 @@ class Shipper:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._task: asyncio.Task | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # reads the next batch ahead
+        self._rconn: sqlite3.Connection | None = None  # that thread's journal connection
 
     # ---- thread plumbing --------------------------------------------------------------------
 
@@ -176,6 +183,10 @@ class Shipper:
                 pass  # the loop is closed already
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if self._rconn is not None:
+            self._rconn.close()
         self.conn.close()
 
     def state(self) -> dict:
@@ -194,7 +205,7 @@ class Shipper:
                     if resync:
                         await self.resync(http)
                         resync = False
-                    shipped = await self.ship_once(http)
+                    shipped = await self.ship(http)
                     delay = 0.0
                     self.connected = True
                     if not shipped:
@@ -293,59 +304,123 @@ class Shipper:
 
     # ---- one batch ----------------------------------------------------------------------
 
-    def batch(self) -> tuple[list[records.Record], list[records.Checkpoint]]:
-        """The next records (contiguous from acked + 1) and the unshipped checkpoints they, or the
-        records the server holds already, cover (a checkpoint signed after its records were
-        shipped goes alone)."""
-        acked, cp_shipped = self.conn.execute("SELECT acked_seq, cp_shipped FROM journal_state").fetchone()
+    def batch(self, acked: int | None = None, cp_shipped: int | None = None,
+              conn: sqlite3.Connection | None = None) -> Prepared | None:
+        """The next batch after `acked` (default: the stored ack): records contiguous from acked + 1
+        (≤ batch_records, ≤ BATCH_BYTES of request body) and the unshipped checkpoints (after
+        `cp_shipped`) they, or the records the server holds already, cover (a checkpoint signed
+        after its records were shipped goes alone); None when there is nothing to send.
+
+        The request body is built as bytes straight from the journal's text: a body is JSON text
+        shipped verbatim, so it is only escaped into a JSON string (json.dumps of a str, in C), never
+        parsed or re-encoded; no Record objects or dicts per record."""
+        conn = conn or self.conn
+        if acked is None or cp_shipped is None:
+            acked, cp_shipped = conn.execute("SELECT acked_seq, cp_shipped FROM journal_state").fetchone()
         upto = self.durable() if self.durable is not None else 1 << 62
-        out, size = [], 0
-        for seq, kind, body, h in self.conn.execute(
+        host = json.dumps(self.host)
+        head = f'{{"host":{host},"records":['.encode()
+        parts: list[str] = []
+        size, want, dumps = len(head) + 64, acked + 1, json.dumps
+        for seq, kind, body, h in conn.execute(
                 "SELECT seq, kind, body, hash FROM journal WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
                 (acked, upto, self.batch_records)):
-            size += len(body) + len(kind) + 200
-            if out and size > BATCH_BYTES:
-                break
-            if seq != acked + 1 + len(out):
+            if seq != want:
                 break  # never send a gap (cannot happen: seqs are dense)
-            out.append(records.Record(self.host, seq, kind, body, h))
-        last = out[-1].seq if out else acked
-        cps = [records.Checkpoint(self.host, *r) for r in self.conn.execute(
-            "SELECT seq, head, at_us, sig FROM journal_checkpoints WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT 500",
-            (cp_shipped, last))]
-        return out, cps
+            part = f'{{"type":"record","host":{host},"seq":{seq},"kind":{dumps(kind)},"body":{dumps(body)},"hash":{dumps(h)}}}'
+            size += len(part) + 1  # ASCII: json.dumps escapes everything else
+            if parts and size > BATCH_BYTES - CHECKPOINT_BYTES:
+                break
+            parts.append(part)
+            want += 1
+        last = want - 1
+        cps = conn.execute("SELECT seq, head, at_us, sig FROM journal_checkpoints WHERE seq > ? AND seq <= ? ORDER BY seq"
+                           " LIMIT ?", (cp_shipped, last, MAX_CHECKPOINTS)).fetchall()
+        if not parts and not cps:
+            return None
+        cp_text = ",".join(json.dumps(records.to_json(records.Checkpoint(self.host, *r))) for r in cps)
+        body = b"".join((head, ",".join(parts).encode(), b'],"checkpoints":[', cp_text.encode(), b"]}"))
+        return Prepared(body, acked, last, len(parts), max((r[0] for r in cps), default=None))
 
     async def ship_once(self, http: aiohttp.ClientSession) -> bool:
         """Send one batch; False when there was nothing to send."""
-        recs, cps = self.batch()
-        if not recs and not cps:
-            return False
-        body = json.dumps({"host": self.host, "records": [records.to_json(r) for r in recs],
-                           "checkpoints": [records.to_json(c) for c in cps]}).encode()
-        status, answer = await self._call(http, "POST", "/v1/ingest", body)
+        return await self.ship(http, 1) > 0
+
+    async def ship(self, http: aiohttp.ClientSession, rounds: int = 1 << 62) -> int:
+        """Send batches in seq order until nothing is left (or `rounds` were sent); returns how many.
+
+        One request is on the wire at a time (the server stores one host's batches in order under a
+        row lock; two in flight could reach it out of order and read as a gap), but while batch n is
+        on the wire and being stored, batch n + 1 is read from the journal and encoded on a worker
+        thread, from the ack batch n will give. Any failure drops the read-ahead: the caller resyncs
+        from /v1/head, or retries from the stored ack."""
+        loop = asyncio.get_running_loop()
+        acked, cp_shipped = self.conn.execute("SELECT acked_seq, cp_shipped FROM journal_state").fetchone()
+        cur = self.batch(acked, cp_shipped)
+        sent = 0
+        while cur is not None and sent < rounds and not self._stopping:
+            ahead = loop.run_in_executor(self._reader(), self._read_ahead, cur.last, max(cp_shipped, cur.cp or 0)) \
+                if sent + 1 < rounds else None
+            try:
+                status, answer = await self._call(http, "POST", "/v1/ingest", cur.body)
+                self._answered(cur, status, answer)
+            except BaseException:
+                if ahead is not None:
+                    ahead.cancel()
+                    with contextlib.suppress(BaseException):
+                        await ahead
+                raise
+            sent += 1
+            cp_shipped = max(cp_shipped, cur.cp or 0)
+            if ahead is not None:
+                cur = await ahead
+            elif sent < rounds:
+                cur = self.batch(cur.last, cp_shipped)
+        return sent
+
+    def _reader(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shipper-read")
+        return self._pool
+
+    def _read_ahead(self, acked: int, cp_shipped: int) -> Prepared | None:
+        if self._rconn is None:  # the worker thread's own connection (one reader per thread)
+            self._rconn = journal.connect(self.db)
+        return self.batch(acked, cp_shipped, self._rconn)
+
+    def _answered(self, cur: Prepared, status: int, answer: dict) -> None:
         if status == 200:
             try:
                 acked = int(answer["acked"])
             except (KeyError, TypeError, ValueError):
                 raise ShipError(f"POST /v1/ingest: the answer has no 'acked': {answer}") from None
-            sent_to = recs[-1].seq if recs else self.conn.execute("SELECT acked_seq FROM journal_state").fetchone()[0]
-            if acked < sent_to:
-                raise ShipError(f"the recorder acked seq {acked}, not {sent_to}: asking where its chain ends")
-            acked = sent_to
-            cp = max([c.seq for c in cps], default=None)
+            if acked < cur.last:
+                raise ShipError(f"the recorder acked seq {acked}, not {cur.last}: asking where its chain ends")
             prev = self.conn.execute("SELECT cp_shipped FROM journal_state").fetchone()[0]
-            self._acked(acked, max(prev, cp) if cp is not None else prev)
+            self._acked(cur.last, max(prev, cur.cp) if cur.cp is not None else prev)
             self.sent += int(answer.get("stored") or 0)
             self.last_ack_at = time.time()
             self.batch_records = min(BATCH_RECORDS, self.batch_records * 2)
-            return True
+            return
         if status == 409:
             raise ShipError(f"the recorder expects seq {answer.get('expected', '?')} ({answer.get('error', 'gap')}): "
                             "resending from its head")
         if status == 413:
             self.batch_records = max(1, self.batch_records // 2)
-            raise ShipError(f"the recorder found a batch of {len(recs)} records too large: sending fewer", resync=False)
+            raise ShipError(f"the recorder found a batch of {cur.n} records too large: sending fewer", resync=False)
         raise ShipError(f"POST /v1/ingest: HTTP {status}: {answer.get('error', '')}", retry=False)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One encoded request: records after seq `after` up to `last` (`n` of them; last == after when
+    only checkpoints go), and the highest checkpoint seq it carries (None: none)."""
+
+    body: bytes
+    after: int
+    last: int
+    n: int
+    cp: int | None
 
 
 # ---- the proxy's side: the spool bound -------------------------------------------------------
