@@ -181,12 +181,20 @@ def _lp(s: str) -> bytes:
 
 # The journal's event body as SQLite's json_object writes it: the session id without a JSON parse.
 _EVENT_HEAD = re.compile(r'\{"id":-?[0-9]+,"at":[-+.eE0-9]+,"kind":"[^"\\]*","session":(?:null|"([^"\\]*)")[,}]')
+# A session row's body as the chainer writes it (json.dumps of the row, "id" first): its id alone.
+_SESSION_HEAD = re.compile(r'\{"id":"([^"\\]*)"[,}]')
 
 
 def _derive(r: Record) -> tuple[str | None, dict | None]:
-    """The session a record belongs to, and its body as an object when it feeds a derived table."""
+    """The session a record belongs to, and its body as an object when it feeds a derived table.
+    A session row's body is parsed later, and only when it is the latest of its session in the
+    batch (`_derived`): here None stands for "not parsed yet" when the id was read by _SESSION_HEAD."""
     if r.kind == "event":
         m = _EVENT_HEAD.match(r.body)
+        if m:
+            return m.group(1), None
+    elif r.kind != "approval":
+        m = _SESSION_HEAD.match(r.body)
         if m:
             return m.group(1), None
     try:
@@ -208,11 +216,14 @@ def _text(v: object) -> str:
 
 
 def _typed(v: object, t: type) -> object:
+    tv = type(v)
+    if tv is t and t is not str:  # the common case: a float column holding a float, an int an int
+        return v if t is float or -(1 << 63) <= v < (1 << 63) else None
     if v is None:
         return None
     if t is str:
         return _text(v)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if tv is bool or not isinstance(v, (int, float)):
         return None
     if t is int:
         return int(v) if -(1 << 63) <= v < (1 << 63) else None
@@ -347,24 +358,39 @@ def _upsert(table: str, cols: list[str]) -> str:
 
 
 async def _derived(conn, batch: Batch, start: int) -> None:
-    """Upsert sessions and approvals from the new records, set-wise (latest record per id wins)."""
-    sess: dict[str, tuple] = {}
-    appr: dict[str, tuple] = {}
+    """Upsert sessions and approvals from the new records, set-wise (latest record per id wins).
+    Only the latest record of each id in the batch is parsed and converted."""
+    latest: dict[tuple[bool, str], int] = {}
     for i in range(start, len(batch.records)):
-        d = batch.docs[i]
-        if d is None or d.get("id") is None:
+        kind = batch.records[i].kind
+        if kind == "event":
             continue
+        d = batch.docs[i]
+        if d is None and kind != "approval" and batch.sessions[i] is not None:
+            latest[(False, batch.sessions[i])] = i  # id read by _SESSION_HEAD; parsed below if it wins
+        elif d is not None and d.get("id") is not None:
+            latest[(kind == "approval", _text(d["id"]))] = i
+    sess: list[tuple] = []
+    appr: list[tuple] = []
+    for (is_approval, ident), i in latest.items():
+        d = batch.docs[i]
+        if d is None:
+            try:
+                d = json.loads(batch.records[i].body)
+            except ValueError:
+                continue
+            if not isinstance(d, dict):
+                continue
         r = batch.records[i]
-        ident = _text(d["id"])
-        if r.kind == "approval":
-            appr[ident] = (batch.host, ident, *(_typed(d.get(k), t) for k, t in APPROVAL_FIELDS.items()), r.seq)
-        elif r.kind in ("session-open", "session-close"):
-            sess[ident] = (batch.host, ident, *(_typed(d.get(k), t) for k, t in SESSION_FIELDS.items()), r.seq)
+        if is_approval:
+            appr.append((batch.host, ident, *(_typed(d.get(k), t) for k, t in APPROVAL_FIELDS.items()), r.seq))
+        else:
+            sess.append((batch.host, ident, *(_typed(d.get(k), t) for k, t in SESSION_FIELDS.items()), r.seq))
     for table, cols, rows in (("sessions", _S_COLS, sess), ("approvals", _A_COLS, appr)):
         if not rows:
             continue
         cur = conn.cursor()
         async with cur.copy(f"COPY stage_{table} ({', '.join(cols)}) FROM STDIN") as copy:
-            for row in rows.values():
+            for row in rows:
                 await copy.write_row(row)
         await conn.execute(_upsert(table, cols))
