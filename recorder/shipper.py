@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _quote  # json.dumps of a str, minus its Python layers
 from pathlib import Path
 
 import aiohttp
@@ -312,7 +313,7 @@ class Shipper:
         after its records were shipped goes alone); None when there is nothing to send.
 
         The request body is built as bytes straight from the journal's text: a body is JSON text
-        shipped verbatim, so it is only escaped into a JSON string (json.dumps of a str, in C), never
+        shipped verbatim, so it is only escaped into a JSON string (json's own C escaper, ASCII out), never
         parsed or re-encoded; no Record objects or dicts per record."""
         conn = conn or self.conn
         if acked is None or cp_shipped is None:
@@ -321,13 +322,13 @@ class Shipper:
         host = json.dumps(self.host)
         head = f'{{"host":{host},"records":['.encode()
         parts: list[str] = []
-        size, want, dumps = len(head) + 64, acked + 1, json.dumps
+        size, want, quote = len(head) + 64, acked + 1, _quote
         for seq, kind, body, h in conn.execute(
                 "SELECT seq, kind, body, hash FROM journal WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
                 (acked, upto, self.batch_records)):
             if seq != want:
                 break  # never send a gap (cannot happen: seqs are dense)
-            part = f'{{"type":"record","host":{host},"seq":{seq},"kind":{dumps(kind)},"body":{dumps(body)},"hash":{dumps(h)}}}'
+            part = f'{{"type":"record","host":{host},"seq":{seq},"kind":{quote(kind)},"body":{quote(body)},"hash":{quote(h)}}}'
             size += len(part) + 1  # ASCII: json.dumps escapes everything else
             if parts and size > BATCH_BYTES - CHECKPOINT_BYTES:
                 break
