@@ -28,6 +28,11 @@ from hashlib import sha256
 
 import psycopg
 
+try:
+    import orjson
+except ImportError:  # a recorder installed without it parses with json alone, same answers, slower
+    orjson = None
+
 from recorder.records import GENESIS, RECORD_KINDS, Checkpoint, Record, from_json, public_key_from_hex
 
 MAX_BYTES = 8 * 1024 * 1024
@@ -77,7 +82,7 @@ def parse_batch(raw: bytes, host_id: str) -> Batch:
     if len(raw) > MAX_BYTES:
         raise Refused(413, f"batch of {len(raw)} bytes: at most {MAX_BYTES} per request")
     try:
-        doc = json.loads(raw)
+        doc = _loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise Refused(400, f"the body is not JSON: {e}") from None
     if not isinstance(doc, dict):
@@ -141,6 +146,18 @@ def parse_batch(raw: bytes, host_id: str) -> Batch:
             raise Refused(400, f"checkpoints[{i}]: seq starts at 1")
         checkpoints.append(c)
     return Batch(host_id, records, checkpoints, sessions, docs)
+
+
+def _loads(raw: bytes) -> object:
+    """json.loads, by orjson (about twice as fast on a batch) when it takes the text. Anything
+    orjson refuses (lone surrogates, integers past 64 bits, NaN…) goes to json.loads, so what is
+    accepted, and every refusal's message, is json's."""
+    if orjson is not None:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(raw)
 
 
 def _record(item: object, i: int) -> Record:
