@@ -304,3 +304,47 @@ def test_a_daemon_configured_to_ship_refuses_to_start_before_the_host_joined(tmp
     assert r.returncode == 2
     assert "has not joined a recorder" in r.stderr and "interlock join --server https://rec.example:8443" in r.stderr
     assert not (tmp_path / "recorder.db").exists()  # refused before anything was installed or written
+
+
+def test_a_batch_is_the_journal_verbatim_within_the_limits(rec, tmp_path, monkeypatch):
+    """The shipper builds the request body from the journal's text without re-encoding a body: parsed
+    back, every record is the stored one, byte for byte (quotes, backslashes, control characters,
+    non-ASCII, astral characters), contiguous from the ack, within the record and byte limits, with
+    the checkpoints it covers; a batch read ahead from a given ack starts right after it."""
+    from types import SimpleNamespace
+
+    from recorder import shipper
+
+    key = Ed25519PrivateKey.generate()
+    ch = journal.Chainer(tmp_path / "recorder.db", HOST, key)
+    tricky = ['say "hi"\\n', "tab\there\nnl\r\x01\x1f", "é ü 中文 \U0001f600", "</script>\u2028\u2029", "x" * 3000]
+    for i in range(40):
+        rec.event("x", {"i": i, "text": tricky[i % len(tricky)]})
+    ch.run_once(now=time.time() + 3600)
+    recs, cps = chain_of(rec.conn)
+    assert len(recs) == 40 and cps
+    s = shipper.Shipper(tmp_path / "recorder.db", SimpleNamespace(host_id=HOST, server="https://recorder.invalid"))
+    try:
+        def parsed(p):
+            doc = json.loads(p.body)
+            got = [records.from_json(x) for x in doc["records"]]
+            return doc, got
+
+        p = s.batch()
+        doc, got = parsed(p)
+        assert doc["host"] == HOST and got == recs and (p.after, p.last, p.n) == (0, 40, 40)
+        assert [records.from_json(c) for c in doc["checkpoints"]] == cps and p.cp == cps[-1].seq
+        assert p.body.isascii()
+        s.batch_records = 7  # the record limit (a 413 halves it)
+        p = s.batch(10, cps[-1].seq)
+        doc, got = parsed(p)
+        assert got == recs[10:17] and doc["checkpoints"] == [] and (p.after, p.last, p.n) == (10, 17, 7)
+        s.batch_records = shipper.BATCH_RECORDS
+        monkeypatch.setattr(shipper, "BATCH_BYTES", shipper.CHECKPOINT_BYTES + 20_000)  # the byte limit
+        p = s.batch()
+        doc, got = parsed(p)
+        assert 0 < p.n < 40 and got == recs[:p.n] and len(p.body) <= shipper.BATCH_BYTES
+        assert s.batch(40, cps[-1].seq) is None  # nothing after the head
+    finally:
+        s.conn.close()
+        ch.conn.close()
