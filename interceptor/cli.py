@@ -339,7 +339,8 @@ def cmd_status(args) -> int:
     print(f"instance {st['instance']}: daemon {st['daemon']}" + (f" (pid {st.get('daemon_pid')})" if st.get("daemon_pid") else ""))
     print(f"  programs attached: {'yes' if st['programs_attached'] else 'NO'} ({', '.join(k for k, v in st['programs'].items() if v)})")
     if st["daemon"] == "running":
-        print(f"  proxy: {'listening on port ' + str(st['proxy_port']) if st['proxy_listening'] else 'DOWN (agent connections are refused)'}")
+        workers = f" ({len(st.get('proxy_pids') or [])} of {st['workers']} workers)" if st.get("workers", 1) > 1 else ""
+        print(f"  proxy: {'listening on port ' + str(st['proxy_port']) + workers if st['proxy_listening'] else 'DOWN (agent connections are refused)'}")
         print(f"  nft table inet {st['nft_table']}: {'intact' if st['nft_intact'] else 'MISSING OR ALTERED'}")
         print(f"  lockdown: {printable(st['lockdown'] or 'no')}")
         rec = st.get("recorder")

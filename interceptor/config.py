@@ -5,6 +5,7 @@ with a message an operator can act on."""
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 import yaml
 
 from interceptor.layout import valid_name
+
+MAX_WORKERS = 64  # proxy workers; a session id names its worker in two hex digits
 
 
 class ConfigError(ValueError):
@@ -89,6 +92,8 @@ class Config:
     policy: str | None = None  # policy file; the embedded default when unset
     tls_trust: str | None = None  # CAs the proxy trusts for services (default: the system store)
     splice: bool = True  # move bulk opaque connections to kernel splice threads
+    # Proxy worker processes sharing the listeners (SO_REUSEPORT); the number of CPUs when unset.
+    workers: int | None = None
     metrics_address: str | None = None  # HOST:PORT for Prometheus metrics (loopback); off when unset
     log_format: str = "text"  # or "json": one JSON object per log line (stderr / journald)
     # Besides root, members of this group (a name or a gid) may enroll, relabel and unenroll
@@ -108,7 +113,7 @@ _SCALARS = {"instance": str, "cgroup_root": str, "capture_cgroup": str, "proxy_p
             "dns_upstream": str, "dns_timeout": float, "proxy_restart_delay": float, "connect_timeout": float,
             "watch_interval": float, "first_byte_timeout": float, "header_timeout": float,
             "idle_timeout": float, "max_connections_per_agent": int, "policy": str, "tls_trust": str,
-            "splice": bool, "metrics_address": str, "log_format": str, "allow_unguarded_ptrace": bool}
+            "splice": bool, "workers": int, "metrics_address": str, "log_format": str, "allow_unguarded_ptrace": bool}
 
 
 def load(path: Path | None) -> Config:
@@ -152,6 +157,8 @@ def load(path: Path | None) -> Config:
 def finish(cfg: Config) -> Config:
     if cfg.mark is None:
         cfg.mark = 0x494C0000 | (zlib.crc32(cfg.instance.encode()) & 0xFFFF)
+    if cfg.workers is None:
+        cfg.workers = max(1, min(os.cpu_count() or 1, MAX_WORKERS))
     if cfg.inbound_port is None:
         step = 1 if cfg.proxy_port <= 65530 else -1
         cfg.inbound_port = next(p for p in (cfg.proxy_port + 2 * step, cfg.proxy_port + 3 * step) if p != cfg.dns_port)
@@ -249,6 +256,8 @@ def _check(path: Path, cfg: Config) -> None:
     for key in ("first_byte_timeout", "header_timeout"):
         if not getattr(cfg, key) > 0:
             raise ConfigError(f"{path}: '{key}' must be a number of seconds above 0")
+    if cfg.workers is not None and not 1 <= cfg.workers <= MAX_WORKERS:
+        raise ConfigError(f"{path}: 'workers' must be 1..{MAX_WORKERS} proxy processes (default: one per CPU)")
     for key in ("idle_timeout", "max_connections_per_agent"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{path}: '{key}' must be 0 (off) or more")

@@ -10,6 +10,7 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import socketserver
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from interceptor import authority, bpf_loader, cgroups, enrolment, firewall, ptrace_guard
+from interceptor import authority, bpf_loader, cgroups, enrolment, firewall, proxies, ptrace_guard
 from interceptor.bpf_types import GUARD_SYSCALLS, ExecEvent, GuardEvent, Settings
 from interceptor.bpf_types import Path as BpfPath
 from interceptor.config import Config
@@ -25,6 +26,7 @@ from interceptor.control import peer_credentials, peer_groups, receive
 from interceptor.identities import Identities
 from interceptor.layout import InstanceInfo, Layout, valid_name
 from interceptor.procinfo import NoSuchProcess, descendants, pid_of_pidfd
+from proxy import workers as proxy_workers
 from recorder.store import Recorder
 
 REFUSALS_PER_SECOND = 20  # recorded one by one per uid; beyond, counted (a local user cannot flood the recorder)
@@ -51,8 +53,7 @@ class Daemon:
         self.lock = threading.RLock()
         self.recorder: Recorder | None = None
         self.datapath: bpf_loader.Datapath | None = None
-        self.proxy: subprocess.Popen | None = None
-        self.proxy_restart_at: float | None = None
+        self.workers: list[proxies.Worker] = []  # the proxy processes (config.workers)
         self.lockdown_reason: str | None = None
         self.stopping = threading.Event()
         self.teardown_requested = False
@@ -65,9 +66,6 @@ class Daemon:
         self.refusal_budget: dict[int, tuple[int, int, int]] = {}  # uid -> (second, recorded, suppressed)
         self.inbound_seen: dict[str, int] = {}
         self.inbound_next = 0.0
-        self.proxy_pipe: int | None = None  # the proxy's "ready" pipe, then its recorder state
-        self.proxy_recorder: dict | None = None
-        self._pipe_rest = b""
         self.ptrace_defence: ptrace_guard.Defence | None = None
         self._guard_seen: set[tuple[int, int, int]] = set()
         self.shipping = None  # recorder.shipper.Shipping when `recorder:` is configured
@@ -298,51 +296,49 @@ class Daemon:
     # ---- the proxy ----------------------------------------------------------------------
 
     def _start_proxy(self) -> None:
+        """A new group of proxy workers: stale ones gone, shared state fresh, sessions a previous
+        group left open closed out, worker 0 alone first (it writes the CA), then the rest."""
         info = self._previous_info()
-        if info and info.proxy_pid and _alive(info.proxy_pid) and info.daemon_pid != os.getpid():
-            # A proxy from a previous daemon run: it dies with its parent, so this one is stale.
-            _kill(info.proxy_pid)
-        r, w = os.pipe()
-        cmd = [sys.executable, "-m", "proxy.server", "--ready-fd", str(w)]
-        if self.config.source:
-            cmd += ["--config", self.config.source]
-        if self.layout.state_dir != Path("/var/lib/interlock"):
-            cmd += ["--state-dir", str(self.layout.state_dir)]
-        self.proxy = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL)
-        os.close(w)
-        if self.proxy_pipe is not None:
-            os.close(self.proxy_pipe)
-        self.proxy_pipe, self.proxy_recorder, self._pipe_rest = r, None, b""
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = os.read(r, 1)  # byte by byte: what follows "ready" is the proxy's state
-            if not chunk:
-                break
-            line += chunk
-        os.set_blocking(r, False)
-        if line.strip() != b"ready":
-            code = self.proxy.wait(timeout=5)
-            raise DaemonError(f"the proxy failed to start (exit {code}); see the messages above")
-        self.recorder.event("proxy-start", {"pid": self.proxy.pid})
+        if info and info.daemon_pid != os.getpid():
+            # Proxies from a previous daemon run: they die with their parent, so these are stale.
+            for pid in {info.proxy_pid, *info.proxy_pids} - {0}:
+                if _alive(pid) and _is_our_proxy(pid):
+                    _kill(pid)
+        cfg = self.config
+        n = cfg.workers or 1
+        if n > 1:
+            busy = proxies.ports_free([(socket.SOCK_STREAM, cfg.proxy_port), (socket.SOCK_STREAM, cfg.inbound_port),
+                                       (socket.SOCK_DGRAM, cfg.dns_port)])
+            if busy:
+                raise DaemonError(f"the proxy cannot listen: {busy} (another instance or program on the same port?)")
+        proxy_workers.reset(self.layout.run_dir, n)
+        self.recorder.close_out("proxy-died", "the proxy relaying it stopped without closing it (killed or crashed);"
+                                " byte counts as last flushed")
+        self.workers = [proxies.Worker(i) for i in range(n)]
+        for w in self.workers:
+            self._start_worker(w)
+
+    def _start_worker(self, w: proxies.Worker) -> None:
+        state_dir = self.layout.state_dir if self.layout.state_dir != Path("/var/lib/interlock") else None
+        try:
+            w.start(lambda fd: proxies.command(w.index, len(self.workers), fd, self.config.source, state_dir))
+        except proxies.StartError as e:
+            raise DaemonError(str(e)) from None
+        self.recorder.event("proxy-start", {"pid": w.pid, "worker": w.index, "workers": len(self.workers)})
 
     def _read_proxy_state(self) -> None:
-        """The proxy's latest recorder state from its pipe (JSON lines; see proxy/server.py)."""
-        if self.proxy_pipe is None:
-            return
-        data = b""
-        try:
-            while chunk := os.read(self.proxy_pipe, 65536):
-                data += chunk
-        except BlockingIOError:
-            pass
-        except OSError:
-            return
-        *lines, self._pipe_rest = (self._pipe_rest + data).split(b"\n")
-        for line in lines:
-            try:
-                self.proxy_recorder = json.loads(line)["recorder"]
-            except (ValueError, KeyError, TypeError):
-                continue
+        """The workers' latest recorder states from their pipes (JSON lines; see proxy/server.py)."""
+        for w in self.workers:
+            w.read_state()
+
+    @property
+    def proxy_pids(self) -> list[int]:
+        return [w.pid for w in self.workers if w.alive]
+
+    @property
+    def proxy_listening(self) -> bool:
+        """Whether any worker listens (the kernel spreads connections over those that do)."""
+        return any(w.alive for w in self.workers)
 
     def recorder_status(self) -> dict:
         """Whether records can be written, by the proxy and by the daemon: while either cannot,
@@ -350,7 +346,7 @@ class Daemon:
         with self.lock:
             self._read_proxy_state()
         mine = self.recorder.health.as_dict()
-        proxy = self.proxy_recorder or {}
+        proxy = proxies.combined_recorder(self.workers)
         failed = proxy.get("failed") or mine["failed"]
         return {"state": "failed" if failed else "ok", "failed": failed,
                 "since": proxy.get("since") or mine["since"], "db": str(self.layout.db),
@@ -365,7 +361,7 @@ class Daemon:
     def _publish(self) -> None:
         info = InstanceInfo(
             instance=self.config.instance, daemon_pid=os.getpid(),
-            proxy_pid=self.proxy.pid if self.proxy else 0, proxy_port=self.config.proxy_port,
+            proxy_pid=next(iter(self.proxy_pids), 0), proxy_pids=self.proxy_pids, proxy_port=self.config.proxy_port,
             dns_port=self.config.dns_port, cgroup_root=str(self.layout.cgroup_root),
             capture_cgroup=str(self.layout.capture_cgroup),
             netns=netns_id(), state_dir=str(self.layout.state_dir),
@@ -412,14 +408,17 @@ class Daemon:
                 self.lockdown(f"BPF programs detached: {', '.join(missing)}")
                 self.datapath.attach()
                 self.recorder.event("tamper", {"what": "bpf", "missing": missing, "action": "reattached"})
-            if self.proxy is not None and self.proxy.poll() is not None:
-                self.recorder.event("proxy-exit", {"pid": self.proxy.pid, "code": self.proxy.returncode})
-                self.proxy = None
-                self.proxy_restart_at = time.monotonic() + self.config.proxy_restart_delay
-            if self.proxy is None and self.proxy_restart_at and time.monotonic() >= self.proxy_restart_at:
-                self.proxy_restart_at = None
-                self._start_proxy()
-                self._publish()
+            for w in self.workers:
+                if w.popen is not None and w.popen.poll() is not None:
+                    # Its connections died with it (the kernel reset them); its successor closes
+                    # out their rows. The others keep serving meanwhile.
+                    self.recorder.event("proxy-exit", {"pid": w.pid, "code": w.popen.returncode, "worker": w.index})
+                    w.popen = None
+                    w.restart_at = time.monotonic() + self.config.proxy_restart_delay
+                if w.popen is None and w.restart_at and time.monotonic() >= w.restart_at:
+                    w.restart_at = None
+                    self._start_worker(w)
+                    self._publish()
 
     def _record_inbound_refusals(self) -> None:
         """Segments into agents that nft reset (no proxy listening) and datagrams it dropped never
@@ -432,7 +431,7 @@ class Daemon:
         self.inbound_seen = now
         if grew:
             self.recorder.event("inbound-refused", {
-                "packets": grew, "proxy_listening": self.proxy is not None and self.proxy.poll() is None,
+                "packets": grew, "proxy_listening": self.proxy_listening,
                 "reason": "nothing from another host reaches an agent socket except through the proxy"})
 
     def _on_exec(self, cpu, data, size) -> None:
@@ -514,6 +513,14 @@ class Daemon:
             "comm": ev.comm.decode(errors="replace"),
             "defence": self.ptrace_defence.name if self.ptrace_defence else None})
 
+    def _signal_workers(self, signum: int) -> None:
+        for w in self.workers:
+            if w.alive:
+                try:
+                    w.popen.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
     def run(self) -> None:
         self.server = _ControlServer(str(self.layout.control_socket), self)
         # Open to every local user on purpose: each request is answered and a refused one is
@@ -524,7 +531,7 @@ class Daemon:
             threading.Thread(target=self._watch_identities, daemon=True, name="identities").start()
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
-        signal.signal(signal.SIGHUP, lambda *_: self.proxy and self.proxy.send_signal(signal.SIGHUP))
+        signal.signal(signal.SIGHUP, lambda *_: self._signal_workers(signal.SIGHUP))
         interval_ms = int(self.config.watch_interval * 1000)
         while not self.stopping.is_set():
             self.datapath.poll(interval_ms)
@@ -536,9 +543,9 @@ class Daemon:
         self.server.shutdown()
         self.layout.control_socket.unlink(missing_ok=True)
         if self.teardown_requested:
-            teardown(self.layout, self.config.instance, proxy=self.proxy)
-        elif self.proxy is not None:
-            self.proxy.terminate()
+            teardown(self.layout, self.config.instance, proxies=[w.popen for w in self.workers if w.popen])
+        else:
+            self._signal_workers(signal.SIGTERM)
         self.recorder.event("daemon-stop", {"teardown": self.teardown_requested})
         if self.shipping is not None:
             self.shipping.stop()
@@ -673,7 +680,7 @@ class Daemon:
 
     def _scope(self) -> enrolment.Scope:
         lay = self.layout
-        own = {os.getpid()} | ({self.proxy.pid} if self.proxy is not None else set())
+        own = {os.getpid(), *self.proxy_pids}
         return enrolment.Scope(self.config.instance, cgroups.cgroup2_mount(), lay.cgroup_root, lay.agents_cgroup,
                                lay.daemon_cgroup, frozenset(own))
 
@@ -769,8 +776,10 @@ class Daemon:
         return {
             "instance": self.config.instance,
             "daemon_pid": os.getpid(),
-            "proxy_pid": self.proxy.pid if self.proxy else None,
-            "proxy_listening": self.proxy is not None and self.proxy.poll() is None,
+            "proxy_pid": next(iter(self.proxy_pids), None),
+            "proxy_pids": self.proxy_pids,
+            "workers": len(self.workers),
+            "proxy_listening": self.proxy_listening,
             "proxy_port": self.config.proxy_port,
             "dns_port": self.config.dns_port,
             "inbound_port": self.config.inbound_port,
@@ -859,7 +868,7 @@ def _kill(pid: int, timeout: float = 5.0) -> None:
             pass
 
 
-def teardown(layout: Layout, instance: str, proxy: subprocess.Popen | None = None) -> dict:
+def teardown(layout: Layout, instance: str, proxies: list[subprocess.Popen] | None = None) -> dict:
     """Remove every trace of an instance: proxy, attachments, nft table, cgroups, pins, run files.
 
     The recordings in the state dir stay: they are the audit trail, not machinery."""
@@ -869,14 +878,18 @@ def teardown(layout: Layout, instance: str, proxy: subprocess.Popen | None = Non
         info = InstanceInfo.load(layout.instance_file)
     except (OSError, ValueError, TypeError):
         pass
-    if proxy is not None:
-        proxy.terminate()
-        try:
-            proxy.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
-    elif info and info.proxy_pid and _alive(info.proxy_pid) and _is_our_proxy(info.proxy_pid):
-        _kill(info.proxy_pid)
+    if proxies:
+        for p in proxies:
+            p.terminate()
+        for p in proxies:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    elif info:
+        for pid in {info.proxy_pid, *info.proxy_pids} - {0}:
+            if _alive(pid) and _is_our_proxy(pid):
+                _kill(pid)
     done["programs_detached"] = bpf_loader.detach_all(layout.capture_cgroup)
     done["nft_table_removed"] = firewall.remove(layout.nft_table)
     if layout.cgroup_root.exists():

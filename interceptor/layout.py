@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from interceptor.cgroups import cgroup2_mount
@@ -111,6 +111,7 @@ class InstanceInfo:
     ca_cert: str = ""  # the interception CA and the bundle (system CAs + ours) `interlock run` trusts
     ca_bundle: str = ""
     ptrace_guard: str = ""  # the defence in force (interceptor/ptrace_guard.py): `interlock run` reads it
+    proxy_pids: list[int] = field(default_factory=list)  # every proxy worker (proxy_pid: the first)
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")

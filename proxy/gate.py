@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from policy.engine import Policy, PolicyError, load, load_default
 from policy.model import Decision, Operation, Verdict
+from proxy.workers import SharedNames
 from recorder import approvals
 from recorder.store import Recorder, SessionRecord
 
@@ -118,22 +119,32 @@ class NameBindings:
     MIN_TTL = 30.0  # stubs and libraries keep an answer a little past a short TTL
     MAX_TTL = 86400.0
 
-    def __init__(self, size: int = 65536, clock=time.monotonic):
+    def __init__(self, size: int = 65536, clock=time.monotonic, shared: SharedNames | None = None):
         self._by: OrderedDict[tuple[str, str], dict[str, float]] = OrderedDict()
         self.size = size
         self.clock = clock
+        self.shared = shared  # with several proxy workers: what every worker's resolver bound
 
     def bind(self, agent: str, name: str, address: str, ttl: float) -> None:
-        key = (agent, _norm_addr(address))
-        names = self._by.pop(key, {})
         ttl = min(max(float(ttl), self.MIN_TTL), self.MAX_TTL)
-        names[name.lower().rstrip(".")] = self.clock() + ttl
+        name, address, until = name.lower().rstrip("."), _norm_addr(address), self.clock() + ttl
+        if self.shared is not None:
+            self.shared.push(agent, address, name, until)  # committed before the agent has the answer
+        self._merge(agent, address, name, until)
+
+    def _merge(self, agent: str, address: str, name: str, until: float) -> None:
+        key = (agent, address)
+        names = self._by.pop(key, {})
+        names[name] = max(until, names.get(name, 0.0))
         self._by[key] = names
         while len(self._by) > self.size:
             self._by.popitem(last=False)
 
     def names(self, agent: str, address: str) -> tuple[str, ...]:
-        """The names bound to address for agent, now."""
+        """The names bound to address for agent, now (by any worker's resolver)."""
+        if self.shared is not None:
+            for row in self.shared.pull():
+                self._merge(*row)
         names = self._by.get((agent, _norm_addr(address)))
         if not names:
             return ()

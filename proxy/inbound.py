@@ -37,12 +37,14 @@ IPV6_TRANSPARENT = 75
 PROTOCOL = "inbound"  # the session row's protocol and the policy's: relayed unread
 
 
-def transparent_listener(host: str, port: int) -> socket.socket:
+def transparent_listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A listening socket tproxy may hand connections to (needs CAP_NET_ADMIN)."""
     six = ":" in host
     s = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_STREAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # several proxy workers share it
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if six:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
@@ -153,7 +155,7 @@ class InboundSide(asyncio.Protocol):
             transport.abort()
             return
         self.rec = rec = SessionRecord(
-            id=new_session_id(), agent=self.proxy.agent_name(ident.agent_id), pid=ident.pid, tgid=ident.tgid,
+            id=new_session_id(self.proxy.worker), agent=self.proxy.agent_name(ident.agent_id), pid=ident.pid, tgid=ident.tgid,
             uid=ident.uid, gid=ident.gid, comm=ident.comm, exe=ident.exe, cmdline=ident.cmdline,
             cgroup_id=ident.cgroup_id, dst_addr=peer_addr, dst_port=local[1],
             family="ipv6" if ":" in peer_addr else "ipv4", protocol=PROTOCOL)
@@ -290,7 +292,7 @@ async def serve(proxy: Proxy) -> list[asyncio.AbstractServer]:
     servers = []
     for host in ("127.0.0.1", "::1"):
         try:
-            sock = transparent_listener(host, proxy.config.inbound_port)
+            sock = transparent_listener(host, proxy.config.inbound_port, reuse_port=proxy.workers > 1)
         except OSError:
             if host == "127.0.0.1":
                 raise

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import resource
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from interceptor.config import Config
     from proxy.relay import AgentSide
+    from proxy.workers import SharedCounts
 
 
 def raise_fd_limit() -> int:
@@ -34,7 +36,8 @@ def raise_fd_limit() -> int:
 class Limits:
     """Per-agent connection counts and the idle sweep."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop):
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, shared: SharedCounts | None = None,
+                 agent_id: Callable[[str], int] | None = None):
         self.per_agent = config.max_connections_per_agent
         self.idle = config.idle_timeout
         self.loop = loop
@@ -42,11 +45,18 @@ class Limits:
         self.conns: set[AgentSide] = set()
         self.fd_limit = raise_fd_limit()
         self._sweeper: asyncio.TimerHandle | None = None
+        # With several proxy workers the cap counts every worker's connections (proxy/workers.py).
+        self.shared = shared if self.per_agent else None
+        self.agent_id = agent_id
 
     def admit(self, conn: AgentSide) -> bool:
-        """Count the connection against its agent; False when the agent is at its cap."""
+        """Count the connection against its agent; False when the agent is at its cap (over all
+        workers)."""
         agent = conn.rec.agent
-        if self.per_agent and self.open[agent] >= self.per_agent:
+        if self.shared is not None:
+            if not self.shared.admit(self.agent_id(agent), self.per_agent):
+                return False
+        elif self.per_agent and self.open[agent] >= self.per_agent:
             return False
         self.open[agent] += 1
         self.conns.add(conn)
@@ -59,6 +69,8 @@ class Limits:
             self.conns.discard(conn)
             agent = conn.rec.agent
             self.open[agent] -= 1
+            if self.shared is not None:
+                self.shared.release(self.agent_id(agent))
             if self.open[agent] <= 0:
                 del self.open[agent]
 

@@ -33,6 +33,7 @@ from interceptor.layout import Layout
 from policy.engine import IDENTITY_RULE, Destination, set_identity_source
 from policy.model import Decision, Operation, Verdict
 from proxy import inbound
+from proxy import workers as workers_mod
 from proxy.gate import Holds, NameBindings, PolicyHolder
 from proxy.limits import Limits
 from proxy.metrics import ProxyMetrics
@@ -40,6 +41,7 @@ from proxy.origins import Origins
 from proxy.relay import AgentSide
 from proxy.resolver import Resolver, system_nameserver
 from proxy.tls.ca import CertificateAuthority, LeafMinter, write_bundle
+from proxy.workers import SharedCounts, SharedNames
 from recorder import approvals
 from recorder.store import Health, Recorder, RecorderDown, SessionRecord, new_session_id
 
@@ -49,10 +51,12 @@ COUNT_FLUSH_INTERVAL = 1.0  # seconds: how stale an open session's byte counts m
 
 
 class Proxy:
-    def __init__(self, config: Config, layout: Layout, loop: asyncio.AbstractEventLoop):
+    def __init__(self, config: Config, layout: Layout, loop: asyncio.AbstractEventLoop, worker: int = 0,
+                 workers: int = 1):
         self.config = config
         self.layout = layout
         self.loop = loop
+        self.worker, self.workers = worker, workers  # this process's index among the proxy workers
         self.origins = Origins(layout.pin_dir)
         self.recorder = Recorder(layout.db, loop, who="proxy", on_health=self._recorder_health)
         approvals.ensure_schema(self.recorder.db)
@@ -60,17 +64,19 @@ class Proxy:
         self.recorder.writer.on_commit = self.metrics.committed
         self.recorder.on_session_close = lambda r: self.metrics.session_closed(r.agent, r.protocol, r.outcome,
                                                                                r.bytes_up, r.bytes_down)
-        # Sessions the previous proxy left open were cut when it died: say so, with the byte
-        # counts it last flushed (COUNT_FLUSH_INTERVAL).
+        # Sessions this worker's predecessor left open were cut when it died: say so, with the
+        # byte counts it last flushed (COUNT_FLUSH_INTERVAL). The daemon closes out every open
+        # session before it starts a new group of workers.
         self.recorder.close_out("proxy-died", "the proxy relaying it stopped without closing it (killed or crashed);"
-                                " byte counts as last flushed")
+                                " byte counts as last flushed", worker=worker)
         # Open agent connections by session id: the transport (cut if the recorder fails) and the
         # future of the session row's commit (awaited before the first byte goes upstream).
         self.live: dict[str, tuple[asyncio.BaseTransport, asyncio.Future]] = {}
         self.status_fd: int | None = None
         self._reported: dict | None = None
         self.policy = PolicyHolder(config.policy, self.recorder, on_load=self.metrics.policy_loaded)
-        self.names = NameBindings()
+        shared = workers > 1
+        self.names = NameBindings(shared=SharedNames(workers_mod.names_db(layout.run_dir)) if shared else None)
         self.credentials = CredentialStore(layout.state_dir)
         # Agents' verified OIDC identities, as the daemon bound them at enrolment (identity/agents.py):
         # every policy this process loads asks them.
@@ -80,9 +86,10 @@ class Proxy:
         # name: what the TLS-terminating handlers (PostgreSQL sslmode, HTTPS) present to agents.
         self.ca = CertificateAuthority.load_or_create(layout.state_dir / "ca")
         self.leaves = LeafMinter(self.ca)
-        # What `interlock run` points agents' trust stores at (system CAs + ours).
-        write_bundle(self.ca, layout.ca_bundle)
-        write_bundle(self.ca, layout.ca_cert, system_bundle=None)  # ours alone: NODE_EXTRA_CA_CERTS
+        if worker == 0:  # the daemon starts worker 0 first, alone: one writer for the CA and bundles
+            # What `interlock run` points agents' trust stores at (system CAs + ours).
+            write_bundle(self.ca, layout.ca_bundle)
+            write_bundle(self.ca, layout.ca_cert, system_bundle=None)  # ours alone: NODE_EXTRA_CA_CERTS
         self.holds = Holds(self, loop)
         self.metrics.watch(holds_pending=lambda: len(self.holds.waiting), hold_oldest=self.holds.oldest_age,
                            recorder_queue=lambda: len(self.recorder.writer.batch),
@@ -95,8 +102,11 @@ class Proxy:
             self.metrics.watch_spool(lambda: self.spool.last)
         if config.metrics_address:
             self.metrics.serve(config.metrics_address)
-        self.limits = Limits(config, loop)  # per-agent connection caps, idle sweep
         self._agent_names: dict[int, str] = {}
+        self._agent_ids: dict[str, int] = {}
+        # per-agent connection caps (over every worker), idle sweep
+        self.limits = Limits(config, loop, SharedCounts(workers_mod.counts_file(layout.run_dir), worker, workers)
+                             if shared else None, self._agent_ids.__getitem__)
         self._early: dict[tuple, Decision | None] = {}
         self._own = {self.config.proxy_port, self.config.dns_port, self.config.inbound_port}
         self.inbound_owners = inbound.Owners(layout.pin_dir, layout.agents_cgroup, config.mark)
@@ -146,6 +156,7 @@ class Proxy:
                 if "agents" in self.recorder.db.table_names() else None
             name = row[0] if row else f"agent-{agent_id}"
             self._agent_names[agent_id] = name
+            self._agent_ids[name] = agent_id
         return name
 
     def admit(self, transport: asyncio.BaseTransport) -> SessionRecord | None:
@@ -245,7 +256,7 @@ class Proxy:
 
     def _record(self, dest, ident) -> SessionRecord:
         return SessionRecord(
-            id=new_session_id(), agent=self.agent_name(ident.agent_id), pid=ident.pid,
+            id=new_session_id(self.worker), agent=self.agent_name(ident.agent_id), pid=ident.pid,
             tgid=ident.tgid, uid=ident.uid, gid=ident.gid, comm=ident.comm, exe=ident.exe,
             cmdline=ident.cmdline, cgroup_id=ident.cgroup_id, dst_addr=dest.host,
             dst_port=dest.port, family=dest.family, identity=self.identity_json(self.agent_name(ident.agent_id)))
@@ -263,14 +274,17 @@ class Proxy:
         servers = []
         resolvers: list[Resolver] = []
         upstream = self.config.dns_upstream or system_nameserver()
+        # Several workers share each listener (the kernel spreads connections and datagrams over
+        # them); one alone keeps EADDRINUSE, so a port taken by something else is not shared.
+        reuse_port = self.workers > 1
         for host in LOOPBACKS:
             try:
                 servers.append(await self.loop.create_server(
                     lambda: AgentSide(self), host, self.config.proxy_port, reuse_address=True,
-                    backlog=4096))
+                    reuse_port=reuse_port, backlog=4096))
                 _, resolver = await self.loop.create_datagram_endpoint(
                     lambda h=host: Resolver(self, h, upstream, self.config.dns_timeout),
-                    local_addr=(host, self.config.dns_port))
+                    local_addr=(host, self.config.dns_port), reuse_port=reuse_port)
                 resolvers.append(resolver)
             except OSError as e:
                 if host == "127.0.0.1":
@@ -341,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path)
     ap.add_argument("--state-dir", type=Path)
     ap.add_argument("--ready-fd", type=int)
+    ap.add_argument("--worker", type=int, default=0, help="this worker's index (0..workers-1)")
+    ap.add_argument("--workers", type=int, default=1, help="proxy workers sharing the listeners")
     args = ap.parse_args(argv)
     libc = ctypes.CDLL(None)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -351,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = Layout.build(args.state_dir, config.instance, config.cgroup_root)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    proxy = Proxy(config, layout, loop)
+    proxy = Proxy(config, layout, loop, args.worker, args.workers)
     try:
         loop.run_until_complete(proxy.serve(args.ready_fd))
     except OSError as e:

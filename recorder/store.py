@@ -55,9 +55,16 @@ LOGGED_EVENTS = {
 }
 
 
-def new_session_id() -> str:
-    """Time-ordered ids sort sessions by start without a second column."""
-    return f"{time.time_ns() // 1000:x}{os.urandom(4).hex()}"
+def new_session_id(worker: int = 0) -> str:
+    """Time-ordered ids sort sessions by start without a second column. The two hex digits
+    before the last six name the proxy worker that opened it (`worker_of`), so a restarted
+    worker closes out only its own dead sessions."""
+    return f"{time.time_ns() // 1000:x}{worker & 0xFF:02x}{os.urandom(3).hex()}"
+
+
+def worker_of(session_id: str) -> int:
+    """The proxy worker a session id names (new_session_id)."""
+    return int(session_id[-8:-6], 16)
 
 
 @dataclass
@@ -453,8 +460,10 @@ class Recorder:
         self.open.pop(rec.id, None)
         self._flushed.pop(rec.id, None)
         self.live_counts.pop(rec.id, None)
+        # Nothing waits on a close: it rides the next commit (a new session's row, at most
+        # LINGER later), so a stream of short connections costs one commit each, not two.
         self._write(_CLOSE_SQL, (rec.ended or time.time(), rec.bytes_up, rec.bytes_down, rec.outcome, rec.detail,
-                                 rec.protocol, rec.verdict, rec.rule, rec.id))
+                                 rec.protocol, rec.verdict, rec.rule, rec.id), linger=True)
 
     def flush_counts(self) -> int:
         """Write the byte counts of open sessions that moved since the last flush (one commit for
@@ -471,9 +480,11 @@ class Recorder:
                 n += 1
         return n
 
-    def close_out(self, outcome: str, detail: str) -> None:
-        """Sessions a previous proxy left open (it was killed): closed with their last flushed counts."""
-        self._write("UPDATE sessions SET outcome=?, detail=?, ended=? WHERE outcome='open' AND ended IS NULL",
+    def close_out(self, outcome: str, detail: str, worker: int | None = None) -> None:
+        """Sessions a previous proxy left open (it was killed): closed with their last flushed
+        counts; with worker, only those that proxy worker opened (its siblings' live on)."""
+        where = "" if worker is None else f" AND substr(id, -8, 2) = '{worker & 0xFF:02x}'"
+        self._write("UPDATE sessions SET outcome=?, detail=?, ended=? WHERE outcome='open' AND ended IS NULL" + where,
                     (outcome, detail, time.time()))
 
     def event(self, kind: str, data: dict, session: str | None = None, durable: bool = False,

@@ -1,0 +1,151 @@
+"""What several proxy workers share (`workers:`; each worker is one process with one event loop).
+
+The daemon starts `workers` proxy processes; each listens on the same ports with SO_REUSEPORT
+and the kernel spreads new connections (and DNS datagrams, by their 4-tuple) over them. Holds,
+grants and the record are in the recorder's SQLite database already. Two more things must hold
+across workers, and live in the instance's run directory (tmpfs, root only, made afresh by the
+daemon at start: `reset`):
+
+- names.db: the per-agent name bindings (proxy/gate.py NameBindings). A name one worker's
+  resolver bound is committed before the agent gets the answer, and every worker reads new
+  bindings before it judges a connection (`SharedNames.pull`, one `PRAGMA data_version` when
+  nothing changed).
+- conns: per-agent open-connection counts, one row of counters per worker in a shared file,
+  updated under an exclusive flock so `max_connections_per_agent` bounds an agent's connections
+  through all workers together (`SharedCounts`). A worker that dies has its row zeroed by its
+  successor: the kernel closed its connections with it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import sqlite3
+import struct
+import time
+from pathlib import Path
+
+SLOTS = 65536  # per-agent counters per worker, indexed by agent id modulo SLOTS
+_I32 = struct.Struct("=i")
+
+
+def names_db(run_dir: Path) -> Path:
+    return run_dir / "names.db"
+
+
+def counts_file(run_dir: Path) -> Path:
+    return run_dir / "conns"
+
+
+def reset(run_dir: Path, workers: int) -> None:
+    """Fresh shared state for a new group of workers (the daemon, before it starts them)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(names_db(run_dir)) + suffix).unlink(missing_ok=True)
+    fd = os.open(counts_file(run_dir), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, max(1, workers) * SLOTS * _I32.size)
+    finally:
+        os.close(fd)
+    conn = _names_connect(names_db(run_dir))
+    conn.close()
+    os.chmod(names_db(run_dir), 0o600)
+
+
+def _names_connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), timeout=10, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=OFF")  # bindings die with the worker group: nothing to keep
+    conn.execute("CREATE TABLE IF NOT EXISTS bindings (seq INTEGER PRIMARY KEY, agent TEXT, address TEXT,"
+                 " name TEXT, until REAL)")
+    return conn
+
+
+class SharedNames:
+    """The name bindings all workers see: rows (agent, address, name, until) in names.db, where
+    `until` is on CLOCK_MONOTONIC, which every process on the host shares."""
+
+    PRUNE_EVERY = 1024  # binds between deletions of expired rows
+
+    def __init__(self, path: Path):
+        self.conn = _names_connect(path)
+        self.seen = 0  # the highest seq merged
+        self.version: int | None = None
+        self.binds = 0
+
+    def push(self, agent: str, address: str, name: str, until: float) -> None:
+        """Commit one binding: visible to every worker when this returns."""
+        self.conn.execute("INSERT INTO bindings (agent, address, name, until) VALUES (?,?,?,?)",
+                          (agent, address, name, until))
+        self.binds += 1
+        if self.binds % self.PRUNE_EVERY == 0:
+            self.conn.execute("DELETE FROM bindings WHERE until < ?", (time.monotonic(),))
+
+    def pull(self) -> list[tuple[str, str, str, float]]:
+        """Bindings committed since the last pull (by any worker, this one included)."""
+        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        if version == self.version and self.version is not None:
+            return []
+        self.version = version
+        rows = self.conn.execute("SELECT seq, agent, address, name, until FROM bindings WHERE seq > ? ORDER BY seq",
+                                 (self.seen,)).fetchall()
+        if rows:
+            self.seen = rows[-1][0]
+        return [r[1:] for r in rows]
+
+
+class SharedCounts:
+    """Per-agent open connections summed over every worker, checked and bumped atomically."""
+
+    def __init__(self, path: Path, worker: int, workers: int):
+        self.fd = os.open(path, os.O_RDWR)
+        size = os.fstat(self.fd).st_size
+        if size < workers * SLOTS * _I32.size or not 0 <= worker < workers:
+            os.close(self.fd)
+            raise ValueError(f"{path}: sized for {size // (SLOTS * _I32.size)} workers, not worker {worker} of {workers}")
+        self.map = mmap.mmap(self.fd, workers * SLOTS * _I32.size)
+        self.cells = memoryview(self.map).cast("i")
+        self.worker, self.workers = worker, workers
+        with self._locked():
+            self.cells[worker * SLOTS:(worker + 1) * SLOTS] = memoryview(bytes(SLOTS * _I32.size)).cast("i")
+
+    def _locked(self):
+        return _Flock(self.fd)
+
+    def total(self, agent_id: int) -> int:
+        slot = agent_id % SLOTS
+        return sum(self.cells[w * SLOTS + slot] for w in range(self.workers))
+
+    def admit(self, agent_id: int, cap: int) -> bool:
+        """Count one more connection for the agent unless all workers together hold cap already."""
+        slot = agent_id % SLOTS
+        with self._locked():
+            if cap and self.total(agent_id) >= cap:
+                return False
+            self.cells[self.worker * SLOTS + slot] += 1
+        return True
+
+    def release(self, agent_id: int) -> None:
+        """This worker's row has one writer (it): no lock needed to give a connection back."""
+        i = self.worker * SLOTS + agent_id % SLOTS
+        if self.cells[i] > 0:
+            self.cells[i] -= 1
+
+    def close(self) -> None:
+        self.cells.release()
+        self.map.close()
+        os.close(self.fd)
+
+
+class _Flock:
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
