@@ -340,7 +340,8 @@ def cmd_status(args) -> int:
     print(f"  programs attached: {'yes' if st['programs_attached'] else 'NO'} ({', '.join(k for k, v in st['programs'].items() if v)})")
     if st["daemon"] == "running":
         workers = f" ({len(st.get('proxy_pids') or [])} of {st['workers']} workers)" if st.get("workers", 1) > 1 else ""
-        print(f"  proxy: {'listening on port ' + str(st['proxy_port']) + workers if st['proxy_listening'] else 'DOWN (agent connections are refused)'}")
+        listening = f"listening on port {st['proxy_port']}{workers}"
+        print(f"  proxy: {listening if st['proxy_listening'] else 'DOWN (agent connections are refused)'}")
         print(f"  nft table inet {st['nft_table']}: {'intact' if st['nft_intact'] else 'MISSING OR ALTERED'}")
         print(f"  lockdown: {printable(st['lockdown'] or 'no')}")
         rec = st.get("recorder")

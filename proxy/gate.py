@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from policy.engine import Policy, PolicyError, load, load_default
 from policy.model import Decision, Operation, Verdict
-from proxy.workers import SharedNames
+from proxy.workers import SharedGeneration, SharedNames
 from recorder import approvals
 from recorder.store import Recorder, SessionRecord
 
@@ -25,23 +25,48 @@ APPROVAL_POLL = 0.1
 
 
 class PolicyHolder:
-    """The policy in force. A reload that fails validation keeps the old one and says why."""
+    """The policy in force. A reload that fails validation keeps the old one and says why.
+
+    With several proxy workers, a worker that loads a new policy bumps the shared generation
+    (proxy/workers.py) before it records `policy-loaded`; every other worker loads the file
+    again before its next decision, so no worker judges by a policy a sibling has replaced."""
 
     def __init__(self, path: str | None, recorder: Recorder, on_load: Callable[[int], None] | None = None,
-                 identity_of: Callable[[str], object | None] | None = None):
+                 identity_of: Callable[[str], object | None] | None = None,
+                 generation: SharedGeneration | None = None):
         self.path = path
         self.recorder = recorder
         self.on_load = on_load
         self.identity_of = identity_of  # agent -> its bound identity (identity/agents.py), for every policy loaded
-        self.current: Policy = load(path) if path else load_default()
+        self.generation = generation
+        self._seen = generation.value if generation is not None else 0
+        self._current: Policy = load(path) if path else load_default()
         self._mtime = self._stat()
+        self._loaded()
+
+    @property
+    def current(self) -> Policy:
+        g = self.generation
+        if g is not None and g.value != self._seen:
+            self._follow()
+        return self._current
+
+    def _follow(self) -> None:
+        """A sibling worker loaded a new policy: load the same file."""
+        self._seen = self.generation.value
+        self._mtime = self._stat()
+        try:
+            self._current = load(self.path)
+        except PolicyError as e:  # changed again meanwhile: the watch reports it
+            self.recorder.event("policy-rejected", {"file": self.path, "problems": e.problems})
+            return
         self._loaded()
 
     def _loaded(self) -> None:
         if self.identity_of is not None:
-            self.current.identity_of = self.identity_of
+            self._current.identity_of = self.identity_of
         if self.on_load is not None:
-            self.on_load(len(self.current.rules))
+            self.on_load(len(self._current.rules))
 
     def _stat(self) -> float | None:
         try:
@@ -57,7 +82,9 @@ class PolicyHolder:
         except PolicyError as e:
             self.recorder.event("policy-rejected", {"file": self.path, "problems": e.problems})
             return False
-        self.current = new
+        self._current = new
+        if self.generation is not None:
+            self._seen = self.generation.bump()
         self._loaded()
         self.recorder.event("policy-loaded", {"file": self.path, "rules": len(new.rules)})
         return True

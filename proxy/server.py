@@ -41,7 +41,7 @@ from proxy.origins import Origins
 from proxy.relay import AgentSide
 from proxy.resolver import Resolver, system_nameserver
 from proxy.tls.ca import CertificateAuthority, LeafMinter, write_bundle
-from proxy.workers import SharedCounts, SharedNames
+from proxy.workers import SharedCounts, SharedGeneration, SharedNames
 from recorder import approvals
 from recorder.store import Health, Recorder, RecorderDown, SessionRecord, new_session_id
 
@@ -74,8 +74,10 @@ class Proxy:
         self.live: dict[str, tuple[asyncio.BaseTransport, asyncio.Future]] = {}
         self.status_fd: int | None = None
         self._reported: dict | None = None
-        self.policy = PolicyHolder(config.policy, self.recorder, on_load=self.metrics.policy_loaded)
-        shared = workers > 1
+        shared = workers > 1  # state every worker must see the same (proxy/workers.py)
+        self.policy = PolicyHolder(config.policy, self.recorder, on_load=self.metrics.policy_loaded,
+                                   generation=SharedGeneration(workers_mod.generation_file(layout.run_dir))
+                                   if shared else None)
         self.names = NameBindings(shared=SharedNames(workers_mod.names_db(layout.run_dir)) if shared else None)
         self.credentials = CredentialStore(layout.state_dir)
         # Agents' verified OIDC identities, as the daemon bound them at enrolment (identity/agents.py):

@@ -10,6 +10,8 @@ daemon at start: `reset`):
   resolver bound is committed before the agent gets the answer, and every worker reads new
   bindings before it judges a connection (`SharedNames.pull`, one `PRAGMA data_version` when
   nothing changed).
+- policy-generation: bumped by the worker that loads a new policy; the others load it before
+  their next decision (proxy/gate.py PolicyHolder).
 - conns: per-agent open-connection counts, one row of counters per worker in a shared file,
   updated under an exclusive flock so `max_connections_per_agent` bounds an agent's connections
   through all workers together (`SharedCounts`). A worker that dies has its row zeroed by its
@@ -28,6 +30,7 @@ from pathlib import Path
 
 SLOTS = 65536  # per-agent counters per worker, indexed by agent id modulo SLOTS
 _I32 = struct.Struct("=i")
+_I64 = struct.Struct("=q")
 
 
 def names_db(run_dir: Path) -> Path:
@@ -38,6 +41,10 @@ def counts_file(run_dir: Path) -> Path:
     return run_dir / "conns"
 
 
+def generation_file(run_dir: Path) -> Path:
+    return run_dir / "policy-generation"
+
+
 def reset(run_dir: Path, workers: int) -> None:
     """Fresh shared state for a new group of workers (the daemon, before it starts them)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -46,6 +53,11 @@ def reset(run_dir: Path, workers: int) -> None:
     fd = os.open(counts_file(run_dir), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.ftruncate(fd, max(1, workers) * SLOTS * _I32.size)
+    finally:
+        os.close(fd)
+    fd = os.open(generation_file(run_dir), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, _I64.size)
     finally:
         os.close(fd)
     conn = _names_connect(names_db(run_dir))
@@ -136,6 +148,24 @@ class SharedCounts:
         self.cells.release()
         self.map.close()
         os.close(self.fd)
+
+
+class SharedGeneration:
+    """How many policies the workers have loaded: a worker that sees it move loads the file again."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDWR)
+        self.map = mmap.mmap(self.fd, _I64.size)
+        self.cell = memoryview(self.map).cast("q")
+
+    @property
+    def value(self) -> int:
+        return self.cell[0]
+
+    def bump(self) -> int:
+        with _Flock(self.fd):
+            self.cell[0] += 1
+            return self.cell[0]
 
 
 class _Flock:
