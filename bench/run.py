@@ -34,6 +34,7 @@ from pathlib import Path
 
 from bench import ingest as ingest_bench
 from bench import pg as pg_bench
+from bench import targets
 from bench import web as web_bench
 from lab.instance import Instance, leftovers
 from lab.netns import Host, Lab
@@ -139,14 +140,43 @@ BENCHMARKS = (
 
 # ---- the lab -------------------------------------------------------------------------------------
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU of a process (all its threads), or None once it is gone."""
+def _stat(pid: int) -> list[str] | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _is_proxy(pid: int) -> bool:
+    try:
+        return b"proxy.server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def proxy_group(pid: int) -> list[int]:
+    """An Interlock proxy worker's pid -> every worker of its daemon (`workers:`); else [pid]."""
+    fields = _stat(pid)
+    if fields is None or not _is_proxy(pid):
+        return [pid]
+    parent = fields[1]
+    group = [int(p) for p in os.listdir("/proc") if p.isdigit() and (_stat(int(p)) or [None, None])[1] == parent
+             and _is_proxy(int(p))]
+    return sorted(group) or [pid]
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of a process (all its threads), or None once it is gone. For an
+    Interlock proxy worker, of all its daemon's workers together: every module's proxy CPU
+    figures (pg, web) go through here."""
+    total = 0.0
+    for p in proxy_group(pid):
+        fields = _stat(p)
+        if fields is None:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
 
 
 class Detached(Host):
@@ -240,10 +270,29 @@ class Bench:
         policy = self.tmp / "policy.yaml"
         # the default policy; iperf3's and the echo's bytes may be relayed unread
         policy.write_text(default_policy_plus_opaque([self.b.addr4], [SERVICE_PORT["iperf"], SERVICE_PORT["conn"]]))
-        self.inst = Instance(self.a, f"bench{os.getpid() % 100000}", proxy_port=INTERLOCK_PROXY_PORT,
-                             dns_port=INTERLOCK_DNS_PORT, policy=str(policy))
-        self.stack.callback(self._close_interlock, self.inst)
-        self.inst.start()
+        self.inst = self._interlock(policy)
+
+    def _interlock(self, policy: Path, **config) -> Instance:
+        inst = Instance(self.a, f"bench{os.getpid() % 100000}", proxy_port=INTERLOCK_PROXY_PORT,
+                        dns_port=INTERLOCK_DNS_PORT, policy=str(policy), **config)
+        self.stack.callback(self._close_interlock, inst)
+        inst.start()
+        return inst
+
+    def compare_workers(self, counts: tuple[int, ...] = (1, 2)) -> dict[str, dict[str, Result]]:
+        """New connections through Interlock restarted with each worker count (direct and haproxy
+        measured again alongside, for the same-run ratio)."""
+        conn = next(b for b in BENCHMARKS if b.key == "conn")
+        out: dict[str, dict[str, Result]] = {}
+        for n in counts:
+            assert self.inst is not None
+            self._close_interlock(self.inst)
+            self.inst = self._interlock(self.tmp / "policy.yaml", workers=n)
+            self.measure(conn, "interlock", Durations(pg=1, iperf=1, conn=0.3, warmup=0))  # preflight
+            res = out[f"workers={n}"] = {p: self.measure(conn, p) for p in PATHS}
+            print(f"  {conn.label:24} workers={n:<2} {fmt(res['interlock'].value)} {conn.unit}"
+                  f"  ({ratio(res, 'interlock'):.2f}x direct; haproxy {ratio(res, 'haproxy'):.2f}x)", flush=True)
+        return out
 
     @staticmethod
     def _close_interlock(inst: Instance) -> None:
@@ -375,6 +424,17 @@ def table(measured: dict[str, dict[str, Result]]) -> str:
     return "\n".join(lines)
 
 
+def workers_table(by: dict[str, dict[str, dict]]) -> str:
+    head = f"{'new TCP connections':24} {'conn/s':>9} {'/direct':>8} {'haproxy/direct':>15} {'proxy us/op':>12}"
+    lines = [head, "-" * len(head)]
+    for n, res in by.items():
+        mine = res.get("interlock", {})
+        lines.append(f"{n:24} {fmt(mine.get('value')):>9} {fmt(mine.get('ratio_to_direct')) + 'x':>8} "
+                     f"{fmt(res.get('haproxy', {}).get('ratio_to_direct')) + 'x':>15} "
+                     f"{fmt(mine.get('proxy_cpu_us_per_op')):>12}")
+    return "\n".join(lines)
+
+
 def version(cmd: list[str]) -> str:
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
@@ -397,7 +457,7 @@ def metadata(args: argparse.Namespace, d: Durations, bench: Bench) -> dict:
         "kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
         "haproxy": version(["haproxy", "-v"]), "haproxy_threads": args.haproxy_threads or "default",
         "postgres": version([str(Path("/usr/lib/postgresql/15/bin/postgres")), "--version"]),
-        "iperf3": version(["iperf3", "--version"]),
+        "iperf3": version(["iperf3", "--version"]), "interlock_workers": args.workers or "default (one per CPU)",
         "quick": args.quick, "durations": asdict(d),
         "pg_scale": PG_SCALE, "server": bench.b.addr4, "loadavg_start": loadavg(),
         "ports": {"service": SERVICE_PORT, "haproxy": HAPROXY_PORT,
@@ -435,7 +495,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short runs, for checking the harness")
     ap.add_argument("--only", default=",".join(GROUPS + EXTRA_GROUPS), help="comma-separated subset of: pg,iperf,conn,web,ingest")
     ap.add_argument("--haproxy-threads", type=int, help="haproxy nbthread (default: haproxy's, one per CPU)")
+    ap.add_argument("--workers", type=int, help="Interlock proxy workers, in every group (default: one per CPU)")
+    ap.add_argument("--compare-workers", action="store_true",
+                    help="also measure new connections with 1 and with 2 proxy workers")
     args = ap.parse_args(argv)
+    if args.workers:
+        Instance.DEFAULTS["workers"] = args.workers
     groups = {g.strip() for g in args.only.split(",") if g.strip()}
     if not groups or groups - set(GROUPS + EXTRA_GROUPS):
         ap.error(f"--only takes a subset of {','.join(GROUPS + EXTRA_GROUPS)}")
@@ -444,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     d = QUICK if args.quick else FULL
     measured: dict[str, dict[str, Result]] = {}
     web_results: dict[str, dict[str, dict]] = {}
+    by_workers: dict[str, dict[str, Result]] = {}
     pg_results: dict[str, dict[str, dict]] = {}
     ingest_results: dict = {}
     started = time.monotonic()
@@ -469,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
                     r = ratio(measured[b.key], path)
                     print(f"{fmt(res.value)} {b.unit}" + (f"  ({r:.2f}x direct)" if r and path != "direct" else ""),
                           flush=True)
+            if args.compare_workers and "conn" in groups:
+                print("proxy workers: 1 vs 2 (new connections) ...", flush=True)
+                by_workers = bench.compare_workers()
             if "pg" in groups:
                 print("PostgreSQL (pgbench, COPY, idle memory; haproxy, pgbouncer, Interlock) ...", flush=True)
                 pgb = pg_bench.Pg(stack, bench.a, bench.b, bench.tmp, bench.pg, (HAPROXY_PORT["pg"], bench.haproxy.pid),
@@ -506,8 +575,15 @@ def main(argv: list[str] | None = None) -> int:
            "results": {k: {p: {"value": r.value, "unit": next(b.unit for b in BENCHMARKS if b.key == k),
                                "ratio_to_direct": ratio(v, p), "ops": r.ops, **r.detail}
                            for p, r in v.items()} for k, v in measured.items()},
-           "postgres": pg_results, "web": web_results, "ingest": ingest_results}
+           "postgres": pg_results, "web": web_results, "ingest": ingest_results,
+           "workers": {n: {p: {"value": r.value, "ratio_to_direct": ratio(v, p), "ops": r.ops, **r.detail}
+                           for p, r in v.items()} for n, v in by_workers.items()}}
     out.write_text(json.dumps(doc, indent=1) + "\n")
+    print()
+    print(targets.table(doc))
+    if by_workers:
+        print()
+        print(workers_table(doc["workers"]))
     print(f"\nresults: {out.relative_to(REPO)} ({doc['elapsed_s']} s)")
     return 0
 

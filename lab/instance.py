@@ -21,12 +21,14 @@ INTERLOCK = [sys.executable, "-m", "interceptor.cli"]
 
 
 class Instance:
+    DEFAULTS: dict = {}  # config every instance gets unless given (bench.run --workers sets workers)
+
     def __init__(self, host: Host, name: str, proxy_port: int = 15001, dns_port: int = 15053, **config):
         self.host = host
         self.name = name
         self.state_dir = Path(tempfile.mkdtemp(prefix=f"interlock-{name}-"))
         self.config = {"instance": name, "cgroup_root": f"interlock-lab-{name}",
-                       "proxy_port": proxy_port, "dns_port": dns_port, **config}
+                       "proxy_port": proxy_port, "dns_port": dns_port, **self.DEFAULTS, **config}
         self.config_file = self.state_dir / "config.yaml"
         self.daemon: subprocess.Popen | None = None
         self.log = self.state_dir / "daemon.log"
