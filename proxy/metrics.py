@@ -9,10 +9,19 @@ own HTTP thread, and the gauges it computes at scrape time only read."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest, start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+# Gauges that add up over proxy workers; every other gauge (ages, flags, the policy generation,
+# process start time) takes the highest worker's value. Counters and histograms add up.
+SUMMED_GAUGES = {"interlock_holds_pending", "interlock_recorder_queue", "interlock_recorder_refused",
+                 "interlock_recorder_failures", "process_resident_memory_bytes", "process_virtual_memory_bytes",
+                 "process_open_fds"}
 
 
 class ProxyMetrics:
@@ -93,7 +102,60 @@ class ProxyMetrics:
         self.commit_seconds.observe(seconds)
         self.commit_rows.inc(rows)
 
-    def serve(self, address: str) -> None:
-        """Expose /metrics on HOST:PORT (a loopback address: the data is the fleet's, not the agents')."""
+    def serve(self, address: str, siblings: Callable[[], list[Path]] | None = None) -> None:
+        """Expose /metrics on HOST:PORT (a loopback address: the data is the fleet's, not the agents').
+
+        With several proxy workers, worker 0 serves them all: its own metrics merged with the
+        other workers' last dumps (`dump`, once a second), listed by siblings()."""
         host, _, port = address.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=self.registry)
+        registry = self.registry
+        if siblings is not None:
+            registry = CollectorRegistry()
+            registry.register(_Merged(self.registry, siblings))
+        start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
+
+    def dump(self, path: Path) -> None:
+        """This worker's metrics, for worker 0 to merge (text exposition, replaced atomically)."""
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(generate_latest(self.registry))
+        os.replace(tmp, path)
+
+
+class _Merged:
+    """A collector: one registry's metrics plus other workers' dumps, added up per series."""
+
+    def __init__(self, own: CollectorRegistry, siblings: Callable[[], list[Path]]):
+        self.own, self.siblings = own, siblings
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        values: dict[str, dict[tuple, float]] = {}
+
+        def add(fam: Metric) -> None:
+            if fam.name not in families:
+                families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                values[fam.name] = {}
+            highest = fam.type == "gauge" and fam.name not in SUMMED_GAUGES
+            seen = values[fam.name]
+            for sample in fam.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in seen:
+                    seen[key] = sample.value
+                elif highest or sample.name.endswith("_created") or sample.name == "process_start_time_seconds":
+                    seen[key] = max(seen[key], sample.value)
+                else:
+                    seen[key] += sample.value
+
+        for fam in self.own.collect():
+            add(fam)
+        for path in self.siblings():
+            try:
+                text = path.read_text()
+            except OSError:
+                continue  # that worker is (re)starting: its counters start again from zero
+            for fam in text_string_to_metric_families(text):
+                add(fam)
+        for name, fam in families.items():
+            for (sample, labels), value in values[name].items():
+                fam.add_sample(sample, dict(labels), value)
+            yield fam

@@ -102,8 +102,11 @@ class Proxy:
 
             self.spool = SpoolBound(self.recorder, config.recorder.server, config.recorder.spool_max)
             self.metrics.watch_spool(lambda: self.spool.last)
-        if config.metrics_address:
-            self.metrics.serve(config.metrics_address)
+        self.metrics_dump: Path | None = None  # where a worker other than 0 leaves its metrics
+        if config.metrics_address and worker == 0:
+            self.metrics.serve(config.metrics_address, self._sibling_metrics if shared else None)
+        elif config.metrics_address:
+            self.metrics_dump = layout.run_dir / f"metrics-{worker}.prom"
         self._agent_names: dict[int, str] = {}
         self._agent_ids: dict[str, int] = {}
         # per-agent connection caps (over every worker), idle sweep
@@ -226,6 +229,9 @@ class Proxy:
                 _cut(transport)
         self._report()
 
+    def _sibling_metrics(self) -> list[Path]:
+        return [self.layout.run_dir / f"metrics-{k}.prom" for k in range(1, self.workers)]
+
     def _report(self) -> None:
         """The recorder's state as one JSON line on the daemon's pipe, when it changed."""
         state = self.recorder.health.as_dict()
@@ -249,6 +255,11 @@ class Proxy:
             for sid in [s for s in self.live if s not in self.recorder.open]:
                 del self.live[sid]
             self._report()
+            if self.metrics_dump is not None:
+                try:
+                    self.metrics.dump(self.metrics_dump)
+                except OSError:
+                    pass  # the run dir is gone: the instance is coming down
 
     def identity_json(self, agent: str) -> str | None:
         """The agent's bound identity as its session rows carry it (JSON), None without one."""
