@@ -310,7 +310,8 @@ class Daemon:
             busy = proxies.ports_free([(socket.SOCK_STREAM, cfg.proxy_port), (socket.SOCK_STREAM, cfg.inbound_port),
                                        (socket.SOCK_DGRAM, cfg.dns_port)])
             if busy:
-                raise DaemonError(f"the proxy cannot listen: {busy} (another instance or program on the same port?)")
+                raise DaemonError(f"the proxy failed to start: cannot listen on port {busy[0]}: {busy[1]} "
+                                  "(another instance or program on the same port?)")
         proxy_workers.reset(self.layout.run_dir, n)
         self.recorder.close_out("proxy-died", "the proxy relaying it stopped without closing it (killed or crashed);"
                                 " byte counts as last flushed")
@@ -778,6 +779,7 @@ class Daemon:
             "daemon_pid": os.getpid(),
             "proxy_pid": next(iter(self.proxy_pids), None),
             "proxy_pids": self.proxy_pids,
+            "proxy_workers": {str(w.index): w.pid for w in self.workers if w.alive},  # index -> pid
             "workers": len(self.workers),
             "proxy_listening": self.proxy_listening,
             "proxy_port": self.config.proxy_port,

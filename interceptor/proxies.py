@@ -111,9 +111,9 @@ def combined_recorder(workers: list[Worker]) -> dict:
     return out
 
 
-def ports_free(ports: list[tuple[int, int]], hosts: tuple[str, ...] = ("127.0.0.1", "::1")) -> str | None:
-    """None when nothing is bound to these loopback ports ((socket type, port)), else what is in
-    the way. Workers share their ports (SO_REUSEPORT), which would also let them share one with
+def ports_free(ports: list[tuple[int, int]], hosts: tuple[str, ...] = ("127.0.0.1", "::1")) -> tuple[int, str] | None:
+    """None when nothing is bound to these loopback ports ((socket type, port)), else the port
+    and what is in the way. Workers share their ports (SO_REUSEPORT), which would also let them share one with
     another root process that set it: the daemon checks, with sockets that share nothing, before
     it starts a group."""
     for host in hosts:
@@ -132,10 +132,10 @@ def ports_free(ports: list[tuple[int, int]], hosts: tuple[str, ...] = ("127.0.0.
                 s.bind((host, port))
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
-                    return f"{what} {host} port {port} is in use"
+                    return port, f"{what} {host} port {port} is in use"
                 if e.errno == errno.EADDRNOTAVAIL and ":" in host:
                     continue  # no IPv6 loopback here
-                return f"{what} {host} port {port}: {e.strerror or e}"
+                return port, f"{what} {host} port {port}: {e.strerror or e}"
             finally:
                 s.close()
     return None

@@ -19,14 +19,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 # Gauges that add up over proxy workers; every other gauge (ages, flags, the policy generation,
 # process start time) takes the highest worker's value. Counters and histograms add up.
+# (interlock_recorder_failures: each worker counts the failed states it entered; on a full disk
+# every writing worker enters one, so the highest count is the instance's.)
 SUMMED_GAUGES = {"interlock_holds_pending", "interlock_recorder_queue", "interlock_recorder_refused",
-                 "interlock_recorder_failures", "process_resident_memory_bytes", "process_virtual_memory_bytes",
-                 "process_open_fds"}
+                 "process_resident_memory_bytes", "process_virtual_memory_bytes", "process_open_fds"}
 
 
 class ProxyMetrics:
     def __init__(self) -> None:
         self.registry = reg = CollectorRegistry()
+        self._closed: dict[tuple[str, str, str], tuple] = {}  # label values -> children, for the hot path
         ProcessCollector(registry=reg)  # process_cpu_seconds_total, process_resident_memory_bytes, …
         self.connections = Counter("interlock_connections_total", "Agent connections closed, by outcome",
                                    ["agent", "protocol", "outcome"], registry=reg)
@@ -92,11 +94,17 @@ class ProxyMetrics:
         child.inc()
 
     def session_closed(self, agent: str, protocol: str, outcome: str, up: int, down: int) -> None:
-        self.connections.labels(agent, protocol, outcome).inc()
+        key = (agent, protocol, outcome)
+        children = self._closed.get(key)
+        if children is None:
+            children = self._closed[key] = (self.connections.labels(agent, protocol, outcome),
+                                            self.bytes.labels(agent, protocol, "up"),
+                                            self.bytes.labels(agent, protocol, "down"))
+        children[0].inc()
         if up:
-            self.bytes.labels(agent, protocol, "up").inc(up)
+            children[1].inc(up)
         if down:
-            self.bytes.labels(agent, protocol, "down").inc(down)
+            children[2].inc(down)
 
     def committed(self, seconds: float, rows: int) -> None:
         self.commit_seconds.observe(seconds)

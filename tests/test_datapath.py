@@ -250,7 +250,8 @@ def test_fail_closed_when_the_nft_table_is_deleted(make_instance, lab, echo):
 
 def test_fail_closed_when_the_proxy_dies(make_instance, lab, echo):
     inst = make_instance("p", proxy_port=15401, dns_port=15453, proxy_restart_delay=3.0 * SLOWDOWN)
-    os.kill(inst.status()["proxy_pid"], signal.SIGKILL)
+    for pid in inst.status()["proxy_pids"]:  # every proxy worker (`workers:`): none listens
+        os.kill(pid, signal.SIGKILL)
     time.sleep(0.3)
     r = _refused(inst, lab, echo)
     assert r["errno"] == errno.ECONNREFUSED

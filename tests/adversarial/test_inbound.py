@@ -171,10 +171,11 @@ def test_dialling_the_inbound_listener_directly_is_refused(inst, lab):
 
 def test_inbound_fails_closed_while_the_proxy_is_down(inst, lab):
     before = len(inst.events("inbound-refused"))
-    proxy_pid = inst.status()["proxy_pid"]
+    proxy_pids = inst.status()["proxy_pids"]  # every proxy worker (`workers:`): none listens
     agent = AgentListener(inst, ALLOWED_PORT, wait=6)
-    os.kill(proxy_pid, signal.SIGKILL)
-    assert wait_until(lambda: not os.path.exists(f"/proc/{proxy_pid}"))
+    for pid in proxy_pids:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in proxy_pids))
     got = dial(lab.b, lab.a.addr4, ALLOWED_PORT)
     seen = agent.result()
     assert not got["ok"] and got["got"] == "" and got.get("error") == "ConnectionRefusedError", got

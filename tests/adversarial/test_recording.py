@@ -22,6 +22,7 @@ import pytest
 
 from lab.instance import INTERLOCK, Instance
 from lab.testing import ECHO_PORT, SLOWDOWN, default_policy_plus_opaque, instance_name, wait_until
+from recorder.store import worker_of
 
 pytestmark = pytest.mark.datapath
 AGENT_UID = 65533
@@ -165,7 +166,8 @@ def test_a_full_disk_refuses_agent_traffic_until_it_can_record_again(full_disk_i
     failed = [e for e in inst.events("recorder-failed") if e["data"]["by"] == "proxy"]
     recovered = [e for e in inst.events("recorder-recovered") if e["data"]["by"] == "proxy"]
     assert failed and recovered and failed[-1]["id"] < recovered[-1]["id"]
-    assert recovered[-1]["data"]["refused"] >= 3 and recovered[-1]["data"]["dropped"] == 0
+    # each proxy worker that failed (`workers:`) says how many it refused when it recovers
+    assert sum(e["data"]["refused"] for e in recovered) >= 3 and all(e["data"]["dropped"] == 0 for e in recovered)
     m = recorder_metrics(inst)
     assert m["interlock_recorder_failed"] == 0 and m["interlock_recorder_failures"] == 1, m
 
@@ -209,7 +211,9 @@ def test_a_killed_proxy_leaves_a_closed_out_session_with_its_bytes(make_instance
                                         and s["bytes_up"] > 4 << 20), None), timeout=30)
         assert live, (inst.sessions("bulk"), inst.log.read_text()[-3000:])
         assert any(e["session"] == live["id"] for e in inst.events("splice"))
-        proxy_pid = inst.status()["proxy_pid"]
+        # the proxy worker relaying it (its session id names it; `workers:` may run several)
+        worker = str(worker_of(live["id"]))
+        proxy_pid = inst.status()["proxy_workers"][worker]
         os.kill(proxy_pid, signal.SIGKILL)
         out, _ = agent.communicate(timeout=60 * SLOWDOWN)
     finally:
@@ -218,7 +222,8 @@ def test_a_killed_proxy_leaves_a_closed_out_session_with_its_bytes(make_instance
     result = json.loads(out.strip().splitlines()[-1])
     assert result["error"], "the agent's connection broke with the proxy"
     assert len(echo.seen("tcp")) == before + 1 and result["received"] > 4 << 20  # the server echoed it
-    assert wait_until(lambda: (s := inst.status())["proxy_listening"] and s["proxy_pid"] != proxy_pid, timeout=20)
+    assert wait_until(lambda: (s := inst.status())["proxy_listening"]
+                      and s["proxy_workers"].get(worker, proxy_pid) != proxy_pid, timeout=20)
     row = wait_until(lambda: next((s for s in inst.sessions("bulk") if s["id"] == live["id"]
                                    and s["outcome"] != "open"), None), timeout=10)
     assert row, inst.sessions("bulk")
