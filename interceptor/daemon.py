@@ -908,6 +908,7 @@ def teardown(layout: Layout, instance: str, proxies: list[subprocess.Popen] | No
         done["pins_removed"] = True
     for f in (layout.instance_file, layout.control_socket, layout.state_dir / "lockdown", layout.identities_file):
         f.unlink(missing_ok=True)
+    proxy_workers.remove(layout.run_dir)
     return done
 
 

@@ -156,7 +156,10 @@ class NameBindings:
         ttl = min(max(float(ttl), self.MIN_TTL), self.MAX_TTL)
         name, address, until = name.lower().rstrip("."), _norm_addr(address), self.clock() + ttl
         if self.shared is not None:
-            self.shared.push(agent, address, name, until)  # committed before the agent has the answer
+            try:
+                self.shared.push(agent, address, name, until)  # committed before the agent has the answer
+            except sqlite3.Error:
+                pass  # bound in this worker only: on another, the connection is judged by its address
         self._merge(agent, address, name, until)
 
     def _merge(self, agent: str, address: str, name: str, until: float) -> None:
@@ -170,7 +173,11 @@ class NameBindings:
     def names(self, agent: str, address: str) -> tuple[str, ...]:
         """The names bound to address for agent, now (by any worker's resolver)."""
         if self.shared is not None:
-            for row in self.shared.pull():
+            try:
+                rows = self.shared.pull()
+            except sqlite3.Error:
+                rows = []  # what this worker has: a name it lacks counts for nothing (judged by address)
+            for row in rows:
                 self._merge(*row)
         names = self._by.get((agent, _norm_addr(address)))
         if not names:

@@ -106,7 +106,7 @@ class Proxy:
         if config.metrics_address and worker == 0:
             self.metrics.serve(config.metrics_address, self._sibling_metrics if shared else None)
         elif config.metrics_address:
-            self.metrics_dump = layout.run_dir / f"metrics-{worker}.prom"
+            self.metrics_dump = workers_mod.metrics_file(layout.run_dir, worker)
         self._agent_names: dict[int, str] = {}
         self._agent_ids: dict[str, int] = {}
         # per-agent connection caps (over every worker), idle sweep
@@ -230,7 +230,7 @@ class Proxy:
         self._report()
 
     def _sibling_metrics(self) -> list[Path]:
-        return [self.layout.run_dir / f"metrics-{k}.prom" for k in range(1, self.workers)]
+        return [workers_mod.metrics_file(self.layout.run_dir, k) for k in range(1, self.workers)]
 
     def _report(self) -> None:
         """The recorder's state as one JSON line on the daemon's pipe, when it changed."""

@@ -2,9 +2,9 @@
 
 The daemon starts `workers` proxy processes; each listens on the same ports with SO_REUSEPORT
 and the kernel spreads new connections (and DNS datagrams, by their 4-tuple) over them. Holds,
-grants and the record are in the recorder's SQLite database already. Two more things must hold
-across workers, and live in the instance's run directory (tmpfs, root only, made afresh by the
-daemon at start: `reset`):
+grants and the record are in the recorder's SQLite database already. What else must hold
+across workers lives in memory (`shared_dir`: a root-only directory on /dev/shm per instance,
+made afresh by the daemon at start, `reset`, and removed by `interlock down`):
 
 - names.db: the per-agent name bindings (proxy/gate.py NameBindings). A name one worker's
   resolver bound is committed before the agent gets the answer, and every worker reads new
@@ -21,8 +21,10 @@ daemon at start: `reset`):
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import mmap
 import os
+import shutil
 import sqlite3
 import struct
 import time
@@ -33,21 +35,42 @@ _I32 = struct.Struct("=i")
 _I64 = struct.Struct("=q")
 
 
+def shared_dir(run_dir: Path) -> Path:
+    """Where an instance's workers keep what they share: on /dev/shm (memory), never on the
+    recorder's disk, so a full disk costs the record and nothing else; one directory per run dir."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return run_dir
+    return shm / f"interlock-{hashlib.sha256(str(run_dir.absolute()).encode()).hexdigest()[:16]}"
+
+
 def names_db(run_dir: Path) -> Path:
-    return run_dir / "names.db"
+    return shared_dir(run_dir) / "names.db"
 
 
 def counts_file(run_dir: Path) -> Path:
-    return run_dir / "conns"
+    return shared_dir(run_dir) / "conns"
 
 
 def generation_file(run_dir: Path) -> Path:
-    return run_dir / "policy-generation"
+    return shared_dir(run_dir) / "policy-generation"
+
+
+def metrics_file(run_dir: Path, worker: int) -> Path:
+    return shared_dir(run_dir) / f"metrics-{worker}.prom"
+
+
+def remove(run_dir: Path) -> None:
+    """The shared state of an instance that is coming down."""
+    d = shared_dir(run_dir)
+    if d != run_dir and d.is_dir():
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def reset(run_dir: Path, workers: int) -> None:
     """Fresh shared state for a new group of workers (the daemon, before it starts them)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    remove(run_dir)
+    shared_dir(run_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     for suffix in ("", "-wal", "-shm"):
         Path(str(names_db(run_dir)) + suffix).unlink(missing_ok=True)
     fd = os.open(counts_file(run_dir), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -87,7 +110,7 @@ class SharedNames:
         self.binds = 0
 
     def push(self, agent: str, address: str, name: str, until: float) -> None:
-        """Commit one binding: visible to every worker when this returns."""
+        """Commit one binding: visible to every worker when this returns (raises sqlite3.Error)."""
         self.conn.execute("INSERT INTO bindings (agent, address, name, until) VALUES (?,?,?,?)",
                           (agent, address, name, until))
         self.binds += 1
