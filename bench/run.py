@@ -52,6 +52,7 @@ SERVICE_PORT = {"pg": 5432, "iperf": 5201, "conn": 7000}
 HAPROXY_PORT = {"pg": 25432, "iperf": 25201, "conn": 27000}
 INTERLOCK_PROXY_PORT = 15001
 INTERLOCK_DNS_PORT = 15053
+INTERLOCK_INBOUND_PORT = 15009  # not proxy_port + 2 (the default): bench/pg.py's proxy listens there
 AGENT = "bench"
 PG_SCALE = 10
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -274,7 +275,7 @@ class Bench:
 
     def _interlock(self, policy: Path, **config) -> Instance:
         inst = Instance(self.a, f"bench{os.getpid() % 100000}", proxy_port=INTERLOCK_PROXY_PORT,
-                        dns_port=INTERLOCK_DNS_PORT, policy=str(policy), **config)
+                        dns_port=INTERLOCK_DNS_PORT, inbound_port=INTERLOCK_INBOUND_PORT, policy=str(policy), **config)
         self.stack.callback(self._close_interlock, inst)
         inst.start()
         return inst
