@@ -78,7 +78,8 @@ class Proxy:
         self.policy = PolicyHolder(config.policy, self.recorder, on_load=self.metrics.policy_loaded,
                                    generation=SharedGeneration(workers_mod.generation_file(layout.run_dir))
                                    if shared else None)
-        self.names = NameBindings(shared=SharedNames(workers_mod.names_db(layout.run_dir)) if shared else None)
+        self.names = NameBindings(shared=SharedNames(workers_mod.names_db(layout.run_dir),
+                                                                workers_mod.names_version_file(layout.run_dir)) if shared else None)
         self.credentials = CredentialStore(layout.state_dir)
         # Agents' verified OIDC identities, as the daemon bound them at enrolment (identity/agents.py):
         # every policy this process loads asks them.

@@ -8,8 +8,8 @@ made afresh by the daemon at start, `reset`, and removed by `interlock down`):
 
 - names.db: the per-agent name bindings (proxy/gate.py NameBindings). A name one worker's
   resolver bound is committed before the agent gets the answer, and every worker reads new
-  bindings before it judges a connection (`SharedNames.pull`, one `PRAGMA data_version` when
-  nothing changed).
+  bindings before it judges a connection (`SharedNames.pull`; names-version, a counter bumped
+  after each commit, says whether there are any).
 - policy-generation: bumped by the worker that loads a new policy; the others load it before
   their next decision (proxy/gate.py PolicyHolder).
 - conns: per-agent open-connection counts, one row of counters per worker in a shared file,
@@ -56,6 +56,10 @@ def generation_file(run_dir: Path) -> Path:
     return shared_dir(run_dir) / "policy-generation"
 
 
+def names_version_file(run_dir: Path) -> Path:
+    return shared_dir(run_dir) / "names-version"
+
+
 def metrics_file(run_dir: Path, worker: int) -> Path:
     return shared_dir(run_dir) / f"metrics-{worker}.prom"
 
@@ -78,11 +82,12 @@ def reset(run_dir: Path, workers: int) -> None:
         os.ftruncate(fd, max(1, workers) * SLOTS * _I32.size)
     finally:
         os.close(fd)
-    fd = os.open(generation_file(run_dir), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.ftruncate(fd, _I64.size)
-    finally:
-        os.close(fd)
+    for counter in (generation_file(run_dir), names_version_file(run_dir)):
+        fd = os.open(counter, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, _I64.size)
+        finally:
+            os.close(fd)
     conn = _names_connect(names_db(run_dir))
     conn.close()
     os.chmod(names_db(run_dir), 0o600)
@@ -99,30 +104,34 @@ def _names_connect(path: Path) -> sqlite3.Connection:
 
 class SharedNames:
     """The name bindings all workers see: rows (agent, address, name, until) in names.db, where
-    `until` is on CLOCK_MONOTONIC, which every process on the host shares."""
+    `until` is on CLOCK_MONOTONIC, which every process on the host shares. A counter next to it
+    moves after every commit, so a worker that finds it unchanged reads nothing (no SQL on the
+    per-connection path)."""
 
     PRUNE_EVERY = 1024  # binds between deletions of expired rows
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, version: Path):
         self.conn = _names_connect(path)
         self.seen = 0  # the highest seq merged
-        self.version: int | None = None
+        self.version = SharedGeneration(version)
+        self.pulled: int | None = None  # the counter at the last pull
         self.binds = 0
 
     def push(self, agent: str, address: str, name: str, until: float) -> None:
         """Commit one binding: visible to every worker when this returns (raises sqlite3.Error)."""
         self.conn.execute("INSERT INTO bindings (agent, address, name, until) VALUES (?,?,?,?)",
                           (agent, address, name, until))
+        self.version.bump()  # after the commit: a reader that sees the new value sees the row
         self.binds += 1
         if self.binds % self.PRUNE_EVERY == 0:
             self.conn.execute("DELETE FROM bindings WHERE until < ?", (time.monotonic(),))
 
     def pull(self) -> list[tuple[str, str, str, float]]:
         """Bindings committed since the last pull (by any worker, this one included)."""
-        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
-        if version == self.version and self.version is not None:
+        version = self.version.value
+        if version == self.pulled:
             return []
-        self.version = version
+        self.pulled = version
         rows = self.conn.execute("SELECT seq, agent, address, name, until FROM bindings WHERE seq > ? ORDER BY seq",
                                  (self.seen,)).fetchall()
         if rows:

@@ -25,8 +25,8 @@ def run_dir(tmp_path):
 
 
 def test_a_name_one_worker_bound_counts_on_the_other(run_dir):
-    a = NameBindings(shared=workers.SharedNames(workers.names_db(run_dir)))
-    b = NameBindings(shared=workers.SharedNames(workers.names_db(run_dir)))
+    a, b = (NameBindings(shared=workers.SharedNames(workers.names_db(run_dir), workers.names_version_file(run_dir)))
+            for _ in range(2))
     assert b.names("bot", "10.0.0.5") == ()
     a.bind("bot", "API.Example.test.", "10.0.0.5", 60)
     assert b.names("bot", "10.0.0.5") == ("api.example.test",)
