@@ -121,8 +121,12 @@ def parse_iperf(out: str) -> Result:
                    "bytes": end["sum_received"]["bytes"]})
 
 
-def conn_cmd(addr: str, port: int, d: Durations) -> list[str]:
-    return [sys.executable, "-m", "bench.connrate", addr, str(port), "--seconds", str(d.conn)]
+def conn_cmd(addr: str, port: int, d: Durations, parallel: int = 1) -> list[str]:
+    return [sys.executable, "-m", "bench.connrate", addr, str(port), "--seconds", str(d.conn), "--parallel", str(parallel)]
+
+
+def conn8_cmd(addr: str, port: int, d: Durations) -> list[str]:
+    return conn_cmd(addr, port, d, 8)
 
 
 def parse_conn(out: str) -> Result:
@@ -136,6 +140,7 @@ BENCHMARKS = (
     # the pg group (pgbench simple/extended, COPY, idle memory; with pgbouncer) lives in bench/pg.py
     Benchmark("iperf", "iperf", "iperf3, 1 stream", "Gbit/s", lambda d: d.iperf, iperf_cmd, parse_iperf),
     Benchmark("conn", "conn", "new TCP connections", "conn/s", lambda d: d.conn, conn_cmd, parse_conn),
+    Benchmark("conn8", "conn", "new TCP conns, 8 at once", "conn/s", lambda d: d.conn, conn8_cmd, parse_conn),
 )
 
 
@@ -281,18 +286,18 @@ class Bench:
         return inst
 
     def compare_workers(self, counts: tuple[int, ...] = (1, 2)) -> dict[str, dict[str, Result]]:
-        """New connections through Interlock restarted with each worker count (direct and haproxy
-        measured again alongside, for the same-run ratio)."""
-        conn = next(b for b in BENCHMARKS if b.key == "conn")
+        """New connections (one and eight at a time) through Interlock restarted with each worker
+        count (direct and haproxy measured again alongside, for the same-run ratio)."""
         out: dict[str, dict[str, Result]] = {}
         for n in counts:
             assert self.inst is not None
             self._close_interlock(self.inst)
             self.inst = self._interlock(self.tmp / "policy.yaml", workers=n)
-            self.measure(conn, "interlock", Durations(pg=1, iperf=1, conn=0.3, warmup=0))  # preflight
-            res = out[f"workers={n}"] = {p: self.measure(conn, p) for p in PATHS}
-            print(f"  {conn.label:24} workers={n:<2} {fmt(res['interlock'].value)} {conn.unit}"
-                  f"  ({ratio(res, 'interlock'):.2f}x direct; haproxy {ratio(res, 'haproxy'):.2f}x)", flush=True)
+            for conn in (b for b in BENCHMARKS if b.group == "conn"):
+                self.measure(conn, "interlock", Durations(pg=1, iperf=1, conn=0.3, warmup=0))  # preflight
+                res = out[f"{conn.key} workers={n}"] = {p: self.measure(conn, p) for p in PATHS}
+                print(f"  {conn.label:24} workers={n:<2} {fmt(res['interlock'].value)} {conn.unit}"
+                      f"  ({ratio(res, 'interlock'):.2f}x direct; haproxy {ratio(res, 'haproxy'):.2f}x)", flush=True)
         return out
 
     @staticmethod
@@ -426,7 +431,7 @@ def table(measured: dict[str, dict[str, Result]]) -> str:
 
 
 def workers_table(by: dict[str, dict[str, dict]]) -> str:
-    head = f"{'new TCP connections':24} {'conn/s':>9} {'/direct':>8} {'haproxy/direct':>15} {'proxy us/op':>12}"
+    head = f"{'new connections, workers':24} {'conn/s':>9} {'/direct':>8} {'haproxy/direct':>15} {'proxy us/op':>12}"
     lines = [head, "-" * len(head)]
     for n, res in by.items():
         mine = res.get("interlock", {})
