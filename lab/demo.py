@@ -156,9 +156,10 @@ def _demo() -> int:
                                                                     shown(inst, "replay", session)), "approval-approved")
 
             say("9. Fail closed: kill the proxy; the agent's next connection is refused, never sent direct")
-            proxy_pid = inst.status()["proxy_pid"]
-            print(f"{DIM}$ kill -9 {proxy_pid}{END}")
-            os.kill(proxy_pid, 9)
+            proxy_pids = inst.status()["proxy_pids"]  # every proxy worker
+            print(f"{DIM}$ kill -9 {' '.join(map(str, proxy_pids))}{END}")
+            for pid in proxy_pids:
+                os.kill(pid, 9)
             time.sleep(0.3)
             before = requests_at(8080)
             CHECKS.refused("with the proxy dead, the agent is refused", show(lab.a, *curl(url)))

@@ -159,7 +159,7 @@ print(s.makefile().readline())"""]).stdout
 
 def test_the_daemon_and_the_proxy_are_refused(inst, lab, echo):
     st = inst.status()
-    for pid, what in ((st["daemon_pid"], "daemon"), (st["proxy_pid"], "proxy")):
+    for pid, what in ((st["daemon_pid"], "daemon"), *((p, "proxy") for p in st["proxy_pids"])):
         before = cgroup(pid)
         r = inst.cli("enroll", "--pid", str(pid), "--agent", "bot")
         refused(inst, r, f"is instance {inst.name}'s own daemon or proxy")
