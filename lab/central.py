@@ -217,6 +217,20 @@ class Central:
     def psql(self, sql: str) -> str:
         return self.pg.psql(sql)
 
+    def chain(self, host: str):
+        """One host's chain as the store holds it: (records in seq order, checkpoints, its registered
+        Ed25519 public key), read from PostgreSQL directly, for tests that compare it with the host's."""
+        import psycopg
+
+        from recorder import records
+        with psycopg.connect(self.dsn) as conn:
+            recs = [records.Record(host, s, k, b, bytes(h).hex()) for s, k, b, h in conn.execute(
+                "SELECT seq, kind, body, hash FROM records WHERE host_id = %s ORDER BY seq", (host,))]
+            cps = [records.Checkpoint(host, s, bytes(h).hex(), a, bytes(g).hex()) for s, h, a, g in conn.execute(
+                "SELECT seq, head, at_us, sig FROM checkpoints WHERE host_id = %s", (host,))]
+            key = conn.execute("SELECT signing_key FROM hosts WHERE host_id = %s", (host,)).fetchone()[0]
+        return recs, cps, records.public_key_from_hex(key)
+
     def close(self) -> None:
         try:
             self.kill_server() if self.proc is not None and self.workers > 1 else self.stop_server()

@@ -40,15 +40,6 @@ def join(lab, central, state: Path, token: str | None = None) -> subprocess.Comp
                       "--token", token or central.token(), "--name", state.name])
 
 
-def server_chain(central: Central, host: str) -> tuple[list[records.Record], list[records.Checkpoint], str]:
-    with psycopg.connect(central.dsn) as conn:
-        recs = [records.Record(host, s, k, b, bytes(h).hex()) for s, k, b, h in conn.execute(
-            "SELECT seq, kind, body, hash FROM records WHERE host_id = %s ORDER BY seq", (host,))]
-        cps = [records.Checkpoint(host, s, bytes(h).hex(), a, bytes(g).hex()) for s, h, a, g in conn.execute(
-            "SELECT seq, head, at_us, sig FROM checkpoints WHERE host_id = %s", (host,))]
-        key = conn.execute("SELECT signing_key FROM hosts WHERE host_id = %s", (host,)).fetchone()[0]
-    return recs, cps, key
-
 
 def test_join_pins_the_ca_by_the_token_and_writes_root_only_files(lab, central, tmp_path):
     token = central.token()
@@ -194,10 +185,10 @@ def test_every_record_arrives_exactly_once_through_kills_a_cut_link_and_a_restor
         ship.kill()
     mine = [records.Record(host, *r) for r in rec.conn.execute(
         "SELECT seq, kind, body, hash FROM journal WHERE seq IS NOT NULL ORDER BY seq")]
-    theirs, cps, key = server_chain(central, host)
+    theirs, cps, key = central.chain(host)
     assert len(theirs) == total and total < len(mine) <= total + 5
     assert theirs == mine[:total]  # every record once, in order, byte for byte, with the host's hashes
-    assert records.verify_chain(host, theirs, cps, records.public_key_from_hex(key)) == []
+    assert records.verify_chain(host, theirs, cps, key) == []
     tags = [json.loads(r.body)["data"]["tag"] for r in theirs]
     assert tags.count("recorder-kill") == 20000 and tags.count("shipper-kill") == 20000 and tags.count("link-down") == 300
     rec.close()

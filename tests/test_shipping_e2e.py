@@ -101,15 +101,6 @@ def local_chain(inst: Instance) -> list[records.Record]:
         conn.close()
 
 
-def server_chain(central: Central, host: str):
-    with psycopg.connect(central.dsn) as conn:
-        recs = [records.Record(host, s, k, b, bytes(h).hex()) for s, k, b, h in conn.execute(
-            "SELECT seq, kind, body, hash FROM records WHERE host_id = %s ORDER BY seq", (host,))]
-        cps = [records.Checkpoint(host, s, bytes(h).hex(), a, bytes(g).hex()) for s, h, a, g in conn.execute(
-            "SELECT seq, head, at_us, sig FROM checkpoints WHERE host_id = %s", (host,))]
-        key = conn.execute("SELECT signing_key FROM hosts WHERE host_id = %s", (host,)).fetchone()[0]
-    return recs, cps, records.public_key_from_hex(key)
-
 
 def shipping(inst: Instance) -> dict:
     return inst.status().get("shipping") or {}
@@ -123,7 +114,7 @@ def drained(inst: Instance) -> bool:
 
 def assert_exactly_once(central: Central, inst: Instance) -> list[records.Record]:
     mine = local_chain(inst)
-    theirs, cps, key = server_chain(central, host_id(inst))
+    theirs, cps, key = central.chain(host_id(inst))
     assert theirs == mine, f"{len(theirs)} on the server, {len(mine)} on the host"
     assert [r.seq for r in theirs] == list(range(1, len(theirs) + 1))
     assert [f for f in records.verify_chain(host_id(inst), theirs, cps, key) if f.problem != "unsigned"] == []
