@@ -11,7 +11,7 @@ demo: install
 	@$(PY) -m lab.demo
 
 test: install
-	@$(PY) -m pytest -q -rs
+	@$(PY) -m pytest -q -rs --durations=25
 
 lint: install
 	@$(VENV)/bin/ruff check .
