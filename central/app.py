@@ -94,7 +94,7 @@ async def join(request: web.Request) -> web.Response:
     raw = await _json_body(request, MAX_JOIN_BYTES)
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: nested too deep
         raise Refused(400, "the body is not JSON: {token, csr, signing_key, name}") from None
     if not isinstance(body, dict) or not all(isinstance(body.get(k), str) for k in ("token", "csr", "signing_key")):
         raise Refused(400, "join takes {token, csr (PEM), signing_key (Ed25519 public key, 32 bytes hex), name}")

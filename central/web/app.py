@@ -329,7 +329,7 @@ async def api_answer(request: web.Request) -> web.Response:
     who = await _api_approver(request)
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return web.json_response({"error": "the body must be JSON: {decision, for_seconds?, reason?}"}, status=400)
     if not isinstance(body, dict):
         return web.json_response({"error": "the body must be a JSON object"}, status=400)

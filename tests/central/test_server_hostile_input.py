@@ -1,0 +1,62 @@
+"""Hostile input to the recorder that the shape checks alone did not cover: JSON nested past the
+parser's recursion limit (unauthenticated on /v1/join, a host's cert on /v1/ingest and the answer
+channel), a non-finite long-poll wait, and approval records whose host-set numbers are not numbers.
+Each is refused with a 4xx and a stored refusal (or rendered), never a 500 or a busy loop."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from central_kit import call, last_refusal_id, refusals
+
+from lab.central import Central, Client
+
+DEEP = b"[" * 200_000 + b"]" * 200_000
+
+
+@pytest.fixture(scope="module")
+def recorder(lab, tmp_path_factory):
+    cfg = tmp_path_factory.mktemp("web") / "web.yaml"
+    cfg.write_text("origin: https://recorder.test:8443\n"
+                   "oidc: {issuer: 'http://127.0.0.1:9', client_id: interlock-approvals}\n"
+                   "approvers: {groups: [dba]}\n")
+    with Central(lab.b, web_config=cfg) as rec:
+        yield rec
+
+
+def test_deeply_nested_json_is_refused_not_a_500(recorder, joined):
+    h = joined()
+    anon = Client(recorder.url, recorder.ca_pem)
+    mark = last_refusal_id(recorder)
+    deep_join = b'{"token": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"
+    r1 = call(recorder, anon, "POST", "/v1/join", deep_join)
+    r2 = call(recorder, h.client, "POST", "/v1/ingest", DEEP)
+    r3 = call(recorder, h.client, "POST", "/v1/decisions/ack", DEEP)
+    assert [r1.status, r2.status, r3.status] == [400, 400, 400], (r1.body[:200], r2.body[:200], r3.body[:200])
+    assert [s for s, _, _ in refusals(recorder, mark)] == [400, 400, 400]
+    assert "internal error" not in recorder.log.read_text()
+    assert h.ingest(h.records(2)).status == 200  # control: the same host's good batch is stored
+
+
+def test_a_nested_record_body_is_stored_as_text(recorder, joined):
+    """A body is the host's text, stored verbatim: nesting deeper than the parser goes is no reason
+    for a 500 (the derived index simply has no session for it)."""
+    h = joined()
+    body = "[" * 100_000 + "]" * 100_000
+    r = h.ingest(h.extend([("approval", body), ("session-open", body)]))
+    assert r.status == 200, r.body[:300]
+    assert recorder.psql(f"SELECT count(*) FROM records WHERE host_id = '{h.host_id}'") == "2"
+
+
+@pytest.mark.parametrize("wait", ["nan", "-nan", "-inf"])
+def test_a_non_finite_poll_wait_is_refused_or_bounded(recorder, joined, wait):
+    h = joined()
+    t0 = time.monotonic()
+    r = h.get(f"/v1/decisions?wait={wait}")
+    if wait == "-inf":  # clamped to no wait at all: answered at once, empty
+        assert r.status == 200 and r.json() == {"decisions": []}
+    else:
+        assert r.status == 400 and "seconds" in r.json()["error"], r.body
+        assert time.monotonic() - t0 < 30
