@@ -129,7 +129,7 @@ async def _headers(request: web.Request, handler):
 def _ts(t) -> str:
     try:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(t))) + " UTC"
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, OSError, jinja2.UndefinedError):  # whatever a host wrote
         return ""
 
 

@@ -65,10 +65,14 @@ def test_a_non_finite_poll_wait_is_refused_or_bounded(recorder, joined, wait):
 def test_an_approval_with_non_numeric_times_does_not_break_the_pending_list(recorder, joined):
     """A host (root on it) writes what its approval records say; a bad timeout_at on one host's
     approval must not take the page down for every other host's approvals."""
+    from central.web.app import _ts
     from central.web.store import _approval
 
     bad = [{"timeout_at": "soon"}, {"timeout_at": [1]}, {"timeout_at": 1e999}, {"timeout_at": {"a": 1}}]
+    assert _ts(None) == "" and _ts(0) == "1970-01-01 00:00:00 UTC"
     for extra in bad:
+        assert _ts(extra["timeout_at"]) == "" and _ts(1e300) == ""
         row = {"body": json.dumps({"id": "a1", "status": "pending", **extra}), "host": "h-x", "seq": 1}
         a = _approval(row)
         assert a["time_left"] >= 0 and a["time_left"] != float("inf")
+
