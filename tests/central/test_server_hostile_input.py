@@ -6,6 +6,7 @@ Each is refused with a 4xx and a stored refusal (or rendered), never a 500 or a 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -76,3 +77,25 @@ def test_an_approval_with_non_numeric_times_does_not_break_the_pending_list(reco
         a = _approval(row)
         assert a["time_left"] >= 0 and a["time_left"] != float("inf")
 
+
+def test_a_hosts_approval_id_cannot_point_the_answer_at_another_hosts_approval():
+    """Approval ids are the host's: one chosen as '../h-victim/ID' must stay one path segment in the
+    page's forms and links, so an approver's click answers the approval shown, nothing else."""
+    from urllib.parse import urljoin
+
+    import jinja2
+
+    from central.web.app import FILTERS, HERE
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
+    env.filters.update(FILTERS)
+    evil = {"id": "../h-victim/ap1", "host": "h-evil", "host_name": "h-evil", "session": "../../logout",
+            "summary": "SELECT 1", "time_left": 60, "decision": None}
+    html = env.get_template("_pending.html").render(approvals=[evil], csrf="t", prefix="/ui")
+    actions = re.findall(r'action="([^"]+)"', html) + re.findall(r'href="([^"]+)"', html)
+    assert len(actions) == 4
+    for a in actions:
+        resolved = urljoin("https://recorder.test/ui/", a)
+        assert resolved.startswith("https://recorder.test/ui/approvals/h-evil/") or \
+            resolved.startswith("https://recorder.test/ui/sessions/h-evil/"), resolved
+    assert "h-victim/ap1" not in html.replace("%2F", "/").replace("../h-victim/ap1", "")  # only as the encoded id
