@@ -38,6 +38,8 @@ def test_errors_are_one_line_with_the_fix(recorder, tmp_path):
         (("revoke", "no-such-host", "--database", recorder.dsn), "interlock recorder hosts"),
         (("init", "--state", str(recorder.state), "--name", "again.test"), "--force"),
         (("serve", "--state", str(recorder.state), "--database", recorder.dsn, "--listen", "nonsense"), "HOST:PORT"),
+        (("serve", "--state", str(recorder.state), "--database", recorder.dsn, "--web", str(tmp_path / "web.yaml")),
+         "--web: "),
         (("hosts", "--database", f"host={tmp_path} port=1"), "cannot connect to PostgreSQL"),
     ]
     for args, words in cases:
