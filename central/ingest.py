@@ -246,7 +246,7 @@ def _typed(v: object, t: type) -> object:
         return None
     if t is int:
         return int(v) if -(1 << 63) <= v < (1 << 63) else None
-    return float(v)
+    return float(v) if tv is float or -(1 << 1000) < v < (1 << 1000) else None  # an int past a float's range: none
 
 
 @lru_cache(maxsize=4096)

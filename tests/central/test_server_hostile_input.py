@@ -99,3 +99,17 @@ def test_a_hosts_approval_id_cannot_point_the_answer_at_another_hosts_approval()
         assert resolved.startswith("https://recorder.test/ui/approvals/h-evil/") or \
             resolved.startswith("https://recorder.test/ui/sessions/h-evil/"), resolved
     assert "h-victim/ap1" not in html.replace("%2F", "/").replace("../h-victim/ap1", "")  # only as the encoded id
+
+
+def test_an_integer_past_a_floats_range_in_a_derived_field_is_stored(recorder, joined):
+    """A session's `started` or an approval's `timeout_at` of 10**400 (JSON allows it) used to end
+    the batch in a 500 (OverflowError converting it for the derived index), so that host's chain
+    could never move on; the record is stored and the index holds no value for it."""
+    h = joined()
+    big = "1" + "0" * 400
+    recs = h.extend([("approval", '{"id": "ap-big", "session": "s1", "status": "pending", "timeout_at": BIG}'.replace("BIG", big)),
+                     ("session-open", '{"id": "s-big", "agent": "bot", "started": BIG, "bytes_up": BIG}'.replace("BIG", big))])
+    r = h.ingest(recs)
+    assert r.status == 200, r.body[:300]
+    assert recorder.psql(f"SELECT timeout_at IS NULL FROM approvals WHERE host_id = '{h.host_id}'") == "t"
+    assert recorder.psql(f"SELECT started IS NULL, bytes_up IS NULL FROM sessions WHERE host_id = '{h.host_id}'") == "t|t"
