@@ -56,6 +56,9 @@ def _approval(row: dict) -> dict:
                 a[k] = json.loads(a[k])
             except ValueError:
                 pass
+    objects = a.get("objects")  # the page lists them: a host's number or object here is shown as one item
+    if objects is not None and not isinstance(objects, list):
+        a["objects"] = [objects]
     a["time_left"] = _time_left(a.get("timeout_at"))
     a["decision"] = row.get("d_approve")
     a["decision_by"] = row.get("d_email") or row.get("d_sub")

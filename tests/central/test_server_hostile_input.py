@@ -76,6 +76,10 @@ def test_an_approval_with_non_numeric_times_does_not_break_the_pending_list(reco
         row = {"body": json.dumps({"id": "a1", "status": "pending", **extra}), "host": "h-x", "seq": 1}
         a = _approval(row)
         assert a["time_left"] >= 0 and a["time_left"] != float("inf")
+    for objects in (5, -1.5, True, {"a": 1}, "t1"):  # the pending list joins them: each is shown as one item
+        a = _approval({"body": json.dumps({"id": "a1", "status": "pending", "objects": objects}), "host": "h-x", "seq": 1})
+        assert a["objects"] == [objects]
+    assert _approval({"body": json.dumps({"id": "a1", "objects": '["t1", "t2"]'}), "host": "h", "seq": 1})["objects"] == ["t1", "t2"]
 
 
 def test_a_hosts_approval_id_cannot_point_the_answer_at_another_hosts_approval():
