@@ -117,3 +117,42 @@ def test_an_integer_past_a_floats_range_in_a_derived_field_is_stored(recorder, j
     assert r.status == 200, r.body[:300]
     assert recorder.psql(f"SELECT timeout_at IS NULL FROM approvals WHERE host_id = '{h.host_id}'") == "t"
     assert recorder.psql(f"SELECT started IS NULL, bytes_up IS NULL FROM sessions WHERE host_id = '{h.host_id}'") == "t|t"
+
+
+def test_a_body_trickled_a_byte_at_a_time_is_cut_off_and_recorded(recorder):
+    """Slowloris without credentials: a join body that never completes used to hold its connection
+    for good (4,080 of them took every file descriptor of the recorder here, and the hosts' shipping
+    with them). Now the body has BODY_SECONDS to arrive, then 408 and a stored refusal."""
+    import socket
+    import ssl
+
+    from central.app import BODY_SECONDS
+    from lab.central import in_host
+
+    mark = last_refusal_id(recorder)
+
+    def trickle() -> bytes:
+        ctx = ssl.create_default_context(cafile=str(recorder.ca_pem))
+        ctx.check_hostname = False
+        with ctx.wrap_socket(socket.create_connection((recorder.host.addr4, recorder.port), timeout=10)) as s:
+            s.sendall(b"POST /v1/join HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+            s.settimeout(1.0)
+            t0, got = time.monotonic(), b""
+            while time.monotonic() - t0 < BODY_SECONDS * 4:
+                try:
+                    s.sendall(b" ")
+                    got += s.recv(4096)
+                    if got:
+                        return got
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return got
+            return got
+
+    reply = in_host(recorder.host, trickle)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert [s for s, _, _ in refusals(recorder, mark)] == [408]
+    anon = Client(recorder.url, recorder.ca_pem)  # control: a join body sent at once is read and judged
+    r = call(recorder, anon, "POST", "/v1/join", {"token": "il1.x", "csr": "x", "signing_key": "x"})
+    assert r.status == 401
