@@ -25,6 +25,7 @@ from recorder.records import GENESIS, public_key_from_hex
 
 log = logging.getLogger("interlock.recorder")
 MAX_JOIN_BYTES = 64 * 1024
+BODY_SECONDS = 15.0  # a whole request body (8 MiB at most) arrives within this
 STATE, POOL, CA_PEM, CA_SHA = web.AppKey("state", ca.StateDir), web.AppKey("pool", psycopg_pool.AsyncConnectionPool), \
     web.AppKey("ca_pem", str), web.AppKey("ca_sha", str)
 
@@ -69,12 +70,18 @@ def need_operator(request: web.Request) -> str:
 async def _json_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise Refused(413, f"request of {request.content_length} bytes: at most {limit}")
-    # read up to the route's own limit (a chunked upload has no length to check first)
+    # read up to the route's own limit (a chunked upload has no length to check first), within
+    # BODY_SECONDS: a body trickled a byte at a time would otherwise hold its connection (and a file
+    # descriptor) for ever, and a few thousand of them, no credentials needed, starve every host
     buf = bytearray()
-    async for chunk in request.content.iter_chunked(256 * 1024):
-        buf += chunk
-        if len(buf) > limit:
-            raise Refused(413, f"request larger than {limit} bytes")
+    try:
+        async with asyncio.timeout(BODY_SECONDS):
+            async for chunk in request.content.iter_chunked(256 * 1024):
+                buf += chunk
+                if len(buf) > limit:
+                    raise Refused(413, f"request larger than {limit} bytes")
+    except TimeoutError:
+        raise Refused(408, f"the request body did not arrive within {BODY_SECONDS:.0f} s") from None
     return bytes(buf)
 
 
@@ -94,7 +101,7 @@ async def join(request: web.Request) -> web.Response:
     raw = await _json_body(request, MAX_JOIN_BYTES)
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: nested too deep
         raise Refused(400, "the body is not JSON: {token, csr, signing_key, name}") from None
     if not isinstance(body, dict) or not all(isinstance(body.get(k), str) for k in ("token", "csr", "signing_key")):
         raise Refused(400, "join takes {token, csr (PEM), signing_key (Ed25519 public key, 32 bytes hex), name}")

@@ -91,7 +91,11 @@ def init(state: StateDir, name: str, ips: list[str], force: bool = False) -> str
     _write(state.ca_key, _key_pem(key), 0o600)
     _write(state.ca_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     skey = ec.generate_private_key(ec.SECP256R1())
-    san = [x509.DNSName(name), *(x509.IPAddress(a) for a in addrs)]
+    try:  # `--name 10.0.0.5`: hosts reach it by that address, which TLS checks against an IP SAN
+        named_ip = ipaddress.ip_address(name)
+    except ValueError:
+        named_ip = None
+    san = [x509.IPAddress(named_ip) if named_ip else x509.DNSName(name), *(x509.IPAddress(a) for a in addrs if a != named_ip)]
     scert = _leaf(key, cert, skey.public_key(), _name(name), ExtendedKeyUsageOID.SERVER_AUTH, san)
     _write(state.server_key, _key_pem(skey), 0o600)
     _write(state.server_cert, scert.public_bytes(serialization.Encoding.PEM), 0o644)

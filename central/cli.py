@@ -71,6 +71,13 @@ def cmd_serve(args) -> int:
     host, port = _listen(args.listen)
     dsn = _dsn(args)
     ca.StateDir(args.state).need()
+    if args.web is not None:  # a bad page config stops serve here, in one line, not in each worker
+        from central.web.config import WebConfigError, load
+
+        try:
+            load(args.web, args.state)
+        except WebConfigError as e:
+            raise AdminError(f"--web: {e}") from None
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     applied = migrate(dsn)

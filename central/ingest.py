@@ -85,6 +85,8 @@ def parse_batch(raw: bytes, host_id: str) -> Batch:
         doc = _loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise Refused(400, f"the body is not JSON: {e}") from None
+    except RecursionError:
+        raise Refused(400, "the body is not JSON this recorder reads: nested too deeply") from None
     if not isinstance(doc, dict):
         raise Refused(400, 'the body must be a JSON object {"host", "records", "checkpoints"}')
     claimed = doc.get("host")
@@ -216,7 +218,7 @@ def _derive(r: Record) -> tuple[str | None, dict | None]:
             return m.group(1), None
     try:
         d = json.loads(r.body)
-    except ValueError:
+    except (ValueError, RecursionError):  # stored verbatim all the same; it only feeds no index
         return None, None
     if not isinstance(d, dict):
         return None, None
@@ -244,7 +246,7 @@ def _typed(v: object, t: type) -> object:
         return None
     if t is int:
         return int(v) if -(1 << 63) <= v < (1 << 63) else None
-    return float(v)
+    return float(v) if tv is float or -(1 << 1000) < v < (1 << 1000) else None  # an int past a float's range: none
 
 
 @lru_cache(maxsize=4096)
@@ -394,7 +396,7 @@ async def _derived(conn, batch: Batch, start: int) -> None:
         if d is None:
             try:
                 d = json.loads(batch.records[i].body)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if not isinstance(d, dict):
                 continue

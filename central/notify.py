@@ -114,10 +114,19 @@ def slack_escape(text: str) -> str:
 
 def slack_body(approval: dict, page_url: str | None) -> bytes:
     e = slack_escape
-    summary = str(approval.get("summary", ""))[:MAX_SUMMARY - 200]
     head = (f"Approval needed: {e(approval.get('agent', '?'))} on {e(approval.get('host_name') or approval.get('host') or '?')} "
             f"wants {e(approval.get('protocol', '?'))}:{e(approval.get('action', '?'))} at {e(approval.get('destination', '?'))}")
-    detail = f"*{head}*\nRule `{e(approval.get('rule', '?'))}`: {e(approval.get('reason', ''))}\n```{e(summary)}```"
+    intro = f"*{head}*\nRule `{e(approval.get('rule', '?'))}`: {e(approval.get('reason', ''))}"[:MAX_SUMMARY // 2]
+    # the agent's text stays inside its code block (a ``` of its own would close it) and, escaped,
+    # within Slack's 3000-character section (escaping can make it 5 times longer: over it, Slack
+    # refuses the whole message and nobody hears of the hold)
+    summary = e(str(approval.get("summary", ""))[:MAX_SUMMARY].replace("```", "`\u200b`\u200b`"))
+    room = MAX_SUMMARY - len(intro) - 8
+    if len(summary) > room:
+        cut = summary[:room - 1]
+        amp = cut.rfind("&", max(0, len(cut) - 5))
+        summary = (cut[:amp] if amp >= 0 and ";" not in cut[amp:] else cut) + "…"
+    detail = f"{intro}\n```{summary}```"
     blocks: list[dict] = [{"type": "section", "text": {"type": "mrkdwn", "text": detail}}]
     link = _link(page_url, approval)
     if link:

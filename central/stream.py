@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 import psycopg
 from aiohttp import web
 
+from central.ingest import Refused  # answered and stored in `refusals` by the app's middleware
 from central.web.store import DECISIONS_CHANNEL, WebStore
 
 log = logging.getLogger("interlock.central.stream")
@@ -71,9 +73,12 @@ class DecisionStream:
     async def poll(self, request: web.Request) -> web.Response:
         host = await self.host_of(request)
         try:
-            wait = min(max(float(request.query.get("wait", "20")), 0.0), MAX_WAIT)
+            wait = float(request.query.get("wait", "20"))
+            if math.isnan(wait):  # NaN would never reach the deadline (and uvloop refuses it as a timer)
+                raise ValueError
+            wait = min(max(wait, 0.0), MAX_WAIT)
         except ValueError:
-            return web.json_response({"error": "wait must be seconds"}, status=400)
+            raise Refused(400, "wait must be seconds (0 to 30)") from None
         ev = asyncio.Event()
         self._events.setdefault(host, set()).add(ev)
         try:
@@ -100,6 +105,6 @@ class DecisionStream:
             results = body["results"]
             if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
                 raise ValueError
-        except (ValueError, KeyError, TypeError):
-            return web.json_response({"error": 'the body must be {"results": [{"approval", "result"}]}'}, status=400)
+        except (ValueError, KeyError, TypeError, RecursionError):
+            raise Refused(400, 'the body must be {"results": [{"approval", "result"}]}') from None
         return web.json_response({"acked": await self.store.delivered(host, results[:1000])})

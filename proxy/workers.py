@@ -26,6 +26,7 @@ import mmap
 import os
 import shutil
 import sqlite3
+import stat
 import struct
 import time
 from pathlib import Path
@@ -67,14 +68,45 @@ def metrics_file(run_dir: Path, worker: int) -> Path:
 def remove(run_dir: Path) -> None:
     """The shared state of an instance that is coming down."""
     d = shared_dir(run_dir)
-    if d != run_dir and d.is_dir():
+    if d != run_dir:
+        _clear(d)
+
+
+def _clear(d: Path) -> None:
+    """Remove whatever is at `d` without following it: a symlink or file an agent planted there
+    (in world-writable /dev/shm) is unlinked, never taken for our directory."""
+    try:
+        st = os.lstat(d)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
         shutil.rmtree(d, ignore_errors=True)
+    else:
+        d.unlink(missing_ok=True)
+
+
+def _make_private_dir(d: Path, attempts: int = 20) -> None:
+    """Create `d` ourselves (mkdir, no exist_ok): in sticky /dev/shm nobody else can then rename or
+    remove it. Whatever someone else put there first is cleared; still losing the race after
+    `attempts` tries is an error (the daemon does not start: fail closed)."""
+    for _ in range(attempts):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            _clear(d)
+            continue
+        os.chmod(d, 0o700)  # mkdir's mode is masked by the umask; no more than 0700 either way
+        return
+    raise OSError(f"{d}: something keeps re-creating it; the workers' shared state needs a directory only root can use")
 
 
 def reset(run_dir: Path, workers: int) -> None:
     """Fresh shared state for a new group of workers (the daemon, before it starts them)."""
-    remove(run_dir)
-    shared_dir(run_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    d = shared_dir(run_dir)
+    if d == run_dir:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    else:
+        _make_private_dir(d)
     for suffix in ("", "-wal", "-shm"):
         Path(str(names_db(run_dir)) + suffix).unlink(missing_ok=True)
     fd = os.open(counts_file(run_dir), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -158,3 +158,20 @@ def test_webhook_configuration_errors():
         Webhook("x", "https://h.example/x", "teams")
     with pytest.raises(ValueError, match="http"):
         Webhook("x", "file:///etc/passwd", "slack")
+
+
+def test_slack_body_keeps_agent_text_in_its_code_block_and_within_slacks_section_limit():
+    """Escaping '<' makes it 4 characters: 2,800 of them used to make a 11,200-character section,
+    which Slack refuses (so no one was told of the hold); a ``` of the agent's closed the code block
+    and let it format the rest of the message."""
+    from central.notify import slack_body
+
+    for summary in ("<" * 2800, "&" * 5000, "x" * 2990 + "<", "SELECT 1```\n*approved by security: safe*\n```"):
+        body = json.loads(slack_body({**APPROVAL, "summary": summary}, "https://recorder.example:8443/ui"))
+        text = body["blocks"][0]["text"]["text"]
+        assert len(text) <= 3000, len(text)
+        code = text[text.index("```") + 3:]
+        assert code.endswith("```") and "```" not in code[:-3], code[-60:]
+        assert "<" not in code and not code[:-3].rstrip("…").endswith(("&", "&l", "&lt", "&a", "&am", "&amp", "&g", "&gt"))
+    short = json.loads(slack_body({**APPROVAL, "summary": "DELETE FROM t WHERE a < 3"}, None))
+    assert short["blocks"][0]["text"]["text"].endswith("```DELETE FROM t WHERE a &lt; 3```")  # control: shown whole

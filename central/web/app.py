@@ -80,7 +80,7 @@ def create_app(settings: WebSettings, store: WebStore) -> web.Application:
                                               max_age=SESSION_MAX_AGE, httponly=True, secure=True, samesite="Lax",
                                               path="/ui"))
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
-                         filters={"ts": _ts, "left": _left})
+                         filters=FILTERS)
     app.router.add_get("/", index)
     app.router.add_get("/login", login)
     app.router.add_get("/auth/callback", callback)
@@ -129,13 +129,24 @@ async def _headers(request: web.Request, handler):
 def _ts(t) -> str:
     try:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(t))) + " UTC"
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, OSError, jinja2.UndefinedError):  # whatever a host wrote
         return ""
 
 
 def _left(a: dict) -> str:
     s = int(a.get("time_left") or 0)
     return f"{s // 60}m {s % 60:02d}s"
+
+
+def _segment(v) -> str:
+    """One URL path segment: every '/' percent-encoded too (Jinja's urlencode keeps '/', so a host's
+    approval id '../h-other/ID' would make the browser post the answer to another host's approval)."""
+    from urllib.parse import quote
+
+    return quote(str(v), safe="")
+
+
+FILTERS = {"ts": _ts, "left": _left, "segment": _segment}
 
 
 def _prefix(request: web.Request) -> str:
@@ -329,7 +340,7 @@ async def api_answer(request: web.Request) -> web.Response:
     who = await _api_approver(request)
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return web.json_response({"error": "the body must be JSON: {decision, for_seconds?, reason?}"}, status=400)
     if not isinstance(body, dict):
         return web.json_response({"error": "the body must be a JSON object"}, status=400)

@@ -15,6 +15,7 @@ it ships back then names the approver.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 
@@ -55,10 +56,21 @@ def _approval(row: dict) -> dict:
                 a[k] = json.loads(a[k])
             except ValueError:
                 pass
-    a["time_left"] = max(0.0, float(a.get("timeout_at") or 0) - time.time())
+    objects = a.get("objects")  # the page lists them: a host's number or object here is shown as one item
+    if objects is not None and not isinstance(objects, list):
+        a["objects"] = [objects]
+    a["time_left"] = _time_left(a.get("timeout_at"))
     a["decision"] = row.get("d_approve")
     a["decision_by"] = row.get("d_email") or row.get("d_sub")
     return a
+
+
+def _time_left(timeout_at: object) -> float:
+    """Seconds until `timeout_at` (what the host wrote: anything but a finite number counts as 0, so one
+    host's odd record cannot break the page every approver shares)."""
+    if type(timeout_at) not in (int, float) or not math.isfinite(timeout_at):
+        return 0.0
+    return min(max(0.0, timeout_at - time.time()), 366 * 86400.0)
 
 
 _APPROVALS = """

@@ -38,6 +38,8 @@ def test_errors_are_one_line_with_the_fix(recorder, tmp_path):
         (("revoke", "no-such-host", "--database", recorder.dsn), "interlock recorder hosts"),
         (("init", "--state", str(recorder.state), "--name", "again.test"), "--force"),
         (("serve", "--state", str(recorder.state), "--database", recorder.dsn, "--listen", "nonsense"), "HOST:PORT"),
+        (("serve", "--state", str(recorder.state), "--database", recorder.dsn, "--web", str(tmp_path / "web.yaml")),
+         "--web: "),
         (("hosts", "--database", f"host={tmp_path} port=1"), "cannot connect to PostgreSQL"),
     ]
     for args, words in cases:
@@ -56,3 +58,26 @@ def test_operator_verb_issues_a_working_certificate(recorder, tmp_path):
     assert r.returncode == 0 and (out / "operator.key").stat().st_mode & 0o777 == 0o600
     carol = Client(recorder.url, out / "ca.pem", out / "operator.crt", out / "operator.key")
     assert call(recorder, carol, "GET", "/v1/hosts").status == 200
+
+
+def test_init_with_an_address_as_the_name_makes_a_certificate_for_that_address(tmp_path):
+    """`--name 10.0.0.5` (what an operator without DNS types): hosts joining https://10.0.0.5:8443
+    check an IP SAN, so the name goes there; before, the certificate held it as a DNS name and every
+    join failed with 'IP address mismatch'."""
+    import ipaddress
+
+    from cryptography import x509
+
+    from central import ca
+
+    sd = ca.StateDir(tmp_path / "st")
+    ca.init(sd, "10.0.0.5", ["10.0.0.5", "127.0.0.1"])
+    cert = x509.load_pem_x509_certificate(sd.server_cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5"), ipaddress.ip_address("127.0.0.1")]
+    assert san.get_values_for_type(x509.DNSName) == []
+    sd2 = ca.StateDir(tmp_path / "dns")  # control: a DNS name stays a DNS name
+    ca.init(sd2, "recorder.test", ["10.0.0.6"])
+    san2 = x509.load_pem_x509_certificate(sd2.server_cert.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert san2.get_values_for_type(x509.DNSName) == ["recorder.test"]
