@@ -414,8 +414,9 @@ class HttpHandler(Handler):
         shape = self.shape(req, names, policy) if req.call is None else None  # AWS: signed per request
         if shape is not None and not self._small(shape):
             shape = None
-        if shape is not None and (ident := policy.identity(rec.agent)) is not None and ident.refusal() is not None:
-            shape = None  # an expired or invalid identity token: judged (and refused) every time, never from the cache
+        if shape is not None and (ident := policy.identity(rec.agent)) is not None:
+            # an expired or invalid token: judged (and refused) every time; a rebound one: its own entries
+            shape = None if ident.refusal() is not None else (shape, ident.key)
         if shape is not None and not proxy.recorder.failed:
             hit = self.decisions.get(policy, shape)
             if hit is not None:
