@@ -177,16 +177,7 @@ def main() -> int:
         print("the central-recorder demo must run as root (network namespaces, cgroup BPF)", file=sys.stderr)
         return 2
 
-    def say(text: str) -> None:
-        print(f"\n== {text}", flush=True)
-
-    def show(host, argv: list[str], shown: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-        print(f"$ {shown or shlex.join(argv)}", flush=True)
-        r = host.run(argv, timeout=timeout)
-        out = (r.stdout + r.stderr).rstrip()
-        if out:
-            print(out, flush=True)
-        return r
+    from lab.demo import say, show  # the demo's own printing (lab.demo imports this module: not at the top)
 
     try:
         demo(say, show)
