@@ -306,12 +306,11 @@ class Daemon:
                     _kill(pid)
         cfg = self.config
         n = cfg.workers or 1
-        if n > 1:
-            busy = proxies.ports_free([(socket.SOCK_STREAM, cfg.proxy_port), (socket.SOCK_STREAM, cfg.inbound_port),
-                                       (socket.SOCK_DGRAM, cfg.dns_port)])
-            if busy:
-                raise DaemonError(f"the proxy failed to start: cannot listen on port {busy[0]}: {busy[1]} "
-                                  "(another instance or program on the same port?)")
+        busy = proxies.ports_free([(socket.SOCK_STREAM, cfg.proxy_port), (socket.SOCK_STREAM, cfg.inbound_port),
+                                   (socket.SOCK_DGRAM, cfg.dns_port)])
+        if busy:
+            raise DaemonError(f"the proxy failed to start: cannot listen on port {busy[0]}: {busy[1]} "
+                              "(another instance or program on the same port?)")
         proxy_workers.reset(self.layout.run_dir, n)
         self.recorder.close_out("proxy-died", "the proxy relaying it stopped without closing it (killed or crashed);"
                                 " byte counts as last flushed")
