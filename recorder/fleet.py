@@ -15,6 +15,7 @@ Endpoints (see docs/RECORDER.md and /v1 in central/): /v1/hosts, /v1/sessions, /
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import ssl
@@ -200,8 +201,10 @@ class Fleet:
         if isinstance(e, aiohttp.ClientConnectorError):
             return FleetError(f"cannot reach {where} ({reason}): is `interlock recorder serve` running there, and "
                               "the address and port right?")
-        if isinstance(e, aiohttp.ServerDisconnectedError):
+        if isinstance(e, aiohttp.ServerDisconnectedError) or (
+                isinstance(e, aiohttp.ClientOSError) and getattr(e, "errno", None) in (errno.ECONNRESET, errno.EPIPE)):
             # TLS 1.3: a server that rejects the client certificate does so after the handshake, by closing
+            # (a reset when our request was still unread on its side)
             return FleetError(f"{where} closed the connection without answering: most likely it refused the operator "
                               f"certificate {self.credentials.cert} (not signed by its CA); {MAKE_CREDENTIALS}, or check its log")
         return FleetError(f"talking to {where} failed: {reason or type(e).__name__}")
