@@ -278,9 +278,11 @@ def measure_datapath(bench, d, stack: contextlib.ExitStack, rounds: int) -> dict
     stack.callback(rec.close)
     rec.start()
     without: Instance = bench.inst
-    config = {k: v for k, v in without.config.items() if k not in ("instance", "cgroup_root", "proxy_port", "dns_port")}
+    config = {k: v for k, v in without.config.items() if k not in ("instance", "cgroup_root", "proxy_port", "dns_port",
+                                                                    "inbound_port")}
     shipping = Instance(bench.a, f"{without.name}s", proxy_port=br.INTERLOCK_PROXY_PORT + 10,
-                        dns_port=br.INTERLOCK_DNS_PORT + 10, recorder={"server": rec.url}, **config)
+                        dns_port=br.INTERLOCK_DNS_PORT + 10, inbound_port=br.INTERLOCK_INBOUND_PORT + 10,
+                        recorder={"server": rec.url}, **config)
     stack.callback(br.Bench._close_interlock, shipping)
     r = shipping.host.run([*INTERLOCK, "join", "--state-dir", str(shipping.state_dir), "--server", rec.url,
                            "--token", rec.token(), "--name", "bench-agent-host", "--json"], cwd=REPO, env=bench.env)

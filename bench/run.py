@@ -52,6 +52,7 @@ SERVICE_PORT = {"pg": 5432, "iperf": 5201, "conn": 7000}
 HAPROXY_PORT = {"pg": 25432, "iperf": 25201, "conn": 27000}
 INTERLOCK_PROXY_PORT = 15001
 INTERLOCK_DNS_PORT = 15053
+RESERVED_PORTS = "15000-15099,25000-27099"  # Interlock's (here, pg.py's, ingest's), haproxy's and pgbouncer's
 INTERLOCK_INBOUND_PORT = 15009  # not proxy_port + 2 (the default): bench/pg.py's proxy listens there
 AGENT = "bench"
 PG_SCALE = 10
@@ -218,7 +219,10 @@ class Bench:
     def setup(self) -> None:
         # Sequential short connections leave TIME_WAIT sockets on a (the client's, and the
         # proxies' upstream ones); let new connections reuse them rather than run out of ports.
-        for key, value in (("net.ipv4.tcp_tw_reuse", "1"), ("net.ipv4.ip_local_port_range", "10000 65000")):
+        # The wider range covers the listeners' fixed ports, so those are reserved: an ephemeral
+        # port left on 26432 by the connection runs once kept pgbouncer from binding it.
+        for key, value in (("net.ipv4.tcp_tw_reuse", "1"), ("net.ipv4.ip_local_port_range", "10000 65000"),
+                           ("net.ipv4.ip_local_reserved_ports", RESERVED_PORTS)):
             self.a.run(["sysctl", "-qw", f"{key}={value}"], check=True)
         self._start_echo()
         if "pg" in self.groups:
