@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import socket
+import struct
 
 _V4_PREFIX = b"\0" * 10 + b"\xff\xff"
 AF_INET = 2
@@ -22,20 +23,20 @@ class Settings(ctypes.Structure):
     ]
 
 
+_PORT = struct.Struct("=I").pack
+
+
 class Endpoint(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint8 * 16), ("port", ctypes.c_uint32)]
 
     @classmethod
     def of(cls, host: str, port: int) -> Endpoint:
         """From a peer address as the socket layer gives it (on the accept path: keep it cheap)."""
-        host = host.split("%")[0]
         if ":" in host:
-            packed = socket.inet_pton(socket.AF_INET6, host)
+            packed = socket.inet_pton(socket.AF_INET6, host.split("%")[0])
         else:
             packed = _V4_PREFIX + socket.inet_pton(socket.AF_INET, host)
-        ep = cls(port=port)
-        ctypes.memmove(ep.addr, packed, 16)
-        return ep
+        return cls.from_buffer_copy(packed + _PORT(port))  # addr[16] then the u32 port, native order
 
     def address(self) -> str:
         raw = bytes(self.addr)
