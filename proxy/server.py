@@ -109,6 +109,7 @@ class Proxy:
         elif config.metrics_address:
             self.metrics_dump = workers_mod.metrics_file(layout.run_dir, worker)
         self._agent_names: dict[int, str] = {}
+        self._identity_json: dict[str, tuple] = {}  # agent -> (its binding, record_json())
         self._agent_ids: dict[str, int] = {}
         # per-agent connection caps (over every worker), idle sweep
         self.limits = Limits(config, loop, SharedCounts(workers_mod.counts_file(layout.run_dir), worker, workers)
@@ -266,7 +267,13 @@ class Proxy:
         """The agent's bound identity as its session rows carry it (JSON), None without one."""
         self.identities.refresh()  # a stat: bindings the daemon made before this agent's process ran
         bound = self.identities.get(agent)
-        return bound.record_json() if bound is not None else None
+        if bound is None:
+            return None
+        # Encoded once per binding, not per connection: a reload of the file builds new bindings.
+        hit = self._identity_json.get(agent)
+        if hit is None or hit[0] is not bound:
+            hit = self._identity_json[agent] = (bound, bound.record_json())
+        return hit[1]
 
     def _record(self, dest, ident) -> SessionRecord:
         return SessionRecord(
