@@ -21,6 +21,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -55,11 +56,28 @@ LOGGED_EVENTS = {
 }
 
 
+_ID_POOL = 512  # session ids' random parts read from the kernel at once, not one getrandom per connection
+_id_random: deque[str] = deque()
+
+
+def _random_part() -> str:
+    """Three random bytes as hex; deque.popleft is atomic, so threads never share one."""
+    try:
+        return _id_random.popleft()
+    except IndexError:
+        raw = os.urandom(3 * _ID_POOL).hex()
+        _id_random.extend(raw[i:i + 6] for i in range(0, len(raw), 6))
+        return _id_random.popleft()
+
+
+os.register_at_fork(after_in_child=_id_random.clear)  # a forked child draws its own
+
+
 def new_session_id(worker: int = 0) -> str:
     """Time-ordered ids sort sessions by start without a second column. The two hex digits
     before the last six name the proxy worker that opened it (`worker_of`), so a restarted
     worker closes out only its own dead sessions."""
-    return f"{time.time_ns() // 1000:x}{worker & 0xFF:02x}{os.urandom(3).hex()}"
+    return f"{time.time_ns() // 1000:x}{worker & 0xFF:02x}{_random_part()}"
 
 
 def worker_of(session_id: str) -> int:
