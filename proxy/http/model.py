@@ -296,9 +296,27 @@ class ResponseHead:
     headers: Headers = field(default_factory=Headers)
     http_version: str = "1.1"
 
+    _raw = None  # (bytes, status, reason, the header list object, its length); not a field
+
     @property
     def informational(self) -> bool:
         return 100 <= self.status < 200
+
+    def _keep_raw(self, raw: bytes) -> None:
+        items = self.headers._items
+        self._raw = (raw, self.status, self.reason, items, len(items))
+
+    @property
+    def raw(self) -> bytes | None:
+        """The original bytes (an HTTP/1.1 head, one CRLF line per field), while they still
+        describe this head: same status, reason and header list (see RequestHead.raw)."""
+        r = self._raw
+        if r is None:
+            return None
+        items = self.headers._items
+        if r[1] == self.status and r[2] is self.reason and r[3] is items and r[4] == len(items):
+            return r[0]
+        return None
 
     def copy(self, **changes: object) -> ResponseHead:
         return replace(self, headers=self.headers.copy(), **changes)  # type: ignore[arg-type]
@@ -623,7 +641,8 @@ class AgentConnection(_Side):
         self._chunked = False
         self._body_allowed = method != "HEAD" and status not in (204, 304)
         edits: list[tuple[str, str | None]] = []
-        if "close" in _tokens(headers.get_joined("connection")):
+        says_close = "close" in _tokens(headers.get_joined("connection"))
+        if says_close:
             self._close = True
         if not self._keep_alive:
             self._close = True
@@ -643,7 +662,7 @@ class AgentConnection(_Side):
                     self._chunked = True
                 else:
                     self._close = True
-        if self._close and "close" not in _tokens(headers.get_joined("connection")):
+        if self._close and not says_close:
             edits.append(("Connection", "close"))
         if edits:
             headers = headers.copy()
@@ -652,6 +671,10 @@ class AgentConnection(_Side):
                     headers.remove(name)
                 else:
                     headers.set(name, value)
+        else:
+            raw = head.raw  # the service's own bytes, when they say exactly this head
+            if raw is not None:
+                return raw
         return _serialize(f"HTTP/1.1 {status} {head.reason}", headers)
 
     def _switch(self) -> None:
@@ -742,6 +765,8 @@ class OriginConnection(_Side):
         self._outstanding = 0  # requests sent whose final response has not ended
         self._by_close = False  # the current response's body ends with the connection
         self._pending = bytearray()  # a HEAD/CONNECT response, until its head is whole
+        self._head_start = 0  # where the current head starts in _buf (its raw bytes)
+        self._buf = b""
 
     def send_head(self, head: RequestHead) -> bytes:
         if self._sending:
@@ -793,11 +818,19 @@ class OriginConnection(_Side):
                 return
         super().receive(data)
 
+    def _feed(self, data: bytes) -> None:
+        self._buf = data  # the raw head is sliced from it when the whole head is in this read
+        self._head_start = -1
+        super()._feed(data)
+        self._buf = b""
+
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
+        self._feed_mark += len(reason)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._head_start = self._feed_mark  # exact only for the first message of a read
         self._reason = b""
 
     def on_headers_complete(self) -> None:
@@ -806,9 +839,23 @@ class OriginConnection(_Side):
         status = p.get_status_code()
         version = p.get_http_version()
         headers = Headers._of(self._fields)
+        reason = self._reason.decode("latin-1")
+        head = ResponseHead(status, reason, headers, version)
+        # As for requests (AgentConnection.on_headers_complete): the original bytes stand in for
+        # the head when this read held all of it from its first byte and they say exactly what
+        # was parsed: the same status line, one CRLF line per field.
+        buf = self._buf
+        if self._head_start == 0 and buf and self._head_size <= 0 and version == "1.1":
+            line = f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")
+            end = buf.find(b"\r\n\r\n")
+            if end != -1 and buf.startswith(line):
+                raw = buf[:end + 4]
+                n = len(self._fields) + 2
+                if raw.count(b"\n") == n and raw.count(b"\r") == n:
+                    head._keep_raw(raw)
         self._feed_mark += 2
         self._trailers = []
-        self._q.append(ResponseHead(status, self._reason.decode("latin-1"), headers, version))
+        self._q.append(head)
         if status >= 200:
             conn = _tokens(headers.get_joined("connection"))
             if "close" in conn or (version != "1.1" and "keep-alive" not in conn):
