@@ -91,8 +91,10 @@ class Headers:
         return list(vals) if vals else []
 
     def get_joined(self, name: str) -> str | None:
-        vals = self.get_all(name)
-        return ",".join(vals) if vals else None
+        vals = self._lookup().get(name.lower())
+        if not vals:
+            return None
+        return vals[0] if len(vals) == 1 else ",".join(vals)
 
     def tokens(self, name: str) -> set[str]:
         """Comma-separated tokens of a field, lower-cased: 'Connection: keep-alive, Upgrade'."""
