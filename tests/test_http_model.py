@@ -434,3 +434,31 @@ def test_content_length_overridden_by_transfer_encoding_is_not_forwarded() -> No
     assert for_agent(resp).headers.items() == [("Transfer-Encoding", "chunked")]
     a.respond(200, [], b"ok")
     assert [e.target for e in drain(a) if isinstance(e, RequestHead)] == ["/smuggled"]
+
+
+def test_response_head_passes_as_its_own_bytes_only_while_unchanged() -> None:
+    """A response head nobody edits goes out as the bytes it came in as; an edit (ours or
+    the agent's Connection: close) or a non-1.1 status line is re-serialised from the parse."""
+    def exchange(resp: bytes, *, edit: bool = False, agent_close: bool = False) -> bytes:
+        a, o = AgentConnection(), OriginConnection()
+        req = b"GET / HTTP/1.1\r\nHost: s\r\n" + (b"Connection: close\r\n" if agent_close else b"") + b"\r\n"
+        (head,) = [e for e in drain(a, req) if isinstance(e, RequestHead)]
+        o.send_head(for_origin(head))
+        o.send_end()
+        out = b""
+        for ev in drain(o, resp):
+            if isinstance(ev, ResponseHead):
+                h = for_agent(ev)
+                if edit:
+                    h.headers.set("X-Added", "1")
+                out += a.respond_head(h)
+                break
+        return out
+
+    kept = b"HTTP/1.1 200 OK\r\nServer:  odd  spacing\r\ncontent-length: 2\r\n\r\n"
+    assert exchange(kept + b"ok") == kept  # byte for byte, spacing and case included
+    assert b"X-Added: 1\r\n" in exchange(kept + b"ok", edit=True)
+    closed = exchange(kept + b"ok", agent_close=True)  # Connection: close added for the agent
+    assert closed != kept and b"Connection: close\r\n" in closed
+    old = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+    assert exchange(old).startswith(b"HTTP/1.1 200 OK\r\n")
