@@ -398,7 +398,11 @@ class HttpHandler(Handler):
     @staticmethod
     def _small(shape: tuple) -> bool:
         """A shape short enough to keep (SHAPE_LIMIT), so that a connection's cache stays within 64 KiB."""
-        return sum(len(x) for x in shape if isinstance(x, str)) + sum(map(len, shape[6])) <= SHAPE_LIMIT
+        size = sum(map(len, shape[6]))
+        for x in shape:
+            if isinstance(x, str):
+                size += len(x)
+        return size <= SHAPE_LIMIT
 
     def _judge(self, req: Exchange) -> None:
         self.busy = True
