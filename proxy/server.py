@@ -38,6 +38,7 @@ from proxy.gate import Holds, NameBindings, PolicyHolder
 from proxy.limits import Limits
 from proxy.metrics import ProxyMetrics
 from proxy.origins import Origins
+from proxy.postgres import cancels as pg_cancels
 from proxy.relay import AgentSide
 from proxy.resolver import Resolver, system_nameserver
 from proxy.tls.ca import CertificateAuthority, LeafMinter, write_bundle
@@ -312,6 +313,8 @@ class Proxy:
                     raise
                 print(f"interlock proxy: no IPv6 listener: {e}", file=sys.stderr)
         servers += await inbound.serve(self)
+        if self.workers > 1:  # where siblings hand over PostgreSQL cancels for this worker's sessions
+            servers.append(await pg_cancels.serve(workers_mod.shared_dir(self.layout.run_dir), self.worker))
         if ready_fd is not None:
             os.write(ready_fd, b"ready\n")
             os.set_blocking(ready_fd, False)

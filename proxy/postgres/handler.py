@@ -4,8 +4,9 @@ pieces of this package.
 A connection goes through three phases:
 
 1. startup — SSLRequest is answered 'S' and TLS is terminated toward the agent with a leaf from
-   the proxy's CA (GSSENCRequest is declined); a CancelRequest is mapped from the key this proxy
-   issued to the server's own and forwarded; the StartupMessage's settings are judged.
+   the proxy's CA (GSSENCRequest is declined); a CancelRequest is judged, mapped from the key this
+   proxy issued to the server's own (by whichever worker issued it: cancels.py) and forwarded; the
+   StartupMessage's settings are judged.
 2. login — upstream, the proxy asks for TLS first (like libpq's default) and then either logs in
    itself with the credential the policy names for this agent and target (SCRAM-SHA-256, with
    channel binding over TLS; md5/cleartext only if the credential allows), answering the agent
@@ -24,19 +25,18 @@ as they arrive, without a per-message object and without copying; each read beco
 from __future__ import annotations
 
 import asyncio
-import secrets
 import ssl
 import sys
 import time
 import traceback
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 from policy.engine import Destination
 from policy.model import Decision, Operation, Verdict
+from proxy import workers as workers_mod
 from proxy.handler import Handler, register
-from proxy.postgres import catalog, reading, startup, wire
+from proxy.postgres import cancels, catalog, reading, startup, wire
 from proxy.postgres.analysis import Analyzer
 from proxy.postgres.masking import MaskSpec
 from proxy.postgres.scram import AuthenticationError, UpstreamAuthenticator
@@ -79,8 +79,6 @@ READ_ONLY_RULE = "builtin:read-only-session"
 BUILTIN_FUNCTION_CALL = Decision(Verdict.DENY, "builtin:function-call",
                                  "a fast-path FunctionCall runs a function with no SQL to judge")
 
-# (backend pid, key this proxy issued) → (server address, port, the server's key, the session's handler)
-_cancel_keys: dict[tuple[int, bytes], tuple[str, int, bytes, weakref.ref]] = {}
 # Settings that change how the server reads SQL text. The server reports a change only with its
 # next ReadyForQuery; until then (the "window") SQL is only forwarded if it reads the same under
 # any value they may take: ASCII without backslashes (see `ambiguous`).
@@ -361,7 +359,7 @@ class PostgresHandler(Handler):
     def on_close(self) -> None:
         self.phase = DONE
         if self.key is not None:
-            _cancel_keys.pop(self.key, None)
+            cancels.forget(*self.key)
         if self.hold_task is not None:
             self.hold_task.cancel()
         for e in self.tracker.queue:
@@ -502,7 +500,6 @@ class PostgresHandler(Handler):
             self.hold_task = self.conn.spawn(self._login(msg, bytes(mv)))
 
     def _cancel(self, msg: wire.CancelRequest) -> None:
-        found = _cancel_keys.get((msg.pid, msg.key))
         rec = self.conn.rec
         op = Operation("postgres", "cancel", (f"backend {msg.pid}",),
                        summary=f"cancel the statement running in backend {msg.pid}")
@@ -514,17 +511,26 @@ class PostgresHandler(Handler):
             except Exception as e:  # no record, no cancel
                 self.conn.close("recorder-error", str(e))
                 return
-            if found is None:
-                self._end_tls()
-                self.conn.close("refused", "CancelRequest with a key this proxy did not issue", abort=False)
-                return
             if decision.verdict is Verdict.DENY:
                 self._end_tls()
                 self.conn.close("denied", f"{decision.rule}: {decision.reason}", abort=False)
                 return
-            addr, port, key, ref = found
-            owner = ref()
-            if owner is not None and owner.cancel_hold():
+            proxy = self.conn.proxy
+            workers = getattr(proxy, "workers", 1)
+            shared = workers_mod.shared_dir(proxy.layout.run_dir) if workers > 1 else None
+            try:  # the worker that issued the key answers (this one, or a sibling: cancels.py)
+                found = await cancels.claim_anywhere(msg.pid, msg.key, getattr(proxy, "worker", 0), workers, shared,
+                                                     proxy.config.connect_timeout)
+            except cancels.OwnerGone as e:
+                self._end_tls()
+                self.conn.close("refused", str(e), abort=False)
+                return
+            if found is None:
+                self._end_tls()
+                self.conn.close("refused", "CancelRequest with a key this proxy did not issue", abort=False)
+                return
+            addr, port, key, hold_canceled = found
+            if hold_canceled:
                 self.conn.event("hold-canceled", {"backend": msg.pid})
             real = wire.cancel_request(msg.pid, key)
             if (addr, port) == (rec.dst_addr, rec.dst_port) and self.conn.upstream is not None:
@@ -734,9 +740,10 @@ class PostgresHandler(Handler):
 
     def _params_message(self, msg: wire.Message, mv: memoryview) -> None:
         if isinstance(msg, wire.BackendKeyData):
-            key = secrets.token_bytes(len(msg.key))
+            proxy = self.conn.proxy  # the key names this worker: a cancel may land on another (cancels.py)
+            key = cancels.issue_key(len(msg.key), getattr(proxy, "worker", 0), getattr(proxy, "workers", 1))
             self.key = (msg.pid, key)
-            _cancel_keys[self.key] = (self.conn.rec.dst_addr, self.conn.rec.dst_port, msg.key, weakref.ref(self))
+            cancels.remember(msg.pid, key, self.conn.rec.dst_addr, self.conn.rec.dst_port, msg.key, self)
             self.cout.append(wire.backend_key_data(msg.pid, key))
             return
         if isinstance(msg, wire.ErrorResponse):
