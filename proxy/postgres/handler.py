@@ -530,6 +530,8 @@ class PostgresHandler(Handler):
                 self.conn.close("refused", "CancelRequest with a key this proxy did not issue", abort=False)
                 return
             addr, port, key, hold_canceled = found
+            if shared is not None and (owner := cancels.owner_of(msg.key, workers)) != getattr(proxy, "worker", 0):
+                self.conn.event("cancel-routed", {"backend": msg.pid, "worker": owner})
             if hold_canceled:
                 self.conn.event("hold-canceled", {"backend": msg.pid})
             real = wire.cancel_request(msg.pid, key)

@@ -1,0 +1,304 @@
+"""PostgreSQL cancels with two proxy workers (`workers: 2`): a CancelRequest is a new connection,
+and SO_REUSEPORT hands it to either worker, whichever relays the session it names
+(proxy/postgres/cancels.py). Real parts: a PostgreSQL 15 server on the lab's server host (its
+log and pg_stat_activity are the server-side evidence), psycopg and psql run as agents under an
+ordinary uid, the daemon with its hooks and two proxy workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from lab.instance import Instance
+from lab.postgres import Postgres
+from lab.testing import SLOWDOWN, instance_name, wait_until
+from recorder.store import worker_of
+
+pytestmark = pytest.mark.datapath
+REPO = Path(__file__).resolve().parent.parent
+PORT = 5442
+UNPRIVILEGED = ["setpriv", "--reuid", "65533", "--regid", "65533", "--clear-groups"]
+CANCELS = 24  # each lands on a worker the kernel picks: about half on the other worker than the session's
+POLICY = """\
+rules:
+  - name: no-cancels-for-mallory
+    agent: mallory
+    operation: cancel
+    decision: deny
+    reason: mallory may not cancel anyone's statements
+  - name: hold-deletes
+    risk: [delete-without-where]
+    decision: approve
+    timeout: 60s
+default: allow
+"""
+
+
+@pytest.fixture(scope="module")
+def pg(lab):
+    # the backend pid on every log line: which session a server-side cancel ended
+    server = Postgres(lab.b, port=PORT, settings={"log_line_prefix": "pid=%p "})
+    try:
+        server.start()
+        server.psql("CREATE TABLE holdme (id int); INSERT INTO holdme VALUES (1), (2);"
+                    "GRANT ALL ON holdme TO PUBLIC")
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def inst(lab, pg, tmp_path_factory):
+    policy = tmp_path_factory.mktemp("cancelpolicy") / "policy.yaml"
+    policy.write_text(POLICY)
+    i = Instance(lab.a, instance_name("cw"), proxy_port=15711, dns_port=15763, policy=str(policy), workers=2)
+    try:
+        i.start()
+        assert len(i.status()["proxy_pids"]) == 2
+        yield i
+    finally:
+        i.close()
+
+
+def agent_py(inst: Instance, code: str, agent: str = "bot", **fmt) -> dict | list:
+    """A Python client run as an agent under an ordinary uid; it prints one JSON line last."""
+    src = textwrap.dedent(code).format(**fmt)
+    r = inst.agent([*UNPRIVILEGED, sys.executable, "-"], agent=agent, timeout=300 * SLOWDOWN, cwd=REPO, input=src)
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise AssertionError(f"no result: rc={r.returncode} stdout={r.stdout[-2000:]} stderr={r.stderr[-3000:]}") from None
+
+
+def server_cancels(pg: Postgres) -> dict[int, list[str]]:
+    """Server side: backend pid → the statements it reports cancelled at a client's request."""
+    out: dict[int, list[str]] = {}
+    lines = pg.log.read_text(errors="replace").splitlines()
+    for n, line in enumerate(lines):
+        m = re.match(r"pid=(\d+) ERROR:  canceling statement due to user request", line)
+        if m:
+            nxt = lines[n + 1] if n + 1 < len(lines) else ""
+            out.setdefault(int(m.group(1)), []).append(nxt.split("STATEMENT:", 1)[-1].strip())
+    return out
+
+
+def who(sessions: dict[str, dict], event: dict) -> tuple[str, int]:
+    """The agent and uid of the connection an event was recorded on (from the kernel, at accept)."""
+    row = sessions[event["session"]]
+    return row["agent"], row["uid"]
+
+
+def dsn(lab) -> str:
+    return f"host={lab.b.addr4} port={PORT} user=postgres dbname=postgres"
+
+
+def test_every_cancel_takes_effect_whichever_worker_accepts_it(inst, lab, pg):
+    out = agent_py(inst, """
+        import json, signal, subprocess, threading, time, psycopg
+        DSN = "{dsn}"
+        def running(mon, marker):
+            deadline = time.monotonic() + 60 * {slow}
+            while time.monotonic() < deadline:
+                rows = mon.execute("select pid from pg_stat_activity where state = 'active' and pid <> pg_backend_pid()"
+                                   " and query like %s", ("%" + marker + "%",)).fetchall()
+                if rows:
+                    return rows[0][0]
+                time.sleep(0.05)
+        res = []
+        with psycopg.connect(DSN, autocommit=True) as mon:
+            for i in range({n}):
+                marker = f"cw-{{i}}-"
+                sql = f"select pg_sleep({{30 * {slow}}}) /* {{marker}} */"
+                how = ("cancel", "cancel_safe", "psql")[i % 3]
+                if how == "psql":  # psql's own cancel: SIGINT sends a CancelRequest on a new connection
+                    p = subprocess.Popen(["psql", DSN, "-X", "-c", sql], stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
+                    pid = running(mon, marker)
+                    p.send_signal(signal.SIGINT)
+                    _, err = p.communicate(timeout=120 * {slow})
+                    ok = "canceling statement due to user request" in err
+                    res.append({{"i": i, "how": how, "pid": pid, "canceled": ok, "detail": err.strip()[-300:]}})
+                else:
+                    with psycopg.connect(DSN, autocommit=True) as c:
+                        pid = c.info.backend_pid
+                        def fire():
+                            if running(mon, marker) == pid:
+                                getattr(c, how)()
+                        threading.Thread(target=fire).start()
+                        try:
+                            c.execute(sql)
+                            res.append({{"i": i, "how": how, "pid": pid, "canceled": False, "detail": "completed"}})
+                        except psycopg.Error as e:
+                            ok = e.sqlstate == "57014" and "user request" in (e.diag.message_primary or "")
+                            res.append({{"i": i, "how": how, "pid": pid, "canceled": ok, "detail": str(e)[:300]}})
+                if not res[-1]["canceled"]:
+                    break  # the test fails; don't wait out the others
+        print(json.dumps(res))
+    """, dsn=dsn(lab), slow=SLOWDOWN, n=CANCELS)
+    assert len(out) == CANCELS and all(r["canceled"] for r in out), out
+    # server side: each backend ended exactly its statement, at a client's request (57014)
+    ended = wait_until(lambda: (c := server_cancels(pg)) and all(r["pid"] in c for r in out) and c)
+    for r in out:
+        assert any(f"cw-{r['i']}-" in s for s in ended.get(r["pid"], [])), (r, ended.get(r["pid"]))
+    # on record: every cancel judged (the cancelling connection's identity) and where it went
+    decisions = [e for e in inst.events("decision") if e["data"]["action"] == "cancel"]
+    assert len(decisions) >= CANCELS and all(e["data"]["verdict"] == "allow" for e in decisions[-CANCELS:])
+    sessions = {s["id"]: s for s in inst.sessions()}
+    assert all(who(sessions, e) == ("bot", 65533) for e in decisions[-CANCELS:])
+    routed = inst.events("cancel-routed")
+    # both ways were taken: cancels the session's own worker accepted, and cancels the other did
+    assert 0 < len(routed) < CANCELS, f"{len(routed)} of {CANCELS} cancels crossed workers"
+    statements = inst.events("statement")
+    for e in routed:
+        assert worker_of(e["session"]) != e["data"]["worker"]
+        # the worker it went to is the one relaying the session whose statement it ended
+        owners = {worker_of(s["session"]) for s in statements if "pg_sleep" in json.dumps(s["data"])
+                  and any(f"cw-{r['i']}-" in json.dumps(s["data"]) for r in out if r["pid"] == e["data"]["backend"])}
+        assert owners == {e["data"]["worker"]}, (e, owners)
+
+
+def test_forged_keys_and_another_agents_cancel_end_nothing(inst, lab, pg):
+    # bot's session (raw protocol: the agent sees the key the proxy gave it) runs a long
+    # statement; forged keys naming each worker, bot's key with another backend's pid, and
+    # bot's real key sent by mallory (whose cancels the policy denies) all cancel nothing.
+    # The control: bot's own cancel with the same key ends it.
+    share = Path(tempfile.mkdtemp(prefix="interlock-cw-"))
+    os.chmod(share, 0o777)
+    result: dict = {}
+
+    def session():
+        result["out"] = agent_py(inst, """
+            import json, socket, time
+            from proxy.postgres import wire
+            s = socket.create_connection(("{host}", {port}), timeout=300 * {slow})
+            r = wire.FrameReader("backend")
+            def until_ready():
+                got = []
+                while not any(isinstance(m, wire.ReadyForQuery) for m in got):
+                    data = s.recv(65536)
+                    if not data:
+                        return got + ["EOF"]
+                    r.feed(data); got += list(r.messages())
+                return got
+            s.sendall(wire.startup_message({{"user": "postgres", "database": "postgres"}}))
+            key = next(m for m in until_ready() if isinstance(m, wire.BackendKeyData))
+            open("{share}/key.json", "w").write(json.dumps({{"pid": key.pid, "key": key.key.hex()}}))
+            s.sendall(wire.query(f"select pg_sleep({{120 * {slow}}}) /* forged-target */"))
+            got = until_ready()
+            print(json.dumps([m.code if isinstance(m, wire.ErrorResponse) else str(m) for m in got
+                              if isinstance(m, wire.ErrorResponse) or m == "EOF"]))
+        """, host=lab.b.addr4, port=PORT, slow=SLOWDOWN, share=share)
+
+    t = threading.Thread(target=session)
+    t.start()
+    try:
+        keyfile = share / "key.json"
+        assert wait_until(lambda: keyfile.exists() and keyfile.read_text(), timeout=120), "no session"
+        key = json.loads(keyfile.read_text())
+        pid = key["pid"]
+        assert wait_until(lambda: pg.psql(f"select state from pg_stat_activity where pid = {pid}") == "active",
+                          timeout=60)
+        send = """
+            import json, socket
+            from proxy.postgres import wire
+            out = []
+            for pid, key in {cancels}:
+                c = socket.create_connection(("{host}", {port}), timeout=60)
+                c.sendall(wire.cancel_request(pid, bytes.fromhex(key)))
+                out.append(c.recv(10).hex())  # the proxy closes it once the cancel is handled
+                c.close()
+            print(json.dumps(out))
+        """
+        real = bytes.fromhex(key["key"])
+        forged = []
+        for owner in (0, 1):  # a forged key naming each worker: the one that did not issue it, and the one that did
+            while True:
+                k = os.urandom(len(real))
+                if int.from_bytes(k, "big") % 2 == owner and k != real:
+                    forged.append((pid, k.hex()))
+                    break
+        forged.append((pid + 1, real.hex()))  # the right key for another backend
+        before = len([e for e in inst.events("decision") if e["data"]["action"] == "cancel"])
+        for agent, cancels in (("bot", forged * 3), ("mallory", [(pid, real.hex())] * 4)):
+            assert agent_py(inst, send, agent=agent, host=lab.b.addr4, port=PORT,
+                            cancels=json.dumps(cancels)) == [""] * len(cancels)
+            # server side: still running, nothing cancelled
+            assert pg.psql(f"select state from pg_stat_activity where pid = {pid}") == "active", agent
+            assert pid not in server_cancels(pg)
+        assert t.is_alive()
+        # on record: every attempt judged under the identity of the connection that sent it
+        cancels_seen = [e for e in inst.events("decision") if e["data"]["action"] == "cancel"][before:]
+        sessions = {s["id"]: s for s in inst.sessions()}
+        whom = [who(sessions, e) for e in cancels_seen]
+        assert whom.count(("bot", 65533)) == 9 and whom.count(("mallory", 65533)) == 4, whom
+        assert all(e["data"]["verdict"] == ("deny" if w[0] == "mallory" else "allow")
+                   for e, w in zip(cancels_seen, whom, strict=True))
+        refused = [s for s in inst.sessions() if s["outcome"] in ("refused", "denied") and s["agent"] in ("bot", "mallory")]
+        assert sum("did not issue" in (s["detail"] or "") for s in refused) >= 9
+        assert sum("no-cancels-for-mallory" in (s["detail"] or "") for s in refused) >= 4
+        # the control: bot's own cancel with its key, through whichever worker
+        assert agent_py(inst, send, host=lab.b.addr4, port=PORT, cancels=json.dumps([(pid, real.hex())])) == [""]
+        t.join(timeout=120 * SLOWDOWN)
+        assert result["out"] == ["57014"], result
+        assert any("forged-target" in s for s in wait_until(lambda: server_cancels(pg).get(pid)))
+    finally:
+        t.join(timeout=300 * SLOWDOWN)
+        for p in share.iterdir():
+            p.unlink()
+        share.rmdir()
+
+
+def test_cancel_gives_up_a_held_statement_whichever_worker_accepts_it(inst, lab, pg):
+    # a delete held for a human; the agent's cancel, on either worker, gives the hold up (57014)
+    share = Path(tempfile.mkdtemp(prefix="interlock-cwh-"))
+    os.chmod(share, 0o777)
+    rounds = 6
+    result: dict = {}
+
+    def session():
+        result["out"] = agent_py(inst, """
+            import json, os, threading, time, psycopg
+            res = []
+            with psycopg.connect("{dsn}", autocommit=True) as c:
+                for i in range({rounds}):
+                    def fire():
+                        while not os.path.exists(f"{share}/go-{{i}}"):
+                            time.sleep(0.05)
+                        c.cancel()
+                    threading.Thread(target=fire).start()
+                    open(f"{share}/held-{{i}}", "w").close()
+                    try:
+                        c.execute("delete from holdme")
+                        res.append(["ran"])
+                    except psycopg.Error as e:
+                        res.append([e.sqlstate, e.diag.message_detail or ""])
+            print(json.dumps(res))
+        """, dsn=dsn(lab), rounds=rounds, share=share)
+
+    t = threading.Thread(target=session)
+    t.start()
+    try:
+        for i in range(rounds):
+            assert wait_until(lambda i=i: (share / f"held-{i}").exists(), timeout=120)
+            # the hold is in place (its approval requested) before the agent cancels
+            assert wait_until(lambda i=i: len(inst.events("approval-requested")) == i + 1, timeout=60), i
+            (share / f"go-{i}").touch()
+            assert wait_until(lambda i=i: len(inst.events("hold-canceled")) == i + 1, timeout=60), i
+        t.join(timeout=120 * SLOWDOWN)
+        out = result["out"]
+        assert len(out) == rounds and all(r[0] == "57014" and "held for approval" in r[1] for r in out), out
+        assert pg.psql("select count(*) from holdme") == "2", "server side: nothing deleted"
+        assert len(inst.events("hold-canceled")) == rounds
+    finally:
+        t.join(timeout=300 * SLOWDOWN)
+        for p in share.iterdir():
+            p.unlink()
+        share.rmdir()
