@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import textwrap
@@ -42,6 +43,48 @@ default: allow
 """
 
 
+# Raw CancelRequests (pid, key hex) sent one after the other: what the agent gets back on each
+# ("" when the proxy closes it, which it does once the cancel is handled)
+SEND = """
+    import json, socket
+    from proxy.postgres import wire
+    out = []
+    for pid, key in {cancels}:
+        c = socket.create_connection(("{host}", {port}), timeout=60)
+        c.sendall(wire.cancel_request(pid, bytes.fromhex(key)))
+        out.append(c.recv(10).hex())
+        c.close()
+    print(json.dumps(out))
+"""
+# A session over the raw protocol that leaves its key (as the proxy gave it) in a file, then runs
+# one long statement; what it got: error codes, or "EOF"/"reset" when the proxy went away.
+SESSION = """
+    import json, socket, time
+    from proxy.postgres import wire
+    s = socket.create_connection(("{host}", {port}), timeout=300 * {slow})
+    r = wire.FrameReader("backend")
+    def until_ready():
+        got = []
+        while not any(isinstance(m, wire.ReadyForQuery) for m in got):
+            try:
+                data = s.recv(65536)
+            except ConnectionResetError:
+                return got + ["reset"]
+            if not data:
+                return got + ["EOF"]
+            r.feed(data); got += list(r.messages())
+        return got
+    s.sendall(wire.startup_message({{"user": "postgres", "database": "postgres"}}))
+    key = next(m for m in until_ready() if isinstance(m, wire.BackendKeyData))
+    open("{share}/key.json", "w").write(json.dumps({{"pid": key.pid, "key": key.key.hex()}}))
+    s.sendall(wire.query(f"select pg_sleep({{120 * {slow}}}) /* {marker} */"))
+    got = until_ready()
+    print(json.dumps([m.code if isinstance(m, wire.ErrorResponse) else m for m in got
+                      if isinstance(m, wire.ErrorResponse) or m in ("EOF", "reset")]))
+"""
+RESTART_DELAY = 15  # seconds a killed worker stays gone (proxy_restart_delay)
+
+
 @pytest.fixture(scope="module")
 def pg(lab):
     # the backend pid on every log line: which session a server-side cancel ended
@@ -59,7 +102,8 @@ def pg(lab):
 def inst(lab, pg, tmp_path_factory):
     policy = tmp_path_factory.mktemp("cancelpolicy") / "policy.yaml"
     policy.write_text(POLICY)
-    i = Instance(lab.a, instance_name("cw"), proxy_port=15711, dns_port=15763, policy=str(policy), workers=2)
+    i = Instance(lab.a, instance_name("cw"), proxy_port=15711, dns_port=15763, policy=str(policy), workers=2,
+                 proxy_restart_delay=RESTART_DELAY)
     try:
         i.start()
         assert len(i.status()["proxy_pids"]) == 2
@@ -175,27 +219,8 @@ def test_forged_keys_and_another_agents_cancel_end_nothing(inst, lab, pg):
     result: dict = {}
 
     def session():
-        result["out"] = agent_py(inst, """
-            import json, socket, time
-            from proxy.postgres import wire
-            s = socket.create_connection(("{host}", {port}), timeout=300 * {slow})
-            r = wire.FrameReader("backend")
-            def until_ready():
-                got = []
-                while not any(isinstance(m, wire.ReadyForQuery) for m in got):
-                    data = s.recv(65536)
-                    if not data:
-                        return got + ["EOF"]
-                    r.feed(data); got += list(r.messages())
-                return got
-            s.sendall(wire.startup_message({{"user": "postgres", "database": "postgres"}}))
-            key = next(m for m in until_ready() if isinstance(m, wire.BackendKeyData))
-            open("{share}/key.json", "w").write(json.dumps({{"pid": key.pid, "key": key.key.hex()}}))
-            s.sendall(wire.query(f"select pg_sleep({{120 * {slow}}}) /* forged-target */"))
-            got = until_ready()
-            print(json.dumps([m.code if isinstance(m, wire.ErrorResponse) else str(m) for m in got
-                              if isinstance(m, wire.ErrorResponse) or m == "EOF"]))
-        """, host=lab.b.addr4, port=PORT, slow=SLOWDOWN, share=share)
+        result["out"] = agent_py(inst, SESSION, host=lab.b.addr4, port=PORT, slow=SLOWDOWN, share=share,
+                                 marker="forged-target")
 
     t = threading.Thread(target=session)
     t.start()
@@ -206,17 +231,6 @@ def test_forged_keys_and_another_agents_cancel_end_nothing(inst, lab, pg):
         pid = key["pid"]
         assert wait_until(lambda: pg.psql(f"select state from pg_stat_activity where pid = {pid}") == "active",
                           timeout=60)
-        send = """
-            import json, socket
-            from proxy.postgres import wire
-            out = []
-            for pid, key in {cancels}:
-                c = socket.create_connection(("{host}", {port}), timeout=60)
-                c.sendall(wire.cancel_request(pid, bytes.fromhex(key)))
-                out.append(c.recv(10).hex())  # the proxy closes it once the cancel is handled
-                c.close()
-            print(json.dumps(out))
-        """
         real = bytes.fromhex(key["key"])
         forged = []
         for owner in (0, 1):  # a forged key naming each worker: the one that did not issue it, and the one that did
@@ -228,7 +242,7 @@ def test_forged_keys_and_another_agents_cancel_end_nothing(inst, lab, pg):
         forged.append((pid + 1, real.hex()))  # the right key for another backend
         before = len([e for e in inst.events("decision") if e["data"]["action"] == "cancel"])
         for agent, cancels in (("bot", forged * 3), ("mallory", [(pid, real.hex())] * 4)):
-            assert agent_py(inst, send, agent=agent, host=lab.b.addr4, port=PORT,
+            assert agent_py(inst, SEND, agent=agent, host=lab.b.addr4, port=PORT,
                             cancels=json.dumps(cancels)) == [""] * len(cancels)
             # server side: still running, nothing cancelled
             assert pg.psql(f"select state from pg_stat_activity where pid = {pid}") == "active", agent
@@ -245,7 +259,7 @@ def test_forged_keys_and_another_agents_cancel_end_nothing(inst, lab, pg):
         assert sum("did not issue" in (s["detail"] or "") for s in refused) >= 9
         assert sum("no-cancels-for-mallory" in (s["detail"] or "") for s in refused) >= 4
         # the control: bot's own cancel with its key, through whichever worker
-        assert agent_py(inst, send, host=lab.b.addr4, port=PORT, cancels=json.dumps([(pid, real.hex())])) == [""]
+        assert agent_py(inst, SEND, host=lab.b.addr4, port=PORT, cancels=json.dumps([(pid, real.hex())])) == [""]
         t.join(timeout=120 * SLOWDOWN)
         assert result["out"] == ["57014"], result
         assert any("forged-target" in s for s in wait_until(lambda: server_cancels(pg).get(pid)))
@@ -299,6 +313,77 @@ def test_cancel_gives_up_a_held_statement_whichever_worker_accepts_it(inst, lab,
         assert len(inst.events("hold-canceled")) == rounds
     finally:
         t.join(timeout=300 * SLOWDOWN)
+        for p in share.iterdir():
+            p.unlink()
+        share.rmdir()
+
+
+def test_a_cancel_whose_worker_died_cancels_nothing(inst, lab, pg):
+    # The worker relaying a session is killed; the server's statement runs on. The agent's
+    # cancels with the session's key now land on the surviving worker, which cannot ask the dead
+    # one: refused, on record (fail closed); and after the successor starts, its empty map knows
+    # no such key either.
+    share = Path(tempfile.mkdtemp(prefix="interlock-cwd-"))
+    os.chmod(share, 0o777)
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault("out", agent_py(
+        inst, SESSION, host=lab.b.addr4, port=PORT, slow=SLOWDOWN, share=share, marker="orphan")))
+    t.start()
+    pid = None
+    try:
+        keyfile = share / "key.json"
+        assert wait_until(lambda: keyfile.exists() and keyfile.read_text(), timeout=120), "no session"
+        key = json.loads(keyfile.read_text())
+        pid = key["pid"]
+        assert wait_until(lambda: pg.psql(f"select state from pg_stat_activity where pid = {pid}") == "active",
+                          timeout=60)
+        live = [s for s in inst.sessions("bot") if s["outcome"] == "open" and s["dst_port"] == PORT]
+        assert len(live) == 1, live
+        worker = str(worker_of(live[0]["id"]))
+        os.kill(inst.status()["proxy_workers"][worker], signal.SIGKILL)
+        t.join(timeout=60 * SLOWDOWN)
+        assert result["out"] in (["EOF"], ["reset"]), result  # the agent's connection died with its worker
+        assert wait_until(lambda: worker not in inst.status()["proxy_workers"], timeout=30)
+        cancels = [(pid, key["key"])] * 6
+        assert agent_py(inst, SEND, host=lab.b.addr4, port=PORT, cancels=json.dumps(cancels)) == [""] * 6
+        still_gone = worker not in inst.status()["proxy_workers"]
+        # server side: the orphaned statement still runs, nobody cancelled it
+        assert pg.psql(f"select state from pg_stat_activity where pid = {pid}") == "active"
+        assert pid not in server_cancels(pg)
+        refused = [s for s in inst.sessions("bot") if s["outcome"] == "refused" and s["dst_port"] == PORT]
+        gone = [s for s in refused if f"proxy worker {worker}, which holds that key's session, cannot be asked"
+                in (s["detail"] or "")]
+        if still_gone:  # every cancel landed on the survivor while the owner was gone
+            assert len(gone) == 6, refused
+        # once the successor runs, the key is still nobody's
+        assert wait_until(lambda: worker in inst.status()["proxy_workers"], timeout=RESTART_DELAY + 30)
+        before = len(refused)
+        assert agent_py(inst, SEND, host=lab.b.addr4, port=PORT, cancels=json.dumps(cancels)) == [""] * 6
+        refused = [s for s in inst.sessions("bot") if s["outcome"] == "refused" and s["dst_port"] == PORT]
+        assert len(refused) == before + 6 and all("did not issue" in s["detail"] for s in refused[before:]), refused
+        assert pg.psql(f"select state from pg_stat_activity where pid = {pid}") == "active"
+        assert pid not in server_cancels(pg)
+        # control: a new session's cancel works again through either worker
+        control = agent_py(inst, """
+            import json, threading, time, psycopg
+            with psycopg.connect("{dsn}", autocommit=True) as c, psycopg.connect("{dsn}", autocommit=True) as mon:
+                def fire():  # once the server runs it
+                    while not mon.execute("select 1 from pg_stat_activity where pid = %s and state = 'active'",
+                                          (c.info.backend_pid,)).fetchall():
+                        time.sleep(0.05)
+                    c.cancel()
+                threading.Thread(target=fire).start()
+                try:
+                    c.execute(f"select pg_sleep({{60 * {slow}}})")
+                    print(json.dumps("completed"))
+                except psycopg.Error as e:
+                    print(json.dumps(e.sqlstate))
+        """, dsn=dsn(lab), slow=SLOWDOWN)
+        assert control == "57014"
+    finally:
+        if pid is not None:
+            pg.psql(f"select pg_terminate_backend({pid})")
+        t.join(timeout=120 * SLOWDOWN)
         for p in share.iterdir():
             p.unlink()
         share.rmdir()
