@@ -5,6 +5,7 @@ with a message an operator can act on."""
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,13 +154,21 @@ def load(path: Path | None) -> Config:
     return finish(cfg)
 
 
+def default_workers() -> int:
+    """One proxy worker per CPU this process may run on (its affinity mask, not the host's count:
+    a daemon pinned to 2 of 64 CPUs gets 2), at most MAX_WORKERS."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_WORKERS))
+
+
 def finish(cfg: Config) -> Config:
     if cfg.mark is None:
         cfg.mark = 0x494C0000 | (zlib.crc32(cfg.instance.encode()) & 0xFFFF)
     if cfg.workers is None:
-        # One by default: measured here, a second worker cost more CPU per connection than it gave,
-        # and a PostgreSQL CancelRequest can land on a worker that does not hold its session.
-        cfg.workers = 1
+        cfg.workers = default_workers()
     if cfg.inbound_port is None:
         step = 1 if cfg.proxy_port <= 65530 else -1
         cfg.inbound_port = next(p for p in (cfg.proxy_port + 2 * step, cfg.proxy_port + 3 * step) if p != cfg.dns_port)
@@ -258,7 +267,7 @@ def _check(path: Path, cfg: Config) -> None:
         if not getattr(cfg, key) > 0:
             raise ConfigError(f"{path}: '{key}' must be a number of seconds above 0")
     if cfg.workers is not None and not 1 <= cfg.workers <= MAX_WORKERS:
-        raise ConfigError(f"{path}: 'workers' must be 1..{MAX_WORKERS} proxy processes (default: 1)")
+        raise ConfigError(f"{path}: 'workers' must be 1..{MAX_WORKERS} proxy processes (default: one per CPU)")
     for key in ("idle_timeout", "max_connections_per_agent"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{path}: '{key}' must be 0 (off) or more")

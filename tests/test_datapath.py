@@ -198,10 +198,10 @@ def _refused(inst: Instance, lab, echo) -> dict:
 def test_fail_closed_when_the_daemon_is_killed(make_instance, lab, echo):
     inst = make_instance("k", proxy_port=15201, dns_port=15253)
     assert inst.probe("tcp", lab.b.addr4, str(ECHO_PORT))["ok"]
-    proxy_pid = inst.status()["proxy_pid"]
+    proxy_pids = inst.status()["proxy_pids"]  # every proxy worker (`workers:`)
     inst.daemon.send_signal(signal.SIGKILL)
     inst.daemon.wait(timeout=10)
-    assert wait_until(lambda: not os.path.exists(f"/proc/{proxy_pid}")), "proxy outlived its daemon"
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in proxy_pids)), "proxy outlived its daemon"
     # an agent that joins its cgroup after the kill (the CLI has no daemon to ask now)
     agent_cg = inst.cgroup_root / "agents" / "bot"
     assert agent_cg.exists()
