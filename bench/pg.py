@@ -107,10 +107,18 @@ def parse_pgbench(out: str) -> tuple[float, int, dict]:
 
 
 def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
+    """Resident kB of a process; for an Interlock proxy worker, of all its daemon's workers together."""
+    from bench.run import proxy_group  # bench.run imports this module
+
+    total = 0
+    for p in proxy_group(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+                break
+        else:
+            raise RuntimeError(f"no VmRSS for {p}")
+    return total
 
 
 class Pg:
