@@ -49,6 +49,16 @@ if ! .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' >"$log" 2
   exit 1
 fi
 rm -f "$log"
+# Optional: the PostgreSQL relay's hot modules compiled with Cython for this interpreter (policy/compiled.py).
+# Anything failing here leaves them as pure Python, which behaves the same, only slower.
+log=$(mktemp)
+if { .venv/bin/python -c 'import Cython' 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check -e '.[compiled]'; } >"$log" 2>&1 \
+    && .venv/bin/python scripts/compile.py build >"$log" 2>&1; then
+  echo "install: $(tail -n1 "$log")"
+else
+  echo "install: hot modules not compiled, running them as pure Python ($(grep -v '^\s*$' "$log" | tail -n1 | cut -c1-160))"
+fi
+rm -f "$log"
 ln -sfn "$PWD/.venv/bin/interlock" /usr/local/bin/interlock
 # The default instance's interception CA (key root-only in /var/lib/interlock/ca), trusted
 # system-wide so HTTPS agents enrolled by selector trust the proxy's leaves too.

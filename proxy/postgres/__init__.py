@@ -57,3 +57,5 @@ What the relay must still do itself (these modules cannot see it):
   upstream BackendKeyData;
 - MessageTooLarge/ProtocolError: send a FATAL error_response and close.
 """
+
+import policy  # noqa: E402,F401 - installs policy.compiled's guard before any module here is imported
