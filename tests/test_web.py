@@ -158,7 +158,8 @@ def sign_in(browser: Browser, rec: Central, who: str) -> None:
 def sign_out(browser: Browser) -> None:
     from selenium.webdriver.common.by import By
 
-    assert browser.do(lambda d: (d.find_element(By.ID, "sign-out").click(), d.find_element(By.ID, "signed-out").text)[1]) \
+    # the click posts a form: wait for the page it leads to, not the one still on screen
+    assert browser.do(lambda d: (d.find_element(By.ID, "sign-out").click(), wait_for(d, By.ID, "signed-out").text)[1]) \
         == "Signed out"
 
 
