@@ -480,6 +480,19 @@ class _Side:
         else:
             self._q.append(Closed())
 
+    def _keep_raw_head(self, head: RequestHead | ResponseHead, first_line: str) -> None:
+        """Let the original bytes stand in for `head` when this read held all of it from its first
+        byte and they say exactly what was parsed: `first_line` as re-serialised, then one CRLF
+        line per field (no folded lines, no bare LF for the other side to read differently)."""
+        buf = self._buf
+        if self._head_start == 0 and buf and self._head_size <= 0:
+            end = buf.find(b"\r\n\r\n")
+            if end != -1 and buf.startswith(first_line.encode("latin-1")):
+                raw = buf[:end + 4]
+                n = len(self._fields) + 2
+                if raw.count(b"\n") == n and raw.count(b"\r") == n:
+                    head._keep_raw(raw)
+
     def _message_end(self) -> None:
         self._in_message = False
         t = self._trailers
@@ -567,18 +580,8 @@ class AgentConnection(_Side):
         version = p.get_http_version()
         method = p.get_method().decode("latin-1")
         head = RequestHead(method, self._url.decode("latin-1"), Headers._of(self._fields), version)
-        # The original bytes can stand in for the head when this read held all of it from its
-        # first byte, and they say exactly what was parsed: the same request line, one CRLF
-        # line per field (no folded lines, no bare LF for the service to read differently).
-        buf = self._buf
-        if self._head_start == 0 and buf and self._head_size <= 0 and version == "1.1":
-            line = f"{method} {head.target} HTTP/1.1\r\n".encode("latin-1")
-            end = buf.find(b"\r\n\r\n")
-            if end != -1 and buf.startswith(line):
-                raw = buf[:end + 4]
-                n = len(self._fields) + 2
-                if raw.count(b"\n") == n and raw.count(b"\r") == n:
-                    head._keep_raw(raw)
+        if version == "1.1":
+            self._keep_raw_head(head, f"{method} {head.target} HTTP/1.1\r\n")
         self._feed_mark += 2
         self._trailers = []
         self._q.append(head)
@@ -843,18 +846,8 @@ class OriginConnection(_Side):
         headers = Headers._of(self._fields)
         reason = self._reason.decode("latin-1")
         head = ResponseHead(status, reason, headers, version)
-        # As for requests (AgentConnection.on_headers_complete): the original bytes stand in for
-        # the head when this read held all of it from its first byte and they say exactly what
-        # was parsed: the same status line, one CRLF line per field.
-        buf = self._buf
-        if self._head_start == 0 and buf and self._head_size <= 0 and version == "1.1":
-            line = f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")
-            end = buf.find(b"\r\n\r\n")
-            if end != -1 and buf.startswith(line):
-                raw = buf[:end + 4]
-                n = len(self._fields) + 2
-                if raw.count(b"\n") == n and raw.count(b"\r") == n:
-                    head._keep_raw(raw)
+        if version == "1.1":
+            self._keep_raw_head(head, f"HTTP/1.1 {status} {reason}\r\n")
         self._feed_mark += 2
         self._trailers = []
         self._q.append(head)
