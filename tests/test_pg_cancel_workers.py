@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -112,6 +113,17 @@ def inst(lab, pg, tmp_path_factory):
         i.close()
 
 
+@pytest.fixture
+def share():
+    """A directory the unprivileged agent and the test both use to signal each other."""
+    d = Path(tempfile.mkdtemp(prefix="interlock-cw-"))
+    os.chmod(d, 0o777)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def agent_py(inst: Instance, code: str, agent: str = "bot", **fmt) -> dict | list:
     """A Python client run as an agent under an ordinary uid; it prints one JSON line last."""
     src = textwrap.dedent(code).format(**fmt)
@@ -209,13 +221,11 @@ def test_every_cancel_takes_effect_whichever_worker_accepts_it(inst, lab, pg):
         assert owners == {e["data"]["worker"]}, (e, owners)
 
 
-def test_forged_keys_and_another_agents_cancel_end_nothing(inst, lab, pg):
+def test_forged_keys_and_another_agents_cancel_end_nothing(inst, lab, pg, share):
     # bot's session (raw protocol: the agent sees the key the proxy gave it) runs a long
     # statement; forged keys naming each worker, bot's key with another backend's pid, and
     # bot's real key sent by mallory (whose cancels the policy denies) all cancel nothing.
     # The control: bot's own cancel with the same key ends it.
-    share = Path(tempfile.mkdtemp(prefix="interlock-cw-"))
-    os.chmod(share, 0o777)
     result: dict = {}
 
     def session():
@@ -265,15 +275,10 @@ def test_forged_keys_and_another_agents_cancel_end_nothing(inst, lab, pg):
         assert any("forged-target" in s for s in wait_until(lambda: server_cancels(pg).get(pid)))
     finally:
         t.join(timeout=300 * SLOWDOWN)
-        for p in share.iterdir():
-            p.unlink()
-        share.rmdir()
 
 
-def test_cancel_gives_up_a_held_statement_whichever_worker_accepts_it(inst, lab, pg):
+def test_cancel_gives_up_a_held_statement_whichever_worker_accepts_it(inst, lab, pg, share):
     # a delete held for a human; the agent's cancel, on either worker, gives the hold up (57014)
-    share = Path(tempfile.mkdtemp(prefix="interlock-cwh-"))
-    os.chmod(share, 0o777)
     rounds = 6
     result: dict = {}
 
@@ -313,18 +318,13 @@ def test_cancel_gives_up_a_held_statement_whichever_worker_accepts_it(inst, lab,
         assert len(inst.events("hold-canceled")) == rounds
     finally:
         t.join(timeout=300 * SLOWDOWN)
-        for p in share.iterdir():
-            p.unlink()
-        share.rmdir()
 
 
-def test_a_cancel_whose_worker_died_cancels_nothing(inst, lab, pg):
+def test_a_cancel_whose_worker_died_cancels_nothing(inst, lab, pg, share):
     # The worker relaying a session is killed; the server's statement runs on. The agent's
     # cancels with the session's key now land on the surviving worker, which cannot ask the dead
     # one: refused, on record (fail closed); and after the successor starts, its empty map knows
     # no such key either.
-    share = Path(tempfile.mkdtemp(prefix="interlock-cwd-"))
-    os.chmod(share, 0o777)
     result: dict = {}
     t = threading.Thread(target=lambda: result.setdefault("out", agent_py(
         inst, SESSION, host=lab.b.addr4, port=PORT, slow=SLOWDOWN, share=share, marker="orphan")))
@@ -384,6 +384,3 @@ def test_a_cancel_whose_worker_died_cancels_nothing(inst, lab, pg):
         if pid is not None:
             pg.psql(f"select pg_terminate_backend({pid})")
         t.join(timeout=120 * SLOWDOWN)
-        for p in share.iterdir():
-            p.unlink()
-        share.rmdir()
