@@ -156,6 +156,16 @@ def dsn(lab) -> str:
     return f"host={lab.b.addr4} port={PORT} user=postgres dbname=postgres"
 
 
+def running_session_key(share: Path, pg: Postgres) -> dict:
+    """The key SESSION wrote once connected ({"pid", "key" hex}), after its statement is running."""
+    keyfile = share / "key.json"
+    assert wait_until(lambda: keyfile.exists() and keyfile.read_text(), timeout=120), "no session"
+    key = json.loads(keyfile.read_text())
+    assert wait_until(lambda: pg.psql(f"select state from pg_stat_activity where pid = {key['pid']}") == "active",
+                      timeout=60)
+    return key
+
+
 def test_every_cancel_takes_effect_whichever_worker_accepts_it(inst, lab, pg):
     out = agent_py(inst, """
         import json, signal, subprocess, threading, time, psycopg
@@ -235,12 +245,8 @@ def test_forged_keys_and_another_agents_cancel_end_nothing(inst, lab, pg, share)
     t = threading.Thread(target=session)
     t.start()
     try:
-        keyfile = share / "key.json"
-        assert wait_until(lambda: keyfile.exists() and keyfile.read_text(), timeout=120), "no session"
-        key = json.loads(keyfile.read_text())
+        key = running_session_key(share, pg)
         pid = key["pid"]
-        assert wait_until(lambda: pg.psql(f"select state from pg_stat_activity where pid = {pid}") == "active",
-                          timeout=60)
         real = bytes.fromhex(key["key"])
         forged = []
         for owner in (0, 1):  # a forged key naming each worker: the one that did not issue it, and the one that did
@@ -331,12 +337,8 @@ def test_a_cancel_whose_worker_died_cancels_nothing(inst, lab, pg, share):
     t.start()
     pid = None
     try:
-        keyfile = share / "key.json"
-        assert wait_until(lambda: keyfile.exists() and keyfile.read_text(), timeout=120), "no session"
-        key = json.loads(keyfile.read_text())
+        key = running_session_key(share, pg)
         pid = key["pid"]
-        assert wait_until(lambda: pg.psql(f"select state from pg_stat_activity where pid = {pid}") == "active",
-                          timeout=60)
         live = [s for s in inst.sessions("bot") if s["outcome"] == "open" and s["dst_port"] == PORT]
         assert len(live) == 1, live
         worker = str(worker_of(live[0]["id"]))
