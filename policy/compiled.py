@@ -8,12 +8,16 @@ without a second implementation to keep in step.
 
 `python scripts/compile.py build` (run by scripts/install.sh when Cython is installed) compiles
 MODULES for the running interpreter and puts each extension next to its source, with a sidecar
-`<module>.py.sha256` naming the exact source it was built from. Python imports an extension
-before a source file of the same name; the finder installed here (by policy/__init__.py, which
-every importer of these modules passes through) turns that around whenever the extension is not
-known to match its source — no sidecar, a different hash (the source was edited or updated
-since) — or when INTERLOCK_PURE_PYTHON is set, so a stale build can never run. Without a build,
-everything runs from source as before. `python scripts/compile.py status|clean`.
+`<module>.py.sha256` naming the exact source it was built from and the exact extension built
+(both sha256). Python imports an extension before a source file of the same name; the finder
+installed here (by policy/__init__.py, which every importer of these modules passes through)
+turns that around whenever the extension Python would load is not known to match its source —
+no sidecar, a different source hash (the source was edited or updated since), another extension
+than the one stamped (replaced, or built for another interpreter, which rewrote the shared
+stamp), an extension under another of the interpreter's suffixes (`.abi3.so`, `.so`), or one
+beside a module of these packages that is no longer in MODULES — or when INTERLOCK_PURE_PYTHON
+is set, so a stale build can never run. Without a build, everything runs from source as before.
+`python scripts/compile.py status|clean`.
 """
 
 from __future__ import annotations
@@ -43,31 +47,43 @@ def _stamp(source: Path) -> Path:
     return source.with_name(source.name + ".sha256")
 
 
-def fresh(source: Path) -> bool:
-    """Whether the extension next to `source` was built from exactly this source."""
+def fresh(source: Path, built: Path | None = None) -> bool:
+    """Whether `built` (default: this interpreter's extension next to `source`) was built from
+    exactly this source: the stamp names both the source's and the extension's sha256."""
+    built = built if built is not None else source.with_name(source.stem + SUFFIX)
     try:
-        return _stamp(source).read_text().strip() == _digest(source.read_bytes())
+        stamp = _stamp(source).read_text().split()
+        return (len(stamp) == 2 and built.name.endswith(SUFFIX) and stamp[0] == _digest(source.read_bytes())
+                and stamp[1] == _digest(built.read_bytes()))
     except OSError:
         return False
 
 
 class SourceWhenStale(importlib.abc.MetaPathFinder):
-    """Imports `names` from their .py source when the extension beside it is stale (or the
-    environment asks for pure Python); otherwise leaves the import to the normal finders."""
+    """Imports `names` from their .py source when the extension Python would load instead is
+    stale (or the environment asks for pure Python); otherwise leaves the import to the normal
+    finders. Any other module of the same packages with an extension beside its source is
+    imported from source too: nothing outside `names` is ever built, so such a file is stale."""
 
     def __init__(self, names: tuple[str, ...] = MODULES):
         self.names = frozenset(names)
+        self.packages = frozenset(n.rpartition(".")[0] for n in names)
 
     def find_spec(self, fullname: str, path, target=None):  # noqa: ANN001 - importlib's signature
-        if fullname not in self.names:
+        package, _, leaf = fullname.rpartition(".")
+        if fullname not in self.names and package not in self.packages:
             return None
-        leaf = fullname.rpartition(".")[2]
         for entry in path or sys.path:
             source = Path(entry) / f"{leaf}.py"
+            # Python's own order: the first extension suffix present wins over the source
+            built = next((b for b in (source.with_name(leaf + s) for s in importlib.machinery.EXTENSION_SUFFIXES)
+                          if b.exists()), None)
             if not source.is_file():
+                if built is not None:
+                    return None  # no source here to fall back on: left to the normal finders
                 continue
-            built = source.with_name(leaf + SUFFIX)
-            if built.exists() and (os.environ.get(PURE_ENV) or not fresh(source)):
+            if built is not None and (fullname not in self.names or os.environ.get(PURE_ENV)
+                                      or not fresh(source, built)):
                 return importlib.util.spec_from_file_location(fullname, source)
             return None
         return None
@@ -123,7 +139,7 @@ def build(jobs: int = 2) -> list[str]:
             shutil.copyfile(cmd.get_ext_fullpath(name), partial)
             _stamp(target).unlink(missing_ok=True)  # never a new stamp beside an old extension
             os.replace(partial, built)
-            _stamp(target).write_text(digests[name] + "\n")
+            _stamp(target).write_text(f"{digests[name]} {_digest(built.read_bytes())}\n")
             done.append(name)
         return done
 

@@ -7,6 +7,7 @@ beside a real source: importing it fails exactly when the guard would let the ex
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import subprocess
 import sys
 import textwrap
@@ -15,17 +16,18 @@ from pathlib import Path
 from policy import compiled
 
 PROBE = textwrap.dedent("""
-    import sys
+    import importlib, sys
     from policy.compiled import SourceWhenStale
     sys.meta_path.insert(0, SourceWhenStale(("hotpkg.hot",)))
     sys.path.insert(0, sys.argv[1])
     try:
-        import hotpkg.hot
+        mod = importlib.import_module(sys.argv[2])
     except ImportError as e:
         print("extension:", e)
     else:
-        print("source:", hotpkg.hot.ANSWER)
+        print("source:", mod.ANSWER)
 """)
+FAKE = b"not an ELF object: loading this fails"
 
 
 def _package(tmp_path: Path, stamp: str | None) -> Path:
@@ -34,25 +36,60 @@ def _package(tmp_path: Path, stamp: str | None) -> Path:
     (pkg / "__init__.py").write_text("")
     source = pkg / "hot.py"
     source.write_text("ANSWER = 42\n")
-    (pkg / ("hot" + compiled.SUFFIX)).write_bytes(b"not an ELF object: loading this fails")
+    (pkg / ("hot" + compiled.SUFFIX)).write_bytes(FAKE)
     if stamp is not None:
         (pkg / "hot.py.sha256").write_text(stamp + "\n")
     return source
 
 
-def _probe(tmp_path: Path, **env: str) -> str:
+def _stamp_as_built(source: Path, extension: bytes = FAKE) -> None:
+    """The stamp a build writes: the source's sha256 and the extension's."""
+    digests = (hashlib.sha256(source.read_bytes()).hexdigest(), hashlib.sha256(extension).hexdigest())
+    (source.parent / "hot.py.sha256").write_text(" ".join(digests) + "\n")
+
+
+def _probe(tmp_path: Path, module: str = "hotpkg.hot", **env: str) -> str:
     repo = Path(compiled.__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path)], capture_output=True, text=True, timeout=60,
-                       env={"PYTHONPATH": str(repo), **env})
+    r = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path), module], capture_output=True, text=True,
+                       timeout=60, env={"PYTHONPATH": str(repo), **env})
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
 
 
 def test_an_extension_stamped_with_its_source_is_the_one_imported(tmp_path):
     source = _package(tmp_path, None)
-    (source.parent / "hot.py.sha256").write_text(hashlib.sha256(source.read_bytes()).hexdigest() + "\n")
+    _stamp_as_built(source)
     assert compiled.fresh(source)
     assert _probe(tmp_path).startswith("extension:")  # the control: the guard lets a fresh build through
+
+
+def test_an_extension_other_than_the_one_stamped_is_never_imported(tmp_path):
+    # the stamp matches the source, but the extension beside it is not the one built with it:
+    # replaced since, or an older build for this interpreter whose stamp a build for another
+    # interpreter (same source file, same stamp file) rewrote
+    source = _package(tmp_path, None)
+    _stamp_as_built(source, extension=b"the extension that was built")
+    assert not compiled.fresh(source)
+    assert _probe(tmp_path) == "source: 42"
+
+
+def test_an_extension_under_another_suffix_is_never_imported(tmp_path):
+    # Python also loads hot.abi3.so and hot.so before hot.py; no build of ours makes them
+    source = _package(tmp_path, None)
+    (source.parent / ("hot" + compiled.SUFFIX)).unlink()
+    for suffix in [s for s in importlib.machinery.EXTENSION_SUFFIXES if s != compiled.SUFFIX]:
+        (source.parent / ("hot" + suffix)).write_bytes(FAKE)
+        assert _probe(tmp_path) == "source: 42", suffix
+        (source.parent / ("hot" + suffix)).unlink()
+
+
+def test_a_module_no_longer_compiled_never_runs_its_old_extension(tmp_path):
+    # a module of the same package that left MODULES (an update): its old build stays on disk
+    # (build and clean only know MODULES), and must not shadow its source
+    source = _package(tmp_path, None)
+    (source.parent / "cold.py").write_text("ANSWER = 7\n")
+    (source.parent / ("cold" + compiled.SUFFIX)).write_bytes(FAKE)
+    assert _probe(tmp_path, "hotpkg.cold") == "source: 7"
 
 
 def test_an_edited_source_is_imported_instead_of_its_old_extension(tmp_path):
@@ -68,7 +105,7 @@ def test_an_extension_without_a_stamp_is_never_imported(tmp_path):
 
 def test_pure_python_on_request(tmp_path):
     source = _package(tmp_path, None)
-    (source.parent / "hot.py.sha256").write_text(hashlib.sha256(source.read_bytes()).hexdigest() + "\n")
+    _stamp_as_built(source)
     assert _probe(tmp_path, INTERLOCK_PURE_PYTHON="1") == "source: 42"
 
 
