@@ -117,3 +117,36 @@ def test_one_worker_uses_no_socket():
         assert asyncio.run(cancels.claim_anywhere(9, os.urandom(4), 0, 1, None, 10)) is None
     finally:
         cancels.forget(9, key)
+
+
+def test_a_cancel_sent_to_another_server_gives_nothing_up():
+    # the cancel was judged for where the agent sent it: a key whose session is elsewhere is
+    # refused by its owner, locally and over the socket, before any hold is given up
+    shared = Path(tempfile.mkdtemp(prefix="interlock-cancels-"))
+    os.chmod(shared, 0o700)
+    held = Session(holding=True)
+    key1 = cancels.issue_key(4, 1, 2)
+    cancels.remember(4244, key1, "10.0.0.2", 5432, b"REAL", held)
+
+    async def scenario():
+        server = await cancels.serve(shared, 1)
+        try:
+            for dest in (("10.0.0.2", 5433), ("10.0.0.3", 5432)):
+                with pytest.raises(cancels.Elsewhere, match="another server"):
+                    await cancels.claim_anywhere(4244, key1, 0, 2, shared, 10, dest)
+                with pytest.raises(cancels.Elsewhere):
+                    cancels.claim(4244, key1, dest)
+            assert held.asked == 0
+            # the control: sent where the session is, the same key gives the hold up
+            return await cancels.claim_anywhere(4244, key1, 0, 2, shared, 10, ("10.0.0.2", 5432))
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    try:
+        assert asyncio.run(scenario()) == ("10.0.0.2", 5432, b"REAL", True) and held.asked == 1
+    finally:
+        cancels.forget(4244, key1)
+        for p in shared.iterdir():
+            p.unlink()
+        shared.rmdir()

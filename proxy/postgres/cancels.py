@@ -15,7 +15,14 @@ CancelRequest itself. A key no worker issued cancels nothing; an owning worker t
 does not answer within `connect_timeout`) cancels nothing either: the cancel is refused, on
 record (fail closed).
 
-Between workers, one JSON line each way: {"pid": int, "key": hex} → {"found": false} or
+A cancel only goes where it was sent: the policy judged it for the destination the agent dialled
+(its `cancel` rules may name a target), so a key whose session is at another address or port
+is refused before anything happens (`Elsewhere`), never forwarded to where no rule looked. A
+client sends its CancelRequest to the address its session connected to (libpq, psycopg, asyncpg,
+JDBC all do).
+
+Between workers, one JSON line each way: {"pid": int, "key": hex, "addr": str, "port": int} →
+{"found": false}, {"found": false, "elsewhere": true} or
 {"found": true, "addr": str, "port": int, "key": hex, "hold_canceled": bool}.
 """
 
@@ -45,6 +52,11 @@ class OwnerGone(Exception):
     """The worker whose key it is cannot be asked: nothing is cancelled."""
 
 
+class Elsewhere(Exception):
+    """The key's session is at another destination than the cancel was sent to (and judged for):
+    nothing is cancelled, no hold is given up."""
+
+
 def issue_key(length: int, worker: int = 0, workers: int = 1) -> bytes:
     """A random key of `length` bytes (4 in protocol 3.0, up to 256 in 3.2) whose big-endian value
     modulo `workers` is `worker`, uniform among such keys."""
@@ -67,13 +79,17 @@ def forget(pid: int, key: bytes) -> None:
     KEYS.pop((pid, key), None)
 
 
-def claim(pid: int, key: bytes) -> tuple[str, int, bytes, bool] | None:
+def claim(pid: int, key: bytes, dest: tuple[str, int] | None = None) -> tuple[str, int, bytes, bool] | None:
     """This worker's answer for a key: (server address, port, server's key, whether a held
-    statement was given up), or None for a key it did not issue (or whose session ended)."""
+    statement was given up), or None for a key it did not issue (or whose session ended).
+    Raises Elsewhere, giving nothing up, when `dest` (where the cancel was sent) is not the
+    session's server."""
     found = KEYS.get((pid, key))
     if found is None:
         return None
     addr, port, server_key, ref = found
+    if dest is not None and (addr, port) != (dest[0], dest[1]):
+        raise Elsewhere(_elsewhere(dest))
     owner = ref()
     return addr, port, server_key, owner is not None and owner.cancel_hold()
 
@@ -83,18 +99,21 @@ def socket_path(shared: Path, worker: int) -> Path:
 
 
 async def claim_anywhere(pid: int, key: bytes, worker: int, workers: int, shared: Path | None,
-                         timeout: float) -> tuple[str, int, bytes, bool] | None:
+                         timeout: float, dest: tuple[str, int] | None = None) -> tuple[str, int, bytes, bool] | None:
     """`claim` in the worker that issued the key: this one, or a sibling over its socket.
-    Raises OwnerGone when that sibling cannot be asked."""
+    Raises OwnerGone when that sibling cannot be asked, Elsewhere as `claim` does."""
     owner = owner_of(key, workers)
     if owner == worker or shared is None:
-        return claim(pid, key)
+        return claim(pid, key, dest)
     path = socket_path(shared, owner)
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_unix_connection(str(path), limit=LINE_LIMIT)
             try:
-                writer.write(json.dumps({"pid": pid, "key": key.hex()}).encode() + b"\n")
+                ask = {"pid": pid, "key": key.hex()}
+                if dest is not None:
+                    ask["addr"], ask["port"] = dest[0], dest[1]
+                writer.write(json.dumps(ask).encode() + b"\n")
                 line = await reader.readline()
             finally:
                 writer.close()
@@ -104,11 +123,18 @@ async def claim_anywhere(pid: int, key: bytes, worker: int, workers: int, shared
                         "nothing was cancelled") from None
     try:
         answer = json.loads(line)
+        if answer.get("elsewhere"):
+            raise Elsewhere(_elsewhere(dest))
         if not answer.get("found"):
             return None
         return str(answer["addr"]), int(answer["port"]), bytes.fromhex(answer["key"]), bool(answer["hold_canceled"])
     except (ValueError, KeyError, TypeError, AttributeError):
         raise OwnerGone(f"proxy worker {owner} gave no usable answer: nothing was cancelled") from None
+
+
+def _elsewhere(dest: tuple[str, int] | None) -> str:
+    where = f"{dest[0]}:{dest[1]}" if dest is not None else "one server"
+    return f"CancelRequest sent to {where} for a session with another server: it is judged where it is sent and goes nowhere else"
 
 
 async def serve(shared: Path, worker: int) -> asyncio.AbstractServer:
@@ -129,9 +155,13 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             return
         async with asyncio.timeout(5):
             req = json.loads(await reader.readline())
-        found = claim(int(req["pid"]), bytes.fromhex(req["key"]))
-        answer = {"found": False} if found is None else {
-            "found": True, "addr": found[0], "port": found[1], "key": found[2].hex(), "hold_canceled": found[3]}
+        dest = (str(req["addr"]), int(req["port"])) if "addr" in req else None
+        try:
+            found = claim(int(req["pid"]), bytes.fromhex(req["key"]), dest)
+            answer = {"found": False} if found is None else {
+                "found": True, "addr": found[0], "port": found[1], "key": found[2].hex(), "hold_canceled": found[3]}
+        except Elsewhere:
+            answer = {"found": False, "elsewhere": True}
         writer.write(json.dumps(answer).encode() + b"\n")
         await writer.drain()
     except (OSError, TimeoutError, ValueError, KeyError, TypeError):

@@ -67,6 +67,7 @@ from proxy.postgres.tracker import (
     UnsafeSetting,
     masked_params,
 )
+from recorder.approvals import Outcome
 
 # phases
 CLIENT_STARTUP, UP_SSL, UP_TLS, UP_AUTH, UP_PARAMS, READY, DONE, UP_CATALOG = range(8)
@@ -515,13 +516,22 @@ class PostgresHandler(Handler):
                 self._end_tls()
                 self.conn.close("denied", f"{decision.rule}: {decision.reason}", abort=False)
                 return
+            if decision.verdict is Verdict.APPROVE:  # a human first, as for any operation
+                outcome = await self.conn.hold(op, decision)
+                if self.conn.transport.is_closing():
+                    return
+                if outcome != "approved":
+                    self._end_tls()
+                    why = outcome.explained(decision.rule) if isinstance(outcome, Outcome) else f"approval {outcome}"
+                    self.conn.close(str(outcome), why, abort=False)
+                    return
             proxy = self.conn.proxy
             workers = getattr(proxy, "workers", 1)
             shared = workers_mod.shared_dir(proxy.layout.run_dir) if workers > 1 else None
             try:  # the worker that issued the key answers (this one, or a sibling: cancels.py)
                 found = await cancels.claim_anywhere(msg.pid, msg.key, getattr(proxy, "worker", 0), workers, shared,
-                                                     proxy.config.connect_timeout)
-            except cancels.OwnerGone as e:
+                                                     proxy.config.connect_timeout, (rec.dst_addr, rec.dst_port))
+            except (cancels.OwnerGone, cancels.Elsewhere) as e:
                 self._end_tls()
                 self.conn.close("refused", str(e), abort=False)
                 return
