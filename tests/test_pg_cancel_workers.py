@@ -11,23 +11,20 @@ import os
 import re
 import shutil
 import signal
-import sys
 import tempfile
-import textwrap
 import threading
 from pathlib import Path
 
 import pytest
 
 from lab.instance import Instance
+from lab.pg_cancel import SESSION, agent_py
 from lab.postgres import Postgres
 from lab.testing import SLOWDOWN, instance_name, wait_until
 from recorder.store import worker_of
 
 pytestmark = pytest.mark.datapath
-REPO = Path(__file__).resolve().parent.parent
 PORT = 5442
-UNPRIVILEGED = ["setpriv", "--reuid", "65533", "--regid", "65533", "--clear-groups"]
 CANCELS = 24  # each lands on a worker the kernel picks: about half on the other worker than the session's
 POLICY = """\
 rules:
@@ -56,32 +53,6 @@ SEND = """
         out.append(c.recv(10).hex())
         c.close()
     print(json.dumps(out))
-"""
-# A session over the raw protocol that leaves its key (as the proxy gave it) in a file, then runs
-# one long statement; what it got: error codes, or "EOF"/"reset" when the proxy went away.
-SESSION = """
-    import json, socket, time
-    from proxy.postgres import wire
-    s = socket.create_connection(("{host}", {port}), timeout=300 * {slow})
-    r = wire.FrameReader("backend")
-    def until_ready():
-        got = []
-        while not any(isinstance(m, wire.ReadyForQuery) for m in got):
-            try:
-                data = s.recv(65536)
-            except ConnectionResetError:
-                return got + ["reset"]
-            if not data:
-                return got + ["EOF"]
-            r.feed(data); got += list(r.messages())
-        return got
-    s.sendall(wire.startup_message({{"user": "postgres", "database": "postgres"}}))
-    key = next(m for m in until_ready() if isinstance(m, wire.BackendKeyData))
-    open("{share}/key.json", "w").write(json.dumps({{"pid": key.pid, "key": key.key.hex()}}))
-    s.sendall(wire.query(f"select pg_sleep({{120 * {slow}}}) /* {marker} */"))
-    got = until_ready()
-    print(json.dumps([m.code if isinstance(m, wire.ErrorResponse) else m for m in got
-                      if isinstance(m, wire.ErrorResponse) or m in ("EOF", "reset")]))
 """
 RESTART_DELAY = 15  # seconds a killed worker stays gone (proxy_restart_delay)
 
@@ -124,14 +95,6 @@ def share():
         shutil.rmtree(d, ignore_errors=True)
 
 
-def agent_py(inst: Instance, code: str, agent: str = "bot", **fmt) -> dict | list:
-    """A Python client run as an agent under an ordinary uid; it prints one JSON line last."""
-    src = textwrap.dedent(code).format(**fmt)
-    r = inst.agent([*UNPRIVILEGED, sys.executable, "-"], agent=agent, timeout=300 * SLOWDOWN, cwd=REPO, input=src)
-    try:
-        return json.loads(r.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        raise AssertionError(f"no result: rc={r.returncode} stdout={r.stdout[-2000:]} stderr={r.stderr[-3000:]}") from None
 
 
 def server_cancels(pg: Postgres) -> dict[int, list[str]]:

@@ -16,23 +16,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import tempfile
-import textwrap
 import threading
 from pathlib import Path
 
 import pytest
 
 from lab.instance import Instance
+from lab.pg_cancel import SESSION, agent_py
 from lab.postgres import Postgres
 from lab.testing import SLOWDOWN, instance_name, wait_until
 
 pytestmark = pytest.mark.datapath
-REPO = Path(__file__).resolve().parents[2]
 PORT = 5461  # the PostgreSQL server the sessions use
 ELSEWHERE = 5462  # another service on the same host the agents may reach
-UNPRIVILEGED = ["setpriv", "--reuid", "65533", "--regid", "65533", "--clear-groups"]
 POLICY = """\
 targets:
   prod-db:
@@ -51,28 +48,6 @@ rules:
     decision: approve
     timeout: 120s
 default: allow
-"""
-# One raw session: its key (as the proxy gave it) goes to a file, then a long statement runs;
-# prints the error codes it got back.
-SESSION = """
-    import json, socket
-    from proxy.postgres import wire
-    s = socket.create_connection(("{host}", {port}), timeout=300 * {slow})
-    r = wire.FrameReader("backend")
-    def until_ready():
-        got = []
-        while not any(isinstance(m, wire.ReadyForQuery) for m in got):
-            data = s.recv(65536)
-            if not data:
-                return got + ["EOF"]
-            r.feed(data); got += list(r.messages())
-        return got
-    s.sendall(wire.startup_message({{"user": "postgres", "database": "postgres"}}))
-    key = next(m for m in until_ready() if isinstance(m, wire.BackendKeyData))
-    open("{share}/key.json", "w").write(json.dumps({{"pid": key.pid, "key": key.key.hex()}}))
-    s.sendall(wire.query(f"select pg_sleep({{150 * {slow}}}) /* {marker} */"))
-    print(json.dumps([m.code if isinstance(m, wire.ErrorResponse) else m for m in until_ready()
-                      if isinstance(m, wire.ErrorResponse) or m == "EOF"]))
 """
 # One CancelRequest to host:port; what came back before the proxy closed it ("" = nothing)
 SEND = """
@@ -106,15 +81,6 @@ def inst(lab, pg, echo_at, tmp_path_factory):
         yield i
     finally:
         i.close()
-
-
-def agent_py(inst: Instance, code: str, agent: str, **fmt):
-    src = textwrap.dedent(code).format(slow=SLOWDOWN, **fmt)
-    r = inst.agent([*UNPRIVILEGED, sys.executable, "-"], agent=agent, timeout=300 * SLOWDOWN, cwd=REPO, input=src)
-    try:
-        return json.loads(r.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        raise AssertionError(f"no result: rc={r.returncode} stdout={r.stdout[-2000:]} stderr={r.stderr[-3000:]}") from None
 
 
 def server_cancelled(pg: Postgres, marker: str) -> bool:
