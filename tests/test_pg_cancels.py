@@ -41,7 +41,7 @@ def test_every_worker_is_named_evenly_by_a_forged_key():
 
 
 def _claim(key: bytes, worker: int, shared: Path | None, pid: int = 4242):
-    return asyncio.run(cancels.claim_anywhere(pid, key, worker, 2, shared, timeout=10))
+    return asyncio.run(cancels.claim_anywhere(pid, key, worker, 2, shared, 10, ("10.0.0.2", 5432)))
 
 
 def test_a_sibling_claims_its_key_over_its_socket_and_nothing_else():
@@ -57,10 +57,11 @@ def test_a_sibling_claims_its_key_over_its_socket_and_nothing_else():
         server = await cancels.serve(shared, 1)  # "worker 1" (its map is this process's KEYS)
         try:
             assert (os.stat(cancels.socket_path(shared, 1)).st_mode & 0o777) == 0o600
-            got = [await cancels.claim_anywhere(4242, key1, 0, 2, shared, 10),
-                   await cancels.claim_anywhere(4243, key1b, 0, 2, shared, 10),
-                   await cancels.claim_anywhere(4243, key1, 0, 2, shared, 10),  # right key, wrong backend
-                   await cancels.claim_anywhere(4242, cancels.issue_key(4, 1, 2), 0, 2, shared, 10)]  # forged
+            got = [await cancels.claim_anywhere(4242, key1, 0, 2, shared, 10, ("10.0.0.2", 5432)),
+                   await cancels.claim_anywhere(4243, key1b, 0, 2, shared, 10, ("10.0.0.2", 5433)),
+                   await cancels.claim_anywhere(4243, key1, 0, 2, shared, 10, ("10.0.0.2", 5433)),  # right key, wrong backend
+                   await cancels.claim_anywhere(4242, cancels.issue_key(4, 1, 2), 0, 2, shared, 10,
+                                                ("10.0.0.2", 5432))]  # forged
             return got
         finally:
             server.close()
@@ -73,7 +74,7 @@ def test_a_sibling_claims_its_key_over_its_socket_and_nothing_else():
         assert got[2] is None and got[3] is None
         # the session ended: its key is gone
         cancels.forget(4242, key1)
-        assert cancels.claim(4242, key1) is None
+        assert cancels.claim(4242, key1, ("10.0.0.2", 5432)) is None
     finally:
         cancels.forget(4242, key1)
         cancels.forget(4243, key1b)
@@ -113,8 +114,9 @@ def test_one_worker_uses_no_socket():
     session = Session(holding=False)
     cancels.remember(9, key, "10.0.0.2", 5432, b"REAL", session)
     try:
-        assert asyncio.run(cancels.claim_anywhere(9, key, 0, 1, None, 10)) == ("10.0.0.2", 5432, b"REAL", False)
-        assert asyncio.run(cancels.claim_anywhere(9, os.urandom(4), 0, 1, None, 10)) is None
+        dest = ("10.0.0.2", 5432)
+        assert asyncio.run(cancels.claim_anywhere(9, key, 0, 1, None, 10, dest)) == ("10.0.0.2", 5432, b"REAL", False)
+        assert asyncio.run(cancels.claim_anywhere(9, os.urandom(4), 0, 1, None, 10, dest)) is None
     finally:
         cancels.forget(9, key)
 

@@ -79,7 +79,7 @@ def forget(pid: int, key: bytes) -> None:
     KEYS.pop((pid, key), None)
 
 
-def claim(pid: int, key: bytes, dest: tuple[str, int] | None = None) -> tuple[str, int, bytes, bool] | None:
+def claim(pid: int, key: bytes, dest: tuple[str, int]) -> tuple[str, int, bytes, bool] | None:
     """This worker's answer for a key: (server address, port, server's key, whether a held
     statement was given up), or None for a key it did not issue (or whose session ended).
     Raises Elsewhere, giving nothing up, when `dest` (where the cancel was sent) is not the
@@ -88,7 +88,7 @@ def claim(pid: int, key: bytes, dest: tuple[str, int] | None = None) -> tuple[st
     if found is None:
         return None
     addr, port, server_key, ref = found
-    if dest is not None and (addr, port) != (dest[0], dest[1]):
+    if (addr, port) != (dest[0], dest[1]):
         raise Elsewhere(_elsewhere(dest))
     owner = ref()
     return addr, port, server_key, owner is not None and owner.cancel_hold()
@@ -99,7 +99,7 @@ def socket_path(shared: Path, worker: int) -> Path:
 
 
 async def claim_anywhere(pid: int, key: bytes, worker: int, workers: int, shared: Path | None,
-                         timeout: float, dest: tuple[str, int] | None = None) -> tuple[str, int, bytes, bool] | None:
+                         timeout: float, dest: tuple[str, int]) -> tuple[str, int, bytes, bool] | None:
     """`claim` in the worker that issued the key: this one, or a sibling over its socket.
     Raises OwnerGone when that sibling cannot be asked, Elsewhere as `claim` does."""
     owner = owner_of(key, workers)
@@ -110,9 +110,7 @@ async def claim_anywhere(pid: int, key: bytes, worker: int, workers: int, shared
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_unix_connection(str(path), limit=LINE_LIMIT)
             try:
-                ask = {"pid": pid, "key": key.hex()}
-                if dest is not None:
-                    ask["addr"], ask["port"] = dest[0], dest[1]
+                ask = {"pid": pid, "key": key.hex(), "addr": dest[0], "port": dest[1]}
                 writer.write(json.dumps(ask).encode() + b"\n")
                 line = await reader.readline()
             finally:
@@ -132,9 +130,8 @@ async def claim_anywhere(pid: int, key: bytes, worker: int, workers: int, shared
         raise OwnerGone(f"proxy worker {owner} gave no usable answer: nothing was cancelled") from None
 
 
-def _elsewhere(dest: tuple[str, int] | None) -> str:
-    where = f"{dest[0]}:{dest[1]}" if dest is not None else "one server"
-    return f"CancelRequest sent to {where} for a session with another server: it is judged where it is sent and goes nowhere else"
+def _elsewhere(dest: tuple[str, int]) -> str:
+    return f"CancelRequest sent to {dest[0]}:{dest[1]} for a session with another server: it is judged where it is sent and goes nowhere else"
 
 
 async def serve(shared: Path, worker: int) -> asyncio.AbstractServer:
@@ -155,7 +152,7 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             return
         async with asyncio.timeout(5):
             req = json.loads(await reader.readline())
-        dest = (str(req["addr"]), int(req["port"])) if "addr" in req else None
+        dest = (str(req["addr"]), int(req["port"]))  # a request without one is not answered
         try:
             found = claim(int(req["pid"]), bytes.fromhex(req["key"]), dest)
             answer = {"found": False} if found is None else {
