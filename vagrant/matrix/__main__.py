@@ -127,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     tolerated = sum(r.result == "tolerated" for r in rows)
     if tolerated:
         print(f"kernel-matrix: {tolerated} timing-bound failure(s) tolerated (vagrant/matrix/timing_bound.txt)")
+    # the failures again, last, so that a log cut to its tail (CI keeps the tail) still names them
+    for run in runs:
+        if run.error:
+            print(f"kernel-matrix: FAILED {run.label}: {' '.join(run.error.split())[:400]}")
+        for r in run.rows:
+            if r.result in ("FAIL", "ERROR"):
+                print(f"kernel-matrix: FAILED {run.label} {r.test}: {' '.join(r.detail.split())[:400]}")
     print(f"kernel-matrix: {sum(r.result == 'pass' for r in rows)} passed, {failed} failed, "
           f"{sum(r.result == 'skip' for r in rows)} skipped")
     if args.doc:

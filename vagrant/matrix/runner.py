@@ -7,6 +7,7 @@ share (the job directory) that carries stage 2 in and the results out."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -156,6 +157,9 @@ def _junit_rows(path: Path) -> list[Row]:
             if el is not None:
                 result = res
                 detail = (el.get("message") or "").splitlines()[0][:200] if el.get("message") else ""
+                where = [ln for ln in (el.text or "").splitlines() if re.match(r"\S+\.py:\d+:", ln)]
+                if where:  # the innermost frame pytest names, so a cut log still says where
+                    detail = f"{detail} ({where[-1][:160]})" if detail else where[-1][:200]
                 break
         rows.append(Row(name, result, float(case.get("time") or 0), detail))
     return rows
