@@ -161,12 +161,15 @@ def test_cgroup_selector_enrolls_a_service(inst, lab, echo):
 
 
 def test_enroll_running_process_tree(inst, lab, echo):
-    script = ("import subprocess,sys,time; time.sleep(1.5); "
+    # the tree connects only once it has been moved (a fixed sleep raced the enrol CLI under emulation)
+    script = ("import subprocess,sys,time; moved=lambda: '/agents/late' in open('/proc/self/cgroup').read(); "
+              f"end=time.monotonic()+60*{SLOWDOWN}\n"
+              "while not moved() and time.monotonic()<end: time.sleep(0.05)\n"
               f"sys.exit(subprocess.run([sys.executable,'-m','lab.probe','tcp','{lab.b.addr4}','{ECHO_PORT}']).returncode)")
     p = lab.a.popen([sys.executable, "-c", script])
     r = inst.cli("enroll", "--pid", str(p.pid), "--agent", "late")
     assert r.returncode == 0, r.stderr
-    assert p.wait(timeout=20) == 0
+    assert p.wait(timeout=60 * SLOWDOWN) == 0
     assert wait_until(lambda: inst.sessions("late")), "the enrolled tree's later connection was not captured"
 
 
