@@ -28,8 +28,9 @@ class PolicyHolder:
     """The policy in force. A reload that fails validation keeps the old one and says why.
 
     With several proxy workers, a worker that loads a new policy bumps the shared generation
-    (proxy/workers.py) before it records `policy-loaded`; every other worker loads the file
-    again before its next decision, so no worker judges by a policy a sibling has replaced."""
+    (proxy/workers.py), publishing the text it validated, before it records `policy-loaded`; every
+    other worker loads that text (not the file, which may have changed since) before its next
+    decision, so no worker judges by a policy a sibling has replaced."""
 
     def __init__(self, path: str | None, recorder: Recorder, on_load: Callable[[int], None] | None = None,
                  identity_of: Callable[[str], object | None] | None = None,
@@ -52,12 +53,13 @@ class PolicyHolder:
         return self._current
 
     def _follow(self) -> None:
-        """A sibling worker loaded a new policy: load the same file."""
+        """A sibling worker loaded a new policy: load the text it validated and published."""
         self._seen = self.generation.value
         self._mtime = self._stat()
+        text = self.generation.published()
         try:
-            self._current = load(self.path)
-        except PolicyError as e:  # changed again meanwhile: the watch reports it
+            self._current = load(self.path, text) if text is not None else load(self.path)
+        except PolicyError as e:  # only a file read without a published text can fail here
             self.recorder.event("policy-rejected", {"file": self.path, "problems": e.problems})
             return
         self._loaded()
@@ -78,13 +80,17 @@ class PolicyHolder:
         if not self.path:
             return False
         try:
-            new = load(self.path)
+            text = open(self.path, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError):
+            text = None  # load() says what is wrong with the file
+        try:
+            new = load(self.path, text) if text is not None else load(self.path)
         except PolicyError as e:
             self.recorder.event("policy-rejected", {"file": self.path, "problems": e.problems})
             return False
         self._current = new
-        if self.generation is not None:
-            self._seen = self.generation.bump()
+        if self.generation is not None and text is not None:
+            self._seen = self.generation.publish(text)
         self._loaded()
         self.recorder.event("policy-loaded", {"file": self.path, "rules": len(new.rules)})
         return True

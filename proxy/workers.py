@@ -215,12 +215,33 @@ class SharedCounts:
 
 
 class SharedGeneration:
-    """How many policies the workers have loaded: a worker that sees it move loads the file again."""
+    """How many policies the workers have loaded, and the text of the last: a worker that sees it move loads that text."""
 
     def __init__(self, path: Path):
         self.fd = os.open(path, os.O_RDWR)
         self.map = mmap.mmap(self.fd, _I64.size)
         self.cell = memoryview(self.map).cast("q")
+        self.text_path = Path(f"{path}.policy")  # the text the last bump validated (run dir, root only)
+
+    def publish(self, text: str) -> int:
+        """Make `text` (already validated) the policy every worker follows; return the new generation.
+
+        Followers load this text, not the file: the file may have changed (even to something invalid)
+        since, and a follower must never stay on the policy its sibling replaced."""
+        with _Flock(self.fd):
+            tmp = self.text_path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(text)
+            os.replace(tmp, self.text_path)
+            self.cell[0] += 1
+            return self.cell[0]
+
+    def published(self) -> str | None:
+        """The text of the last `publish`, or None if none was published."""
+        with _Flock(self.fd):
+            try:
+                return self.text_path.read_text()
+            except OSError:
+                return None
 
     @property
     def value(self) -> int:

@@ -71,6 +71,21 @@ def test_a_policy_one_worker_loads_is_every_workers_next(run_dir, tmp_path):
     rec.close()
 
 
+def test_a_sibling_follows_the_policy_its_sibling_validated_even_if_the_file_broke_since(run_dir, tmp_path):
+    """The race make test met: A loads a deny policy, the file turns invalid before B's next decision;
+    B reading the file again failed and stayed on the allow policy A had replaced."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("rules:\n  - name: a\n    decision: allow\n")
+    rec = Recorder(tmp_path / "r.db")
+    a = PolicyHolder(str(policy), rec, generation=workers.SharedGeneration(workers.generation_file(run_dir)))
+    b = PolicyHolder(str(policy), rec, generation=workers.SharedGeneration(workers.generation_file(run_dir)))
+    policy.write_text("rules:\n  - name: a\n    decision: allow\n  - name: b\n    decision: deny\n")
+    assert a.reload()
+    policy.write_text("rules:\n  - decision: perhaps\n")  # before b's next decision
+    assert [r.name for r in b.current.rules] == ["a", "b"], "b judges by the policy a validated, not a stale one"
+    rec.close()
+
+
 def test_a_restarted_worker_closes_out_only_its_own_sessions(tmp_path):
     loop = asyncio.new_event_loop()
     try:
