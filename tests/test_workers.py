@@ -56,13 +56,19 @@ def test_the_connection_cap_counts_every_worker(run_dir):
         workers.SharedCounts(workers.counts_file(run_dir), 2, 3)  # sized for two workers
 
 
-def test_a_policy_one_worker_loads_is_every_workers_next(run_dir, tmp_path):
+def _two_workers_and_a_new_policy(run_dir, tmp_path):
+    """Two workers' policy holders on one allow rule; the file then names a second (deny) rule."""
     policy = tmp_path / "policy.yaml"
     policy.write_text("rules:\n  - name: a\n    decision: allow\n")
     rec = Recorder(tmp_path / "r.db")
     a = PolicyHolder(str(policy), rec, generation=workers.SharedGeneration(workers.generation_file(run_dir)))
     b = PolicyHolder(str(policy), rec, generation=workers.SharedGeneration(workers.generation_file(run_dir)))
     policy.write_text("rules:\n  - name: a\n    decision: allow\n  - name: b\n    decision: deny\n")
+    return policy, rec, a, b
+
+
+def test_a_policy_one_worker_loads_is_every_workers_next(run_dir, tmp_path):
+    policy, rec, a, b = _two_workers_and_a_new_policy(run_dir, tmp_path)
     assert a.reload()
     assert len(b.current.rules) == 2, "the sibling loads it before its next decision, not at its next watch"
     policy.write_text("rules:\n  - decision: perhaps\n")
@@ -74,12 +80,7 @@ def test_a_policy_one_worker_loads_is_every_workers_next(run_dir, tmp_path):
 def test_a_sibling_follows_the_policy_its_sibling_validated_even_if_the_file_broke_since(run_dir, tmp_path):
     """The race make test met: A loads a deny policy, the file turns invalid before B's next decision;
     B reading the file again failed and stayed on the allow policy A had replaced."""
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("rules:\n  - name: a\n    decision: allow\n")
-    rec = Recorder(tmp_path / "r.db")
-    a = PolicyHolder(str(policy), rec, generation=workers.SharedGeneration(workers.generation_file(run_dir)))
-    b = PolicyHolder(str(policy), rec, generation=workers.SharedGeneration(workers.generation_file(run_dir)))
-    policy.write_text("rules:\n  - name: a\n    decision: allow\n  - name: b\n    decision: deny\n")
+    policy, rec, a, b = _two_workers_and_a_new_policy(run_dir, tmp_path)
     assert a.reload()
     policy.write_text("rules:\n  - decision: perhaps\n")  # before b's next decision
     assert [r.name for r in b.current.rules] == ["a", "b"], "b judges by the policy a validated, not a stale one"
