@@ -256,6 +256,9 @@ class AgentSide(asyncio.Protocol):
                 # would have had direct (its connect() already succeeded against the proxy).
                 self.close("upstream-error", str(e) or type(e).__name__)
                 return
+            if self.transport.is_closing():
+                up.transport.close()  # the agent went away while we dialled: nothing to relay
+                return
             try:
                 await self.proxy.recorded(rec)  # no byte goes upstream before the session row is on record
             except RecorderDown as e:
@@ -529,8 +532,8 @@ def _reset(transport: asyncio.BaseTransport) -> None:
     if sock is not None:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-        except OSError:
-            pass
+        except (OSError, ValueError):
+            pass  # the socket is already gone (ValueError: uvloop's closed pseudo-socket has fd -1)
     transport.abort()
 
 
