@@ -36,15 +36,16 @@ def test_a_reset_of_a_live_connection_is_a_tcp_rst():
 
         server = await loop.create_server(Keep, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        reader, _ = await asyncio.open_connection("127.0.0.1", port)
-        while not ends:
-            await asyncio.sleep(0.01)
-        _reset(ends[0])
-        try:
-            await reader.read(1)
-            reset = False
-        except ConnectionResetError:
-            reset = True
+        async with asyncio.timeout(10):
+            reader, _ = await asyncio.open_connection("127.0.0.1", port)
+            while not ends:
+                await asyncio.sleep(0.01)
+            _reset(ends[0])
+            try:
+                await reader.read(1)
+                reset = False
+            except ConnectionResetError:
+                reset = True
         server.close()
         assert reset, "the peer saw a clean end, not a reset"
 
