@@ -52,13 +52,26 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _sequence)
 
 
+def read_text(path: Path | str) -> str:
+    """A policy file's text (UTF-8, as YAML 1.2 §5.2 allows); PolicyError naming the line when
+    the file cannot be read or is not UTF-8, never an OSError or UnicodeDecodeError."""
+    name = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise PolicyError([f"{name}: cannot read: {e.strerror}"]) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise PolicyError([f"{name}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): "
+                           "save the policy as UTF-8"]) from None
+
+
 def read(path: Path | str, text: str | None = None) -> LineDict:
     name = str(path)
     if text is None:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise PolicyError([f"{name}: cannot read: {e.strerror}"]) from None
+        text = read_text(path)
     try:
         doc = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.MarkedYAMLError as e:

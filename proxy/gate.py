@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from policy.document import read_text
 from policy.engine import Policy, PolicyError, load, load_default
 from policy.model import Decision, Operation, Verdict
 from proxy.workers import SharedGeneration, SharedNames
@@ -56,9 +57,8 @@ class PolicyHolder:
         """A sibling worker loaded a new policy: load the text it validated and published."""
         self._seen = self.generation.value
         self._mtime = self._stat()
-        text = self.generation.published()
         try:
-            self._current = load(self.path, text) if text is not None else load(self.path)
+            self._current = load(self.path, self.generation.published())
         except PolicyError as e:  # only a file read without a published text can fail here
             self.recorder.event("policy-rejected", {"file": self.path, "problems": e.problems})
             return
@@ -80,16 +80,13 @@ class PolicyHolder:
         if not self.path:
             return False
         try:
-            text = open(self.path, encoding="utf-8").read()
-        except (OSError, UnicodeDecodeError):
-            text = None  # load() says what is wrong with the file
-        try:
-            new = load(self.path, text) if text is not None else load(self.path)
+            text = read_text(self.path)  # the exact text validated is what siblings follow
+            new = load(self.path, text)
         except PolicyError as e:
             self.recorder.event("policy-rejected", {"file": self.path, "problems": e.problems})
             return False
         self._current = new
-        if self.generation is not None and text is not None:
+        if self.generation is not None:
             self._seen = self.generation.publish(text)
         self._loaded()
         self.recorder.event("policy-loaded", {"file": self.path, "rules": len(new.rules)})

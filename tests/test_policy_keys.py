@@ -61,6 +61,19 @@ def test_policy_check_cli_names_the_line(tmp_path):
     assert r.returncode != 0 and f"{f}:5:" in r.stdout + r.stderr and "objects" in r.stdout + r.stderr
 
 
+def test_a_policy_that_is_not_utf8_is_a_problem_with_its_line_not_a_traceback(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_bytes(b"rules:\n  - name: caf\xe9\n    decision: allow\n")  # latin-1, as an editor may save it
+    r = subprocess.run([sys.executable, "-m", "interceptor.cli", "policy", "check", str(f)], capture_output=True,
+                       text=True, cwd=REPO, timeout=60)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and f"{f}:2: not UTF-8 text (byte 0xe9" in out and "Traceback" not in out, out
+    f.write_text("rules:\n  - name: café\n    decision: allow\n")  # control: the same policy as UTF-8 is valid
+    r = subprocess.run([sys.executable, "-m", "interceptor.cli", "policy", "check", str(f)], capture_output=True,
+                       text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_every_documented_key_loads():
     engine.load("p.yaml", """\
 agents:

@@ -5,6 +5,7 @@ the same files, as two processes would hold them; the datapath suites run with t
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 
@@ -84,6 +85,16 @@ def test_a_sibling_follows_the_policy_its_sibling_validated_even_if_the_file_bro
     assert a.reload()
     policy.write_text("rules:\n  - decision: perhaps\n")  # before b's next decision
     assert [r.name for r in b.current.rules] == ["a", "b"], "b judges by the policy a validated, not a stale one"
+    rec.close()
+
+
+def test_a_reload_of_a_file_that_is_not_utf8_is_rejected_and_every_worker_keeps_its_policy(run_dir, tmp_path):
+    policy, rec, a, b = _two_workers_and_a_new_policy(run_dir, tmp_path)
+    policy.write_bytes(b"rules:\n  - name: caf\xe9\n    decision: deny\n")
+    assert not a.reload(), "rejected, not raised"
+    assert [r.name for r in a.current.rules] == [r.name for r in b.current.rules] == ["a"]
+    rejected = [json.loads(d) for (d,) in rec.conn.execute("SELECT data FROM events WHERE kind = 'policy-rejected'")]
+    assert rejected and "not UTF-8 text" in rejected[-1]["problems"][0], rejected
     rec.close()
 
 
