@@ -230,7 +230,7 @@ class SharedGeneration:
         since, and a follower must never stay on the policy its sibling replaced."""
         with _Flock(self.fd):
             tmp = self.text_path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(text)
+            tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, self.text_path)
             self.cell[0] += 1
             return self.cell[0]
@@ -239,7 +239,7 @@ class SharedGeneration:
         """The text of the last `publish`, or None if none was published."""
         with _Flock(self.fd):
             try:
-                return self.text_path.read_text()
+                return self.text_path.read_text(encoding="utf-8")
             except OSError:
                 return None
 
