@@ -325,7 +325,8 @@ print(r.status_code)
 def test_one_kept_alive_connection_is_judged_per_request_shape_and_per_policy(web, tmp_path):
     """The proxy keeps the allowed decisions of a connection by request shape (proxy/gate.py
     DecisionCache). A header a rule names makes another shape; a refusal is judged and recorded
-    every time; a policy reload is seen by the next request on the same connection."""
+    every time; a policy reload is seen by the next request on the same connection, also when
+    that request repeats the one before it byte for byte (proxy.http.model, SEEN_HEADS)."""
     go, ready = tmp_path / "go", tmp_path / "ready"
     policy_file = web.config["policy"]
     original = open(policy_file).read()
@@ -336,11 +337,11 @@ def test_one_kept_alive_connection_is_judged_per_request_shape_and_per_policy(we
 import os, time, requests
 s = requests.Session()
 codes = [s.get("https://{WWW}/small?shape-a", headers=h).status_code
-         for h in ({{}}, {{"X-Debug": "on"}}, {{}}, {{"X-Debug": "on"}})]
+         for h in ({{}}, {{"X-Debug": "on"}}, {{}}, {{"X-Debug": "on"}}, {{}}, {{}})]
 open("{ready}", "w").close()
 while not os.path.exists("{go}"):
     time.sleep(0.05)
-codes.append(s.get("https://{WWW}/small?shape-a").status_code)
+codes += [s.get("https://{WWW}/small?shape-a").status_code for _ in range(2)]
 print(*codes)
 """)
 
@@ -361,16 +362,17 @@ print(*codes)
         go.touch()
         t.join(120)
     assert wait_until(lambda: len(web.events("policy-loaded")) > loaded + 1, timeout=10)
-    assert out["r"].stdout.split() == ["200", "403", "200", "403", "403"], out["r"].stdout
-    assert seen_by_nginx(web, "/small?shape-a") == 2, "only the two allowed requests reached nginx"
+    assert out["r"].stdout.split() == ["200", "403", "200", "403", "200", "200", "403", "403"], out["r"].stdout
+    assert seen_by_nginx(web, "/small?shape-a") == 4, "only the four allowed requests reached nginx"
     reqs = [e for e in web.events("http") if e["data"]["path"] == "/small?shape-a"]
-    assert len(reqs) == 5 and len({e["session"] for e in reqs}) == 1, "one kept-alive connection"
+    assert len(reqs) == 8 and len({e["session"] for e in reqs}) == 1, "one kept-alive connection"
     sid = reqs[0]["session"]
-    assert [e["data"]["rule"] for e in reqs] == ["www-ok", "no-debug", "www-ok", "no-debug", "no-small-now"]
+    assert [e["data"]["rule"] for e in reqs] == ["www-ok", "no-debug", "www-ok", "no-debug", "www-ok", "www-ok",
+                                                 "no-small-now", "no-small-now"]
     decisions = [e["data"] for e in web.events("decision") if e["session"] == sid and e["data"]["action"] == "GET"]
     refusals = [d["rule"] for d in decisions if d["verdict"] == "deny"]
-    assert refusals == ["no-debug", "no-debug", "no-small-now"], "each refusal on record"
-    assert [d["rule"] for d in decisions if d["verdict"] == "allow"] == ["www-ok", "www-ok"]
+    assert refusals == ["no-debug", "no-debug", "no-small-now", "no-small-now"], "each refusal on record"
+    assert [d["rule"] for d in decisions if d["verdict"] == "allow"] == ["www-ok"] * 4
 
 
 def _write(path: str, text: str) -> None:

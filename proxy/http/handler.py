@@ -167,6 +167,12 @@ class HttpHandler(Handler):
         self.host_hint = ""  # SNI, for the host-sni-mismatch risk
         self.served = 0  # requests finished on this connection
         self._targets: tuple | None = None  # (policy, names, targets) of the last request
+        # The last request head and what was worked out from it: the model hands out the same
+        # head object again for a request that repeats one byte for byte (proxy.http.model,
+        # SEEN_HEADS), so a polling client's requests skip re-deriving it.
+        self._seen: RequestHead | None = None
+        self._seen_facts: tuple = ()  # (has_body, maybe_aws, recorded method, host, path)
+        self._seen_shape: tuple | None = None  # (policy, names, shape or None)
         self.decisions = DecisionCache(size=64)  # allowed request shapes (proxy/gate.py): at most 64 × SHAPE_LIMIT
         # Bytes produced while handling one read go out in one write per side (one TLS record,
         # one segment): a response head, body and end as three sends cost three syscalls.
@@ -304,8 +310,13 @@ class HttpHandler(Handler):
             self.head_timer.cancel()
             self.head_timer = None
         req = self.req = Exchange(head)
-        req.call = identify_request(head) if _maybe_aws(head) else None
-        if not _has_body(head):
+        if head is not self._seen:
+            self._seen, self._seen_shape = head, None
+            self._seen_facts = (_has_body(head), _maybe_aws(head), head.method[:16], head.host[:255],
+                                _recorded_path(head.path, head.target, head.query))
+        has_body, maybe_aws = self._seen_facts[:2]
+        req.call = identify_request(head) if maybe_aws else None
+        if not has_body:
             req.body = bytearray()  # judged at End, which is already here: a refusal keeps the connection
         elif req.call is not None and _needs_body(req.call, head):
             req.body = bytearray()
@@ -415,9 +426,17 @@ class HttpHandler(Handler):
             self.conn.event("name-unbound", {"name": host[:255], "address": rec.dst_addr,
                                              "judged": "by address", "in": "Host"})
         policy = proxy.policy.current
-        shape = self.shape(req, names, policy) if req.call is None else None  # AWS: signed per request
-        if shape is not None and not self._small(shape):
-            shape = None
+        seen = self._seen_shape
+        if req.call is not None:
+            shape = None  # AWS: signed per request
+        elif seen is not None and seen[0] is policy and seen[1] == names and req.head is self._seen:
+            shape = seen[2]
+        else:
+            shape = self.shape(req, names, policy)
+            if not self._small(shape):
+                shape = None
+            if req.head is self._seen:
+                self._seen_shape = (policy, names, shape)
         if shape is not None and (ident := policy.identity(rec.agent)) is not None:
             # an expired or invalid token: judged (and refused) every time; a rebound one: its own entries
             shape = None if ident.refusal() is not None else (shape, ident.key)
@@ -682,8 +701,12 @@ class HttpHandler(Handler):
         d = req.decision
         head = req.head
         recorder, sid = self.conn.proxy.recorder, self.conn.rec.id
-        method, host = head.method[:16], (head.host or self.conn.rec.dst_addr)[:255]
-        path, ms = _recorded_path(head.path, head.target, head.query), round((time.time() - req.started) * 1000, 1)
+        if head is self._seen:
+            method, host, path = self._seen_facts[2:]
+        else:
+            method, host, path = head.method[:16], head.host[:255], _recorded_path(head.path, head.target, head.query)
+        host = host or self.conn.rec.dst_addr[:255]
+        ms = round((time.time() - req.started) * 1000, 1)
         aws = req.op is not None and req.op.protocol == "aws"
         if d is not None and not aws:  # the usual request: its record written directly, rides a shared commit
             recorder.event_json("http", http_record(method, host, path, req.status, req.up, req.down, req.outcome, ms,

@@ -336,6 +336,16 @@ class End:
 
 _NO_TRAILERS = End()
 
+# A kept-alive connection sends the same few heads again and again (a client polling one URL; a
+# service answering with the same fields, its Date changing once a second). A read that is exactly
+# a whole message parsed earlier on this connection, arriving where the parser stands between
+# messages, yields that message's events again without running the parser: llhttp in its start
+# state makes the same events of the same bytes. Only complete, keep-alive, HTTP/1.1 messages
+# framed by their head are remembered (no chunks, no upgrade, no close), at most SEEN_HEADS per
+# side and SEEN_HEAD_BYTES each, so a connection holds a few KiB more at most.
+SEEN_HEADS = 4
+SEEN_HEAD_BYTES = 1024
+
 
 @dataclass(frozen=True)
 class Switched:
@@ -563,12 +573,35 @@ class AgentConnection(_Side):
         self._keep_alive = True
         self._head_start = 0  # where the current head starts in _buf (its raw bytes)
         self._buf = b""
+        self._seen: dict[bytes, RequestHead] = {}  # bodyless requests by their bytes (SEEN_HEADS)
 
     def _feed(self, data: bytes) -> None:
+        if not self._in_message:
+            head = self._seen.get(data)
+            if head is not None:
+                if head.raw is not None:  # nobody edited it since: it still says exactly these bytes
+                    self._q.append(head)
+                    self._q.append(_NO_TRAILERS)
+                    return
+                del self._seen[data]
+        q = self._q
+        before = len(q)
         self._buf = data  # the raw head is sliced from it when the whole head is in this read
         self._head_start = -1
         super()._feed(data)
         self._buf = b""
+        if len(q) == before + 2 and len(data) <= SEEN_HEAD_BYTES:
+            self._remember(data, q[-2], q[-1])
+
+    def _remember(self, data: bytes, head: object, end: object) -> None:
+        """Keep a request that was this whole read: a head with no body, keep-alive, not an upgrade."""
+        if (end is _NO_TRAILERS and isinstance(head, RequestHead) and head.raw is not None
+                and len(head.raw) == len(data) and not self._in_message and not self._failed
+                and self._upgraded is None and head.method != "CONNECT"
+                and "close" not in _tokens(head.headers.get_joined("connection"))):
+            if len(self._seen) >= SEEN_HEADS:
+                self._seen.clear()
+            self._seen[data] = head
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -772,6 +805,7 @@ class OriginConnection(_Side):
         self._pending = bytearray()  # a HEAD/CONNECT response, until its head is whole
         self._head_start = 0  # where the current head starts in _buf (its raw bytes)
         self._buf = b""
+        self._seen: dict[bytes, tuple[ResponseHead, int]] = {}  # heads framed by Content-Length (SEEN_HEADS)
 
     def send_head(self, head: RequestHead) -> bytes:
         if self._sending:
@@ -824,10 +858,45 @@ class OriginConnection(_Side):
         super().receive(data)
 
     def _feed(self, data: bytes) -> None:
+        seen = self._seen
+        if seen and not self._in_message and self._outstanding and self._method not in ("HEAD", "CONNECT"):
+            end = data.find(b"\r\n\r\n", 0, SEEN_HEAD_BYTES) + 4
+            hit = seen.get(data[:end]) if end > 4 else None
+            if hit is not None:
+                head, length = hit
+                if head.raw is None:  # edited since (a masked answer's head): parse afresh
+                    del seen[data[:end]]
+                elif len(data) == end + length:  # the whole response, nothing after it
+                    q = self._q
+                    q.append(head)
+                    if length:
+                        q.append(Body(data[end:]))
+                    q.append(_NO_TRAILERS)
+                    self._response_done()
+                    return
+        q = self._q
+        before = len(q)
         self._buf = data  # the raw head is sliced from it when the whole head is in this read
         self._head_start = -1
         super()._feed(data)
         self._buf = b""
+        if len(q) - before in (2, 3) and self._method not in ("HEAD", "CONNECT"):
+            self._remember(data, q[before], q[-1])
+
+    def _remember(self, data: bytes, head: object, end: object) -> None:
+        """Keep a final response that was this whole read, framed by its Content-Length, keep-alive."""
+        if not (end is _NO_TRAILERS and isinstance(head, ResponseHead) and head.raw is not None
+                and 200 <= head.status and head.status not in (204, 304) and not self._in_message
+                and not (self._failed or self._close or self._switched or self._upgraded is not None)):
+            return
+        raw, headers = head.raw, head.headers
+        length = headers.get_all("content-length")
+        if (len(raw) > SEEN_HEAD_BYTES or len(length) != 1 or not length[0].strip().isdigit()
+                or "transfer-encoding" in headers or len(raw) + int(length[0]) != len(data)):
+            return
+        if len(self._seen) >= SEEN_HEADS:
+            self._seen.clear()
+        self._seen[raw] = (head, int(length[0]))
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
