@@ -187,6 +187,9 @@ class GroupWriter:
         self.lingering: asyncio.TimerHandle | None = None
         self.retrying: asyncio.TimerHandle | None = None
         self.on_commit: Callable[[float, int], None] | None = None  # (seconds, rows): for metrics
+        # time.monotonic() until which commits wait: the Checkpointer copies the WAL's last
+        # frames meanwhile (set from its thread; a float is assigned whole)
+        self.held_until = 0.0
 
     def submit(self, sql: str, params: tuple, durable: bool = False, wait: bool = False,
                linger: bool = False) -> asyncio.Future | None:
@@ -210,11 +213,17 @@ class GroupWriter:
             self.lingering = self.loop.call_later(LINGER, self.flush)
         return fut
 
-    def flush(self) -> None:
-        self.scheduled = self.soon = False
+    def flush(self, force: bool = False) -> None:
         if self.lingering is not None:
             self.lingering.cancel()
             self.lingering = None
+        held = self.held_until - time.monotonic()
+        if held > 0 and self.batch and not force:
+            # one timer carries everything queued meanwhile, the writes waited on included
+            self.scheduled = self.soon = True
+            self.lingering = self.loop.call_later(held, self.flush)
+            return
+        self.scheduled = self.soon = False
         batch, self.batch = self.batch, []
         if not batch:
             return
@@ -242,14 +251,16 @@ class GroupWriter:
             self.arm()
 
     def close(self) -> None:
-        self.flush()
+        self.flush(force=True)
         if self.retrying is not None:
             self.retrying.cancel()
             self.recorder.recover()
 
 
-CHECKPOINT_INTERVAL = 1.0  # seconds between looks at the proxy's WAL
+CHECKPOINT_INTERVAL = 0.2  # seconds between looks at the proxy's WAL
 CHECKPOINT_PAGES = 1000  # SQLite's own wal_autocheckpoint default: checkpoint once the WAL is this long
+CHECKPOINT_HOLD = 0.05  # seconds commits may wait at most while the WAL's last frames are copied
+WAL_LIMIT = 64 << 20  # bytes: a WAL a burst made longer is cut back to this when it starts over
 
 
 class Checkpointer:
@@ -257,10 +268,18 @@ class Checkpointer:
     works), where SQLite would have done it inside a commit on the event loop: once the WAL file
     holds CHECKPOINT_PAGES pages. PASSIVE: it copies what no reader still needs and never waits
     for, or blocks, the loop's writes. A failed checkpoint is retried at the next look; the WAL
-    grows meanwhile, and whether writes succeed is what the recorder's failed state watches."""
+    grows meanwhile, and whether writes succeed is what the recorder's failed state watches.
 
-    def __init__(self, path: Path, interval: float = CHECKPOINT_INTERVAL):
-        self.path, self.interval = path, interval
+    SQLite starts a WAL over from its beginning only when a write transaction begins with every
+    frame already copied. Under a steady stream of commits (one every LINGER) a checkpoint never
+    ends in such a gap, and the WAL grew without bound: 590 MB in ten seconds of the web
+    benchmark, every append going into new file blocks that the kernel zeroes first. So after
+    the bulk copy the checkpointer asks the writer to hold its commits (GroupWriter.held_until,
+    at most CHECKPOINT_HOLD), copies the last frames, and lets go: the next commit starts the WAL
+    over. A commit that comes anyway (the hold ran out) only means another try a look later."""
+
+    def __init__(self, path: Path, interval: float = CHECKPOINT_INTERVAL, writer: GroupWriter | None = None):
+        self.path, self.interval, self.writer = path, interval, writer
         self.wal = Path(f"{path}-wal")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="recorder-checkpoint", daemon=True)
@@ -276,17 +295,36 @@ class Checkpointer:
                         conn = sqlite3.connect(str(self.path), timeout=0, isolation_level=None)
                         page = conn.execute("PRAGMA page_size").fetchone()[0]
                         threshold = 32 + CHECKPOINT_PAGES * (page + 24)  # WAL header, frames of header + page
-                    if self.wal.stat().st_size >= threshold:
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    if self.wal.stat().st_size >= threshold and _checkpoint(conn)[0] >= CHECKPOINT_PAGES:
+                        self._start_over(conn)
                 except (sqlite3.Error, OSError):
                     pass  # busy, failing or no WAL yet: the next look tries again
         finally:
             if conn is not None:
                 conn.close()
 
+    def _start_over(self, conn: sqlite3.Connection) -> None:
+        """Copy the frames the bulk checkpoint left behind while no commit comes, so that the next
+        commit finds the WAL copied whole and writes from its start."""
+        writer = self.writer
+        if writer is None:
+            return
+        writer.held_until = time.monotonic() + CHECKPOINT_HOLD
+        try:
+            _checkpoint(conn)  # a commit already under way when the hold began is in this one
+            _checkpoint(conn)
+        finally:
+            writer.held_until = 0.0
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def _checkpoint(conn: sqlite3.Connection) -> tuple[int, int]:
+    """A PASSIVE checkpoint: (frames in the WAL, frames copied into the database)."""
+    _, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return frames, copied
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -349,7 +387,8 @@ class Recorder:
             # which stalls every connection while the disk is slow): a thread does, with its own
             # connection, in PASSIVE mode, which never blocks a writer.
             conn.execute("PRAGMA wal_autocheckpoint=0")
-            self.checkpointer = Checkpointer(path)
+            conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
+            self.checkpointer = Checkpointer(path, writer=self.writer)
 
     # ---- writing, failing, recovering ------------------------------------------------------
 

@@ -198,3 +198,63 @@ def test_many_events_in_one_executemany_are_each_recorded_and_journaled(tmp_path
         r.close()
     finally:
         loop.close()
+
+
+def _wal_resets(wal) -> int:
+    """The WAL header's checkpoint sequence number: SQLite adds one each time the WAL starts over."""
+    with open(wal, "rb") as f:
+        return int.from_bytes(f.read(16)[12:16], "big")
+
+
+@pytest.mark.parametrize("start_over", [True, False], ids=["with-hold", "control-without"])
+def test_the_wal_starts_over_under_a_steady_stream_of_commits(tmp_path, loop, start_over):
+    """A commit every millisecond for two seconds: the checkpointer gets the WAL started over again
+    and again, and it stays within a few checkpoint intervals' worth of frames. The control (the
+    checkpointer without its hold on commits) shows the WAL growing without a single restart."""
+    rec = Recorder(tmp_path / "r.db", loop)
+    if not start_over:
+        rec.checkpointer.writer = None
+    data = {"method": "GET", "host": "10.0.0.2", "path": "/small", "status": 200, "pad": "x" * 150}
+    wal = tmp_path / "r.db-wal"
+    resets, largest = set(), 0
+
+    async def steady() -> int:
+        nonlocal largest
+        end, n = loop.time() + 2.0, 0
+        while loop.time() < end:
+            for _ in range(20):
+                rec.event("http", data, f"s{n % 8}-{n}", linger=True)
+                n += 1
+            await asyncio.sleep(0.001)
+            if wal.exists():
+                resets.add(_wal_resets(wal))
+                largest = max(largest, wal.stat().st_size)
+        return n
+
+    try:
+        n = loop.run_until_complete(steady())
+    finally:
+        rec.close()
+    assert len(read_events(tmp_path / "r.db", "http", limit=n + 1)) == n, "every record written"
+    if start_over:
+        assert len(resets) >= 4, f"the WAL started over {len(resets) - 1} times"
+        assert largest < 48 << 20, f"the WAL reached {largest} bytes"
+    else:
+        assert len(resets) <= 2 and largest > 24 << 20, (resets, largest)
+
+
+def test_commits_wait_out_a_checkpoint_hold_and_a_close_never_does(tmp_path, loop):
+    rec = Recorder(tmp_path / "r.db", loop)
+    writer = rec.writer
+    try:
+        writer.held_until = store.time.monotonic() + 0.3
+        fut = rec.event("refused", {"why": "held"}, durable=True)
+        loop.run_until_complete(asyncio.sleep(0.1))
+        assert not fut.done(), "a commit waits while the checkpointer copies the last frames"
+        loop.run_until_complete(asyncio.wait_for(fut, 2))
+        assert read_events(tmp_path / "r.db", "refused"), "and is written once the hold ends"
+        writer.held_until = store.time.monotonic() + 60
+        rec.event("closing", {}, linger=True)
+    finally:
+        rec.close()
+    assert read_events(tmp_path / "r.db", "closing"), "close writes what is queued whatever the hold"
