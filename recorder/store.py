@@ -257,9 +257,9 @@ class GroupWriter:
             self.recorder.recover()
 
 
-CHECKPOINT_INTERVAL = 0.2  # seconds between looks at the proxy's WAL
+CHECKPOINT_INTERVAL = 0.5  # seconds between looks at the proxy's WAL
 CHECKPOINT_PAGES = 1000  # SQLite's own wal_autocheckpoint default: checkpoint once the WAL is this long
-CHECKPOINT_HOLD = 0.05  # seconds commits may wait at most while the WAL's last frames are copied
+CHECKPOINT_HOLD = 0.02  # seconds commits may wait at most while the WAL's last frames are copied
 WAL_LIMIT = 64 << 20  # bytes: a WAL a burst made longer is cut back to this when it starts over
 
 
