@@ -42,7 +42,7 @@ from proxy.postgres import cancels as pg_cancels
 from proxy.relay import AgentSide
 from proxy.resolver import Resolver, system_nameserver
 from proxy.tls.ca import CertificateAuthority, LeafMinter, write_bundle
-from proxy.workers import SharedCounts, SharedGeneration, SharedNames
+from proxy.workers import SharedCounts, SharedGeneration, SharedHold, SharedNames
 from recorder import approvals
 from recorder.store import Health, Recorder, RecorderDown, SessionRecord, new_session_id
 
@@ -59,7 +59,11 @@ class Proxy:
         self.loop = loop
         self.worker, self.workers = worker, workers  # this process's index among the proxy workers
         self.origins = Origins(layout.pin_dir)
-        self.recorder = Recorder(layout.db, loop, who="proxy", on_health=self._recorder_health)
+        shared = workers > 1  # state every worker must see the same (proxy/workers.py)
+        # one checkpointer for the database the workers share; every worker holds its commits for it
+        self.recorder = Recorder(layout.db, loop, who="proxy", on_health=self._recorder_health,
+                                 hold=SharedHold(workers_mod.commit_hold_file(layout.run_dir)) if shared else None,
+                                 checkpoint=worker == 0)
         approvals.ensure_schema(self.recorder.db)
         self.metrics = ProxyMetrics()
         self.recorder.writer.on_commit = self.metrics.committed
@@ -75,7 +79,6 @@ class Proxy:
         self.live: dict[str, tuple[asyncio.BaseTransport, asyncio.Future]] = {}
         self.status_fd: int | None = None
         self._reported: dict | None = None
-        shared = workers > 1  # state every worker must see the same (proxy/workers.py)
         self.policy = PolicyHolder(config.policy, self.recorder, on_load=self.metrics.policy_loaded,
                                    generation=SharedGeneration(workers_mod.generation_file(layout.run_dir))
                                    if shared else None)

@@ -34,6 +34,7 @@ from pathlib import Path
 SLOTS = 65536  # per-agent counters per worker, indexed by agent id modulo SLOTS
 _I32 = struct.Struct("=i")
 _I64 = struct.Struct("=q")
+_F64 = struct.Struct("=d")
 
 
 def shared_dir(run_dir: Path) -> Path:
@@ -59,6 +60,10 @@ def generation_file(run_dir: Path) -> Path:
 
 def names_version_file(run_dir: Path) -> Path:
     return shared_dir(run_dir) / "names-version"
+
+
+def commit_hold_file(run_dir: Path) -> Path:
+    return shared_dir(run_dir) / "commit-hold"
 
 
 def metrics_file(run_dir: Path, worker: int) -> Path:
@@ -114,7 +119,7 @@ def reset(run_dir: Path, workers: int) -> None:
         os.ftruncate(fd, max(1, workers) * SLOTS * _I32.size)
     finally:
         os.close(fd)
-    for counter in (generation_file(run_dir), names_version_file(run_dir)):
+    for counter in (generation_file(run_dir), names_version_file(run_dir), commit_hold_file(run_dir)):
         fd = os.open(counter, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(fd, _I64.size)
@@ -251,6 +256,26 @@ class SharedGeneration:
         with _Flock(self.fd):
             self.cell[0] += 1
             return self.cell[0]
+
+
+class SharedHold:
+    """recorder.store.CommitHold for workers writing one database: the deadline (CLOCK_MONOTONIC,
+    shared by every process on the host) in eight bytes of shared memory, written whole by the
+    checkpointing worker and read by every worker's writer before each commit."""
+
+    def __init__(self, path: Path):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self.map = mmap.mmap(fd, _F64.size)
+        finally:
+            os.close(fd)
+        self.cell = memoryview(self.map).cast("d")
+
+    def until(self) -> float:
+        return self.cell[0]
+
+    def set(self, until: float) -> None:
+        self.cell[0] = until
 
 
 class _Flock:

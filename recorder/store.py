@@ -172,6 +172,22 @@ RETRY_INTERVAL = 1.0  # seconds between attempts to write the backlog
 _Entry = tuple  # (sql, params, durable, future | None)
 
 
+class CommitHold:
+    """Until when (time.monotonic()) the writers of one database hold their commits: the
+    Checkpointer sets it while it copies the WAL's last frames. One process keeps it in a float;
+    proxy workers sharing a database share one in memory (proxy.workers.SharedHold), since a
+    single writer's commit is enough to keep the WAL from starting over."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def until(self) -> float:
+        return self.value
+
+    def set(self, until: float) -> None:
+        self.value = until
+
+
 class GroupWriter:
     """Writes queued during one turn of the event loop, committed together at its end.
 
@@ -179,17 +195,15 @@ class GroupWriter:
     load many connections share one commit. A failed commit puts the recorder in its failed
     state (Recorder.fail); the writer then retries the backlog every RETRY_INTERVAL."""
 
-    def __init__(self, recorder: Recorder, loop: asyncio.AbstractEventLoop):
+    def __init__(self, recorder: Recorder, loop: asyncio.AbstractEventLoop, hold: CommitHold | None = None):
         self.recorder, self.loop = recorder, loop
+        self.hold = hold or CommitHold()
         self.batch: list[_Entry] = []
         self.scheduled = False
         self.soon = False  # the flush is at the end of this turn (a write waits on it)
         self.lingering: asyncio.TimerHandle | None = None
         self.retrying: asyncio.TimerHandle | None = None
         self.on_commit: Callable[[float, int], None] | None = None  # (seconds, rows): for metrics
-        # time.monotonic() until which commits wait: the Checkpointer copies the WAL's last
-        # frames meanwhile (set from its thread; a float is assigned whole)
-        self.held_until = 0.0
 
     def submit(self, sql: str, params: tuple, durable: bool = False, wait: bool = False,
                linger: bool = False) -> asyncio.Future | None:
@@ -217,7 +231,7 @@ class GroupWriter:
         if self.lingering is not None:
             self.lingering.cancel()
             self.lingering = None
-        held = self.held_until - time.monotonic()
+        held = self.hold.until() - time.monotonic()
         if held > 0 and self.batch and not force:
             # one timer carries everything queued meanwhile, the writes waited on included
             self.scheduled = self.soon = True
@@ -274,12 +288,13 @@ class Checkpointer:
     frame already copied. Under a steady stream of commits (one every LINGER) a checkpoint never
     ends in such a gap, and the WAL grew without bound: 590 MB in ten seconds of the web
     benchmark, every append going into new file blocks that the kernel zeroes first. So after
-    the bulk copy the checkpointer asks the writer to hold its commits (GroupWriter.held_until,
-    at most CHECKPOINT_HOLD), copies the last frames, and lets go: the next commit starts the WAL
-    over. A commit that comes anyway (the hold ran out) only means another try a look later."""
+    the bulk copy the checkpointer asks the writers to hold their commits (CommitHold, at most
+    CHECKPOINT_HOLD), copies the last frames, and lets go: the next commit starts the WAL over.
+    A commit that comes anyway (the hold ran out) only means another try a look later. One
+    checkpointer per database: with several proxy workers, the first one's."""
 
-    def __init__(self, path: Path, interval: float = CHECKPOINT_INTERVAL, writer: GroupWriter | None = None):
-        self.path, self.interval, self.writer = path, interval, writer
+    def __init__(self, path: Path, interval: float = CHECKPOINT_INTERVAL, hold: CommitHold | None = None):
+        self.path, self.interval, self.hold = path, interval, hold
         self.wal = Path(f"{path}-wal")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="recorder-checkpoint", daemon=True)
@@ -306,15 +321,15 @@ class Checkpointer:
     def _start_over(self, conn: sqlite3.Connection) -> None:
         """Copy the frames the bulk checkpoint left behind while no commit comes, so that the next
         commit finds the WAL copied whole and writes from its start."""
-        writer = self.writer
-        if writer is None:
+        hold = self.hold
+        if hold is None:
             return
-        writer.held_until = time.monotonic() + CHECKPOINT_HOLD
+        hold.set(time.monotonic() + CHECKPOINT_HOLD)
         try:
             _checkpoint(conn)  # a commit already under way when the hold began is in this one
             _checkpoint(conn)
         finally:
-            writer.held_until = 0.0
+            hold.set(0.0)
 
     def stop(self) -> None:
         self._stop.set()
@@ -350,7 +365,8 @@ class Recorder:
     that fails is kept for later (see the module docstring) instead of raising."""
 
     def __init__(self, path: Path, loop: asyncio.AbstractEventLoop | None = None, who: str = "proxy",
-                 on_health: Callable[[Health], None] | None = None):
+                 on_health: Callable[[Health], None] | None = None, hold: CommitHold | None = None,
+                 checkpoint: bool = True):
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = _connect(path)
         os.chmod(path, 0o600)
@@ -380,15 +396,18 @@ class Recorder:
         self._lock = threading.RLock()  # daemon: control threads and the watcher share the connection
         # A precondition besides writable storage (the spool bound): while it names a reason, recover() fails.
         self.hold: Callable[[], str | None] | None = None
-        self.writer = GroupWriter(self, loop) if loop is not None else None
+        self.commit_hold = hold or CommitHold()  # what the checkpointer asks of every writer of this database
+        self.writer = GroupWriter(self, loop, self.commit_hold) if loop is not None else None
         self.checkpointer: Checkpointer | None = None
         if loop is not None:
             # The proxy's commits never checkpoint (copy the WAL into the database and fsync it,
             # which stalls every connection while the disk is slow): a thread does, with its own
-            # connection, in PASSIVE mode, which never blocks a writer.
+            # connection, in PASSIVE mode, which never blocks a writer (checkpoint=False: a sibling
+            # worker's thread checkpoints this database).
             conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
-            self.checkpointer = Checkpointer(path, writer=self.writer)
+            if checkpoint:
+                self.checkpointer = Checkpointer(path, hold=self.commit_hold)
 
     # ---- writing, failing, recovering ------------------------------------------------------
 

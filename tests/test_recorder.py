@@ -213,7 +213,7 @@ def test_the_wal_starts_over_under_a_steady_stream_of_commits(tmp_path, loop, st
     commits) shows the WAL growing without a single restart."""
     rec = Recorder(tmp_path / "r.db", loop)
     if not start_over:
-        rec.checkpointer.writer = None
+        rec.checkpointer.hold = None
     data = {"method": "GET", "host": "10.0.0.2", "path": "/small", "status": 200, "pad": "x" * 150}
     wal = tmp_path / "r.db-wal"
     resets, largest = set(), 0
@@ -245,16 +245,58 @@ def test_the_wal_starts_over_under_a_steady_stream_of_commits(tmp_path, loop, st
 
 def test_commits_wait_out_a_checkpoint_hold_and_a_close_never_does(tmp_path, loop):
     rec = Recorder(tmp_path / "r.db", loop)
-    writer = rec.writer
     try:
-        writer.held_until = store.time.monotonic() + 0.3
+        rec.commit_hold.set(store.time.monotonic() + 0.3)
         fut = rec.event("refused", {"why": "held"}, durable=True)
         loop.run_until_complete(asyncio.sleep(0.1))
         assert not fut.done(), "a commit waits while the checkpointer copies the last frames"
         loop.run_until_complete(asyncio.wait_for(fut, 2))
         assert read_events(tmp_path / "r.db", "refused"), "and is written once the hold ends"
-        writer.held_until = store.time.monotonic() + 60
+        rec.commit_hold.set(store.time.monotonic() + 60)
         rec.event("closing", {}, linger=True)
     finally:
         rec.close()
     assert read_events(tmp_path / "r.db", "closing"), "close writes what is queued whatever the hold"
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-hold", "control-own-holds"])
+def test_two_workers_writing_one_database_both_hold_for_the_checkpointer(tmp_path, shared):
+    """Proxy workers share recorder.db: one checkpoints, and its hold must stop the other's commits
+    too (proxy.workers.SharedHold), or the other's commits keep the WAL from ever starting over."""
+    import threading
+
+    from proxy.workers import SharedHold
+
+    cell = tmp_path / "commit-hold"
+    cell.write_bytes(bytes(8))
+    loops = [asyncio.new_event_loop() for _ in range(2)]
+    recs = [Recorder(tmp_path / "r.db", lp, hold=SharedHold(cell) if shared else None, checkpoint=i == 0)
+            for i, lp in enumerate(loops)]
+    assert recs[1].checkpointer is None
+    wal, resets, data = tmp_path / "r.db-wal", set(), {"path": "/small", "pad": "x" * 150}
+
+    async def steady(rec: Recorder, watch: bool) -> None:
+        end, n = asyncio.get_running_loop().time() + 2.5, 0
+        while asyncio.get_running_loop().time() < end:
+            for _ in range(10):
+                rec.event("http", data, f"s{n % 8}-{n}", linger=True)
+                n += 1
+            await asyncio.sleep(0.001)
+            if watch and wal.exists():
+                resets.add(_wal_resets(wal))
+
+    threads = [threading.Thread(target=lp.run_until_complete, args=(steady(rec, i == 0),))
+               for i, (lp, rec) in enumerate(zip(loops, recs, strict=True))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        for rec, lp in zip(recs, loops, strict=True):
+            rec.close()
+            lp.close()
+    if shared:
+        assert len(resets) >= 3, f"the WAL started over {len(resets) - 1} times"
+    else:
+        assert len(resets) <= 2, resets
