@@ -274,3 +274,29 @@ def test_the_cache_is_bounded() -> None:
     agent = AgentConnection()
     serve(agent, [long])
     assert not agent._seen
+
+
+def test_nothing_is_answered_from_memory_once_the_parser_reads_the_connection_as_closed(uncached) -> None:
+    """llhttp takes no message after one it reads as the last (here Proxy-Connection: close, which
+    the model's own keep-alive view does not weigh): neither may the cache (found by an attack
+    review: the cache served the request again where the parser refused it)."""
+    req = b"GET /a HTTP/1.1\r\nHost: b\r\nProxy-Connection: close\r\n\r\n"
+    cached, plain = AgentConnection(), uncached(AgentConnection)
+    for side in (cached, plain):
+        side.receive(req)
+        list(side.events())
+        side.respond(200, [], b"")
+        side.receive(req)
+    with pytest.raises(HttpProtocolError):
+        list(plain.events())
+    with pytest.raises(HttpProtocolError):
+        list(cached.events())
+
+
+def test_a_1xx_saying_close_ends_what_the_origin_cache_may_answer(uncached) -> None:
+    ok = RESPONSES[0]
+    early = b"HTTP/1.1 103 Early Hints\r\nConnection: close\r\n\r\n"
+    ex = [("GET", [ok]), ("GET", [early, ok]), ("GET", [ok])]
+    cached = fetch(OriginConnection(), ex)
+    assert cached == fetch(uncached(OriginConnection), ex)
+    assert ("error", 400) in cached

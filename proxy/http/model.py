@@ -415,6 +415,10 @@ class _Side:
         self._close = False  # this exchange ends the connection
 
     def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
+        # llhttp takes nothing more after a message it reads as the connection's last (Connection
+        # or Proxy-Connection: close, HTTP/1.0, a 1xx saying close): the seen-message cache may
+        # answer only while the parser would read on (SEEN_HEADS).
+        self._alive = True
         p = self._parser_type(self)
         # Content-Length beside Transfer-Encoding: framed by the chunks, as RFC 9112 §6.3 says, and
         # the length is never forwarded (for_origin/for_agent). llhttp refuses it by default.
@@ -576,7 +580,7 @@ class AgentConnection(_Side):
         self._seen: dict[bytes, RequestHead] = {}  # bodyless requests by their bytes (SEEN_HEADS)
 
     def _feed(self, data: bytes) -> None:
-        if not self._in_message:
+        if not self._in_message and self._alive:
             head = self._seen.get(data)
             if head is not None:
                 if head.raw is not None:  # nobody edited it since: it still says exactly these bytes
@@ -595,7 +599,7 @@ class AgentConnection(_Side):
 
     def _remember(self, data: bytes, head: object, end: object) -> None:
         """Keep a request that was this whole read: a head with no body, keep-alive, not an upgrade."""
-        if (end is _NO_TRAILERS and isinstance(head, RequestHead) and head.raw is not None
+        if (end is _NO_TRAILERS and isinstance(head, RequestHead) and head.raw is not None and self._alive
                 and len(head.raw) == len(data) and not self._in_message and not self._failed
                 and self._upgraded is None and head.method != "CONNECT"
                 and "close" not in _tokens(head.headers.get_joined("connection"))):
@@ -620,6 +624,7 @@ class AgentConnection(_Side):
         self._q.append(head)
 
     def on_message_complete(self) -> None:
+        self._alive = self._parser.should_keep_alive()  # only right inside this callback
         self._message_end()
 
     def _ready(self) -> bool:
@@ -859,7 +864,7 @@ class OriginConnection(_Side):
 
     def _feed(self, data: bytes) -> None:
         seen = self._seen
-        if seen and not self._in_message and self._outstanding and self._method not in ("HEAD", "CONNECT"):
+        if seen and not self._in_message and self._alive and self._outstanding and self._method not in ("HEAD", "CONNECT"):
             end = data.find(b"\r\n\r\n", 0, SEEN_HEAD_BYTES) + 4
             hit = seen.get(data[:end]) if end > 4 else None
             if hit is not None:
@@ -885,7 +890,7 @@ class OriginConnection(_Side):
 
     def _remember(self, data: bytes, head: object, end: object) -> None:
         """Keep a final response that was this whole read, framed by its Content-Length, keep-alive."""
-        if not (end is _NO_TRAILERS and isinstance(head, ResponseHead) and head.raw is not None
+        if not (end is _NO_TRAILERS and isinstance(head, ResponseHead) and head.raw is not None and self._alive
                 and 200 <= head.status and head.status not in (204, 304) and not self._in_message
                 and not (self._failed or self._close or self._switched or self._upgraded is not None)):
             return
@@ -934,6 +939,7 @@ class OriginConnection(_Side):
                 self._switched = True
 
     def on_message_complete(self) -> None:
+        self._alive = self._parser.should_keep_alive()  # only right inside this callback
         q = self._q
         last = q[-1] if q else None
         if isinstance(last, ResponseHead) and last.informational:
