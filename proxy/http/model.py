@@ -598,11 +598,11 @@ class AgentConnection(_Side):
             self._remember(data, q[-2], q[-1])
 
     def _remember(self, data: bytes, head: object, end: object) -> None:
-        """Keep a request that was this whole read: a head with no body, keep-alive, not an upgrade."""
+        """Keep a request that was this whole read: a head with no body, keep-alive (llhttp's own
+        reading, `_alive`), not an upgrade."""
         if (end is _NO_TRAILERS and isinstance(head, RequestHead) and head.raw is not None and self._alive
                 and len(head.raw) == len(data) and not self._in_message and not self._failed
-                and self._upgraded is None and head.method != "CONNECT"
-                and "close" not in _tokens(head.headers.get_joined("connection"))):
+                and self._upgraded is None and head.method != "CONNECT"):
             if len(self._seen) >= SEEN_HEADS:
                 self._seen.clear()
             self._seen[data] = head
