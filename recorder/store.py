@@ -195,9 +195,8 @@ class GroupWriter:
     load many connections share one commit. A failed commit puts the recorder in its failed
     state (Recorder.fail); the writer then retries the backlog every RETRY_INTERVAL."""
 
-    def __init__(self, recorder: Recorder, loop: asyncio.AbstractEventLoop, hold: CommitHold | None = None):
-        self.recorder, self.loop = recorder, loop
-        self.hold = hold or CommitHold()
+    def __init__(self, recorder: Recorder, loop: asyncio.AbstractEventLoop, hold: CommitHold):
+        self.recorder, self.loop, self.hold = recorder, loop, hold
         self.batch: list[_Entry] = []
         self.scheduled = False
         self.soon = False  # the flush is at the end of this turn (a write waits on it)

@@ -36,7 +36,7 @@ def describe(ev) -> tuple:
 
 
 @pytest.fixture
-def uncached(monkeypatch):
+def uncached():
     """A factory of sides that never remember a message (the parser runs on every read)."""
     def make(cls):
         side = cls()
