@@ -206,43 +206,6 @@ def _wal_resets(wal) -> int:
         return int.from_bytes(f.read(16)[12:16], "big")
 
 
-@pytest.mark.parametrize("start_over", [True, False], ids=["with-hold", "control-without"])
-def test_the_wal_starts_over_under_a_steady_stream_of_commits(tmp_path, loop, start_over):
-    """A commit every millisecond for 2.5 seconds: the checkpointer gets the WAL started over at its
-    looks, and it stays within WAL_LIMIT. The control (the checkpointer without its hold on
-    commits) shows the WAL growing without a single restart."""
-    rec = Recorder(tmp_path / "r.db", loop)
-    if not start_over:
-        rec.checkpointer.hold = None
-    data = {"method": "GET", "host": "10.0.0.2", "path": "/small", "status": 200, "pad": "x" * 150}
-    wal = tmp_path / "r.db-wal"
-    resets, largest = set(), 0
-
-    async def steady() -> int:
-        nonlocal largest
-        end, n = loop.time() + 2.5, 0
-        while loop.time() < end:
-            for _ in range(20):
-                rec.event("http", data, f"s{n % 8}-{n}", linger=True)
-                n += 1
-            await asyncio.sleep(0.001)
-            if wal.exists():
-                resets.add(_wal_resets(wal))
-                largest = max(largest, wal.stat().st_size)
-        return n
-
-    try:
-        n = loop.run_until_complete(steady())
-    finally:
-        rec.close()
-    assert len(read_events(tmp_path / "r.db", "http", limit=n + 1)) == n, "every record written"
-    if start_over:
-        assert len(resets) >= 3, f"the WAL started over {len(resets) - 1} times"
-        assert largest <= store.WAL_LIMIT, f"the WAL reached {largest} bytes"
-    else:
-        assert len(resets) <= 2 and largest > 24 << 20, (resets, largest)
-
-
 def test_commits_wait_out_a_checkpoint_hold_and_a_close_never_does(tmp_path, loop):
     rec = Recorder(tmp_path / "r.db", loop)
     try:
@@ -259,34 +222,39 @@ def test_commits_wait_out_a_checkpoint_hold_and_a_close_never_does(tmp_path, loo
     assert read_events(tmp_path / "r.db", "closing"), "close writes what is queued whatever the hold"
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared-hold", "control-own-holds"])
-def test_two_workers_writing_one_database_both_hold_for_the_checkpointer(tmp_path, shared):
-    """Proxy workers share recorder.db: one checkpoints, and its hold must stop the other's commits
-    too (proxy.workers.SharedHold), or the other's commits keep the WAL from ever starting over."""
+_ROW = {"method": "GET", "host": "10.0.0.2", "path": "/small", "status": 200, "pad": "x" * 150}
+
+
+def _steady(d, holds: bool, writers: int = 1, seconds: float = 2.5) -> tuple[int, int]:
+    """A commit about every millisecond from each writer (its own loop and connection, as proxy
+    workers have; the first checkpoints) for `seconds`: (times the WAL started over, its largest
+    size in bytes). holds=False: the checkpointer asks nobody to hold (the behaviour before)."""
     import threading
 
     from proxy.workers import SharedHold
 
-    cell = tmp_path / "commit-hold"
+    cell = d / "commit-hold"
     cell.write_bytes(bytes(8))
-    loops = [asyncio.new_event_loop() for _ in range(2)]
-    recs = [Recorder(tmp_path / "r.db", lp, hold=SharedHold(cell) if shared else None, checkpoint=i == 0)
+    loops = [asyncio.new_event_loop() for _ in range(writers)]
+    recs = [Recorder(d / "r.db", lp, hold=SharedHold(cell) if writers > 1 else None, checkpoint=i == 0)
             for i, lp in enumerate(loops)]
-    assert recs[1].checkpointer is None
-    wal, resets, data = tmp_path / "r.db-wal", set(), {"path": "/small", "pad": "x" * 150}
+    if not holds:
+        recs[0].checkpointer.hold = None
+    wal, resets, largest, written = d / "r.db-wal", set(), [0], [0] * writers
 
-    async def steady(rec: Recorder, watch: bool) -> None:
-        end, n = asyncio.get_running_loop().time() + 2.5, 0
-        while asyncio.get_running_loop().time() < end:
-            for _ in range(10):
-                rec.event("http", data, f"s{n % 8}-{n}", linger=True)
-                n += 1
+    async def steady(i: int) -> None:
+        rec, now = recs[i], asyncio.get_running_loop().time
+        end = now() + seconds
+        while now() < end:
+            for _ in range(20 // writers):
+                rec.event("http", _ROW, f"s{i}-{written[i] % 8}", linger=True)
+                written[i] += 1
             await asyncio.sleep(0.001)
-            if watch and wal.exists():
+            if i == 0 and wal.exists():
                 resets.add(_wal_resets(wal))
+                largest[0] = max(largest[0], wal.stat().st_size)
 
-    threads = [threading.Thread(target=lp.run_until_complete, args=(steady(rec, i == 0),))
-               for i, (lp, rec) in enumerate(zip(loops, recs, strict=True))]
+    threads = [threading.Thread(target=lp.run_until_complete, args=(steady(i),)) for i, lp in enumerate(loops)]
     try:
         for t in threads:
             t.start()
@@ -296,7 +264,44 @@ def test_two_workers_writing_one_database_both_hold_for_the_checkpointer(tmp_pat
         for rec, lp in zip(recs, loops, strict=True):
             rec.close()
             lp.close()
-    if shared:
-        assert len(resets) >= 3, f"the WAL started over {len(resets) - 1} times"
-    else:
-        assert len(resets) <= 2, resets
+    assert len(read_events(d / "r.db", "http", limit=sum(written) + 1)) == sum(written), "every record written"
+    return len(resets) - 1, largest[0]
+
+
+@pytest.mark.parametrize("writers", [1, 2], ids=["one-writer", "two-workers"])
+def test_the_wal_starts_over_under_a_steady_stream_of_commits(tmp_path, writers):
+    """With the checkpointer's hold (shared by every worker, proxy.workers.SharedHold) the WAL
+    starts over at its looks and stays within WAL_LIMIT. The control, the same stream with the
+    checkpointer holding nobody, shows the WAL all but never starting over (a restart there needs
+    a gap in every writer's commits that happens to follow a checkpoint)."""
+    (tmp_path / "held").mkdir()
+    (tmp_path / "control").mkdir()
+    held, largest = _steady(tmp_path / "held", True, writers)
+    assert held >= 2, f"the WAL started over {held} times"
+    assert largest <= store.WAL_LIMIT, f"the WAL reached {largest} bytes"
+    control, _ = _steady(tmp_path / "control", False, writers)
+    assert control <= held - 2, (held, control)
+
+
+def test_a_workers_commits_wait_out_the_hold_its_sibling_checkpointer_sets(tmp_path):
+    """Worker 1 runs no checkpointer; the deadline worker 0's sets in the shared cell holds its
+    commits too. The control: a writer with a hold of its own does not wait."""
+    from proxy.workers import SharedHold
+
+    cell = tmp_path / "commit-hold"
+    cell.write_bytes(bytes(8))
+    loop = asyncio.new_event_loop()
+    first = Recorder(tmp_path / "r.db", loop, hold=SharedHold(cell), checkpoint=True)
+    sibling = Recorder(tmp_path / "r.db", loop, hold=SharedHold(cell), checkpoint=False)
+    alone = Recorder(tmp_path / "r.db", loop, checkpoint=False)
+    try:
+        first.commit_hold.set(store.time.monotonic() + 0.5)
+        held, free = sibling.event("held", {}, durable=True), alone.event("free", {}, durable=True)
+        loop.run_until_complete(asyncio.wait_for(free, 2))
+        assert not held.done(), "the sibling's commit waits for the checkpointer's hold"
+        loop.run_until_complete(asyncio.wait_for(held, 2))
+    finally:
+        for rec in (first, sibling, alone):
+            rec.close()
+        loop.close()
+    assert read_events(tmp_path / "r.db", "held") and read_events(tmp_path / "r.db", "free")
