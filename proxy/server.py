@@ -42,7 +42,7 @@ from proxy.postgres import cancels as pg_cancels
 from proxy.relay import AgentSide
 from proxy.resolver import Resolver, system_nameserver
 from proxy.tls.ca import CertificateAuthority, LeafMinter, write_bundle
-from proxy.workers import SharedCounts, SharedGeneration, SharedHold, SharedNames
+from proxy.workers import SharedCounts, SharedGeneration, SharedHold, SharedNames, SharedStamp
 from recorder import approvals
 from recorder.store import Health, Recorder, RecorderDown, SessionRecord, new_session_id
 
@@ -105,7 +105,8 @@ class Proxy:
         if config.recorder is not None:
             from recorder.shipper import SpoolBound
 
-            self.spool = SpoolBound(self.recorder, config.recorder.server, config.recorder.spool_max)
+            self.spool = SpoolBound(self.recorder, config.recorder.server, config.recorder.spool_max,
+                                    SharedStamp(workers_mod.spool_trip_file(layout.run_dir)) if shared else None)
             self.metrics.watch_spool(lambda: self.spool.last)
         self.metrics_dump: Path | None = None  # where a worker other than 0 leaves its metrics
         if config.metrics_address and worker == 0:
@@ -185,6 +186,8 @@ class Proxy:
             rec.outcome, rec.detail, rec.ended = "refused", "loop: destination is the proxy itself", rec.started
             self.recorder.session_open(rec)
             return None
+        if self.spool is not None and self.spool.behind():
+            self.spool.check()  # a sibling found the spool full: see for ourselves before admitting
         if self.recorder.failed:
             # No record, no connection: refused now, on record once the recorder writes again.
             rec.outcome, rec.detail, rec.ended = "recorder-error", f"the recorder cannot write: {self.recorder.failed}", rec.started

@@ -66,6 +66,10 @@ def commit_hold_file(run_dir: Path) -> Path:
     return shared_dir(run_dir) / "commit-hold"
 
 
+def spool_trip_file(run_dir: Path) -> Path:
+    return shared_dir(run_dir) / "spool-tripped"
+
+
 def metrics_file(run_dir: Path, worker: int) -> Path:
     return shared_dir(run_dir) / f"metrics-{worker}.prom"
 
@@ -119,7 +123,8 @@ def reset(run_dir: Path, workers: int) -> None:
         os.ftruncate(fd, max(1, workers) * SLOTS * _I32.size)
     finally:
         os.close(fd)
-    for counter in (generation_file(run_dir), names_version_file(run_dir), commit_hold_file(run_dir)):
+    for counter in (generation_file(run_dir), names_version_file(run_dir), commit_hold_file(run_dir),
+                    spool_trip_file(run_dir)):
         fd = os.open(counter, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(fd, _I64.size)
@@ -258,10 +263,9 @@ class SharedGeneration:
             return self.cell[0]
 
 
-class SharedHold:
-    """recorder.store.CommitHold for workers writing one database: the deadline (CLOCK_MONOTONIC,
-    shared by every process on the host) in eight bytes of shared memory, written whole by the
-    checkpointing worker and read by every worker's writer before each commit."""
+class SharedStamp:
+    """One CLOCK_MONOTONIC time (shared by every process on the host) in eight bytes of shared
+    memory, written whole by one worker and read by every worker without a lock."""
 
     def __init__(self, path: Path):
         fd = os.open(path, os.O_RDWR)
@@ -271,11 +275,18 @@ class SharedHold:
             os.close(fd)
         self.cell = memoryview(self.map).cast("d")
 
-    def until(self) -> float:
+    def get(self) -> float:
         return self.cell[0]
 
-    def set(self, until: float) -> None:
-        self.cell[0] = until
+    def set(self, at: float) -> None:
+        self.cell[0] = at
+
+
+class SharedHold(SharedStamp):
+    """recorder.store.CommitHold for workers writing one database: the deadline the checkpointing
+    worker sets, read by every worker's writer before each commit."""
+
+    until = SharedStamp.get
 
 
 class _Flock:

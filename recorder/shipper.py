@@ -431,16 +431,24 @@ class SpoolBound:
 
     `check()` runs every second on the proxy's loop (two index lookups); over the bound it puts
     the recorder in its failed state, and `Recorder.recover` keeps it there (`holding`) until the
-    depth falls below the low-water mark. `last` is what metrics read."""
+    depth falls below the low-water mark. `last` is what metrics read.
 
-    def __init__(self, recorder: Recorder, server: str, spool_max: int):
+    Proxy workers share one spool, so one that finds it full stamps `tripped` (a shared
+    CLOCK_MONOTONIC cell, proxy.workers.SharedStamp) before it fails; `behind()` tells a sibling
+    on its next connection that it has not looked since, so no worker admits an agent for up to
+    a second after the host's status said the spool is full."""
+
+    def __init__(self, recorder: Recorder, server: str, spool_max: int, tripped=None):
         self.recorder, self.server, self.max = recorder, server, spool_max
         self.low = int(spool_max * LOW_WATER)
         self.last: journal.Spool | None = None
+        self.tripped = tripped  # with get() and set(monotonic seconds); None: a lone proxy
+        self.read_at = 0.0  # CLOCK_MONOTONIC of the last read
         recorder.hold = self.holding
         self.check()  # a proxy started over a full spool refuses from its first connection
 
     def read(self) -> journal.Spool | None:
+        self.read_at = time.monotonic()
         try:
             self.last = journal.spool(self.recorder.conn)
         except sqlite3.Error:
@@ -453,7 +461,14 @@ class SpoolBound:
     def check(self) -> None:
         sp = self.read()
         if sp is not None and sp.unshipped > self.max and not self.recorder.failed:
+            if self.tripped is not None:
+                self.tripped.set(self.read_at)  # siblings look before they admit anyone else
             self.recorder.fail(Unrecordable(self.reason(sp.unshipped)), [])
+
+    def behind(self) -> bool:
+        """Whether a sibling found the spool full after this worker last read it (one shared
+        memory read: the cost of asking on every connection)."""
+        return self.tripped is not None and self.tripped.get() > self.read_at
 
     def holding(self) -> str | None:
         """Why the recorder must stay failed although it can write (the spool is still full), or None."""

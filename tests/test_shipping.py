@@ -242,6 +242,39 @@ def test_a_full_spool_refuses_agent_traffic_until_drained_below_the_low_water_ma
         loop.close()
 
 
+def test_a_sibling_worker_reads_the_spool_before_its_next_admission_once_one_found_it_full(tmp_path):
+    """Workers share one spool but read its depth each on its own second. The one that finds it
+    full stamps the shared cell first, so a sibling's next connection reads it too (server.py asks
+    behind() before it admits) instead of admitting for up to a second after status said full.
+    Control: a worker without the cell is not told."""
+    from proxy.workers import SharedStamp
+
+    cell = tmp_path / "spool-tripped"
+    cell.write_bytes(bytes(8))
+    loop = asyncio.new_event_loop()
+    db = tmp_path / "recorder.db"
+    first = Recorder(db, loop)
+    journal.install(first.conn, HOST)
+    sibling, alone = Recorder(db, loop, checkpoint=False), Recorder(db, loop, checkpoint=False)
+    try:
+        url = "https://rec.test:8443"
+        bounds = [SpoolBound(r, url, 10, SharedStamp(cell) if r is not alone else None)
+                  for r in (first, sibling, alone)]
+        for i in range(11):
+            loop.run_until_complete(first.event("x", {"i": i}, wait=True))
+        assert not any(b.behind() for b in bounds)  # nobody has found it full yet
+        bounds[0].check()
+        assert first.failed and not sibling.failed and not alone.failed
+        assert [b.behind() for b in bounds] == [False, True, False]
+        bounds[1].check()
+        assert sibling.failed == first.failed == "spool full: 11 records not shipped to https://rec.test:8443"
+        assert not bounds[1].behind()  # it has looked: the next connection asks nothing more
+    finally:
+        for r in (first, sibling, alone):
+            r.close()
+        loop.close()
+
+
 def test_prune_never_deletes_unshipped_journal_rows(rec, tmp_path):
     key = Ed25519PrivateKey.generate()
     ch = journal.Chainer(tmp_path / "recorder.db", HOST, key)

@@ -68,8 +68,10 @@ def joined_instance(host, central: Central, tag: str, tmp: Path, **config) -> In
 def hosts(lab, lab2, central, echo, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fleet")
     one = joined_instance(lab.a, central, "sh1", tmp)
+    # Four workers whatever the CPU count: the full-spool test needs siblings that read the spool
+    # depth on their own seconds (one failed in CI, admitting an agent after status said "full").
     two = joined_instance(lab2.a, central, "sh2", tmp, recorder={"spool_max": SPOOL_MAX},
-                          metrics_address=f"127.0.0.1:{METRICS_PORT}")
+                          metrics_address=f"127.0.0.1:{METRICS_PORT}", workers=4)
     try:
         one.start()
         two.start()
