@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,16 +83,26 @@ table inet {t} {{
 """
 
 
-def _nft(json_output: bool = False):
+# libnftables is not safe to call from two threads of one process at once: it prints protocol
+# names through getprotobynumber()'s static buffer, and the daemon's watch thread and its status
+# thread both list the table. Measured: 2 of 900 listings from three threads came back altered
+# ("meta l4proto { tcp, tcp }"), which the watch took for tampering and locked every agent out.
+_LOCK = threading.Lock()
+
+
+def _nft(cmd: str, json_output: bool = False) -> tuple[int, str, str]:
+    """One libnftables command (nft syntax; `json_output` for listings): (rc, stdout, stderr),
+    one at a time in this process."""
     import nftables  # Debian's python3-nftables, a binding over libnftables
 
-    nft = nftables.Nftables()
-    nft.set_json_output(json_output)
-    return nft
+    with _LOCK:
+        nft = nftables.Nftables()
+        nft.set_json_output(json_output)
+        return nft.cmd(cmd)
 
 
 def _run(cmd: str) -> str:
-    rc, out, err = _nft().cmd(cmd)
+    rc, out, err = _nft(cmd)
     if rc != 0:
         raise FirewallError(err.strip() or f"nft failed: {cmd[:80]}")
     return out
@@ -117,7 +128,7 @@ def snapshot(table: str) -> Snapshot | None:
     """Every object of the table (its flags, chains with hook/priority/policy, rules in order,
     sets with their elements, maps, named objects) as nft lists it in JSON, with what the
     kernel changes by itself stripped; None when there is no such table."""
-    rc, out, _ = _nft(json_output=True).cmd(f"list table inet {table}")
+    rc, out, _ = _nft(f"list table inet {table}", json_output=True)
     if rc != 0 or not out.strip():
         return None
     return [_normalise(item) for item in json.loads(out).get("nftables", []) if "metainfo" not in item]
@@ -185,9 +196,7 @@ def inbound_refusals(table: str) -> dict[str, int]:
     `inbound-refused` events: segments reset while no proxy listened, datagrams dropped)."""
     import json
 
-    nft = _nft()
-    nft.set_json_output(True)
-    rc, out, _ = nft.cmd(f"list chain inet {table} agent_in")
+    rc, out, _ = _nft(f"list chain inet {table} agent_in", json_output=True)
     if rc != 0:
         return {}
     counts: dict[str, int] = {}
@@ -202,5 +211,5 @@ def inbound_refusals(table: str) -> dict[str, int]:
 
 
 def remove(table: str) -> bool:
-    rc, _, _ = _nft().cmd(f"delete table inet {table}")
+    rc, _, _ = _nft(f"delete table inet {table}")
     return rc == 0

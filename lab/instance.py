@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -80,6 +81,22 @@ class Instance:
         from recorder.store import read_events
 
         return read_events(self.state_dir / "recorder.db", kind)
+
+    def diagnosis(self, log_chars: int = 4000) -> str:
+        """What a failed assertion should carry, since a guest's run leaves nothing else behind:
+        the status, the last sessions and events, and the daemon log's tail (workers log there)."""
+        parts = []
+        for what, get in (("status", self.status), ("sessions", lambda: self.sessions()[-5:]),
+                          ("events", lambda: [e for e in self.events() if e["kind"] != "enrolled"][-12:])):
+            try:
+                parts.append(f"{what}: {json.dumps(get(), default=str)}")
+            except (OSError, ValueError, sqlite3.Error, subprocess.SubprocessError) as e:
+                parts.append(f"{what}: unavailable ({e})")
+        try:
+            parts.append("daemon log:\n" + self.log.read_text(errors="replace")[-log_chars:])
+        except OSError as e:
+            parts.append(f"daemon log: unavailable ({e})")
+        return "\n".join(parts)
 
     @staticmethod
     def wait_for(predicate, timeout: float = 10, interval: float = 0.1):

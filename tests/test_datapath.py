@@ -258,8 +258,10 @@ def test_fail_closed_when_the_proxy_dies(make_instance, lab, echo):
     time.sleep(0.3)
     r = _refused(inst, lab, echo)
     assert r["errno"] == errno.ECONNREFUSED
-    assert wait_until(lambda: inst.status()["proxy_listening"], timeout=15)
-    assert wait_until(lambda: inst.probe("tcp", lab.b.addr4, str(ECHO_PORT))["ok"], timeout=10)
+    assert wait_until(lambda: inst.status()["proxy_listening"], timeout=15), inst.diagnosis()
+    tries: list[dict] = []
+    through = lambda: tries.append(inst.probe("tcp", lab.b.addr4, str(ECHO_PORT))) or tries[-1]["ok"]  # noqa: E731
+    assert wait_until(through, timeout=10), f"{len(tries)} probes, the last: {tries[-2:]}\n{inst.diagnosis()}"
 
 
 def test_fail_closed_when_programs_are_detached(make_instance, lab, echo):
