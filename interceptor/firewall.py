@@ -83,10 +83,11 @@ table inet {t} {{
 """
 
 
-# libnftables is not safe to call from two threads of one process at once: it prints protocol
-# names through getprotobynumber()'s static buffer, and the daemon's watch thread and its status
-# thread both list the table. Measured: 2 of 900 listings from three threads came back altered
-# ("meta l4proto { tcp, tcp }"), which the watch took for tampering and locked every agent out.
+# libnftables is not safe to call from two threads of one process at once, and the daemon's
+# watch thread and its status thread both list the table. Measured with four threads: a listing
+# came back altered within a few hundred (`meta l4proto { tcp, tcp }`, `oif "1"` for "lo": names
+# printed through static buffers such as getprotobynumber()'s), or the process segfaulted. An
+# altered listing is tampering to the watch, which then locked every agent out.
 _LOCK = threading.Lock()
 
 
