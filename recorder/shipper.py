@@ -448,11 +448,12 @@ class SpoolBound:
         self.check()  # a proxy started over a full spool refuses from its first connection
 
     def read(self) -> journal.Spool | None:
-        self.read_at = time.monotonic()
+        at = time.monotonic()
         try:
             self.last = journal.spool(self.recorder.conn)
         except sqlite3.Error:
             return self.last  # the recorder's own failure handling covers an unreadable database
+        self.read_at = at  # only a read that happened counts: a sibling's stamp is asked about again
         return self.last
 
     def reason(self, n: int) -> str:

@@ -242,7 +242,7 @@ def test_a_full_spool_refuses_agent_traffic_until_drained_below_the_low_water_ma
         loop.close()
 
 
-def test_a_sibling_worker_reads_the_spool_before_its_next_admission_once_one_found_it_full(tmp_path):
+def test_a_sibling_worker_reads_the_spool_before_its_next_admission_once_one_found_it_full(tmp_path, monkeypatch):
     """Workers share one spool but read its depth each on its own second. The one that finds it
     full stamps the shared cell first, so a sibling's next connection reads it too (server.py asks
     behind() before it admits) instead of admitting for up to a second after status said full.
@@ -266,6 +266,10 @@ def test_a_sibling_worker_reads_the_spool_before_its_next_admission_once_one_fou
         bounds[0].check()
         assert first.failed and not sibling.failed and not alone.failed
         assert [b.behind() for b in bounds] == [False, True, False]
+        with monkeypatch.context() as m:  # a read that fails is no look: the next connection asks again
+            m.setattr(journal, "spool", lambda conn: (_ for _ in ()).throw(sqlite3.OperationalError("disk I/O error")))
+            bounds[1].check()
+        assert not sibling.failed and bounds[1].behind()
         bounds[1].check()
         assert sibling.failed == first.failed == "spool full: 11 records not shipped to https://rec.test:8443"
         assert not bounds[1].behind()  # it has looked: the next connection asks nothing more
