@@ -186,8 +186,8 @@ class Proxy:
             rec.outcome, rec.detail, rec.ended = "refused", "loop: destination is the proxy itself", rec.started
             self.recorder.session_open(rec)
             return None
-        if self.spool is not None and self.spool.behind():
-            self.spool.check()  # a sibling found the spool full: see for ourselves before admitting
+        if self.spool is not None:
+            self.spool.look()  # a sibling found the spool full: see for ourselves before admitting
         if self.recorder.failed:
             # No record, no connection: refused now, on record once the recorder writes again.
             rec.outcome, rec.detail, rec.ended = "recorder-error", f"the recorder cannot write: {self.recorder.failed}", rec.started

@@ -433,47 +433,82 @@ class SpoolBound:
     the recorder in its failed state, and `Recorder.recover` keeps it there (`holding`) until the
     depth falls below the low-water mark. `last` is what metrics read.
 
-    Proxy workers share one spool, so one that finds it full stamps `tripped` (a shared
-    CLOCK_MONOTONIC cell, proxy.workers.SharedStamp) before it fails; `behind()` tells a sibling
-    on its next connection that it has not looked since, so no worker admits an agent for up to
-    a second after the host's status said the spool is full."""
+    Proxy workers share one spool, and the host's status says "full" as soon as one of them
+    does, so the state is shared too (`tripped`, a CLOCK_MONOTONIC cell in shared memory,
+    proxy.workers.SharedStamp): non-zero while some worker holds the spool full, stamped after
+    the read that found it so. `look()`, before an admission or a write an agent waits on, asks
+    whether a sibling tripped since this worker's last read and then reads for itself; while the
+    cell is set a sibling holds to the same low-water mark, and one that cannot read the spool
+    then refuses (fail closed)."""
 
     def __init__(self, recorder: Recorder, server: str, spool_max: int, tripped=None):
         self.recorder, self.server, self.max = recorder, server, spool_max
         self.low = int(spool_max * LOW_WATER)
         self.last: journal.Spool | None = None
         self.tripped = tripped  # with get() and set(monotonic seconds); None: a lone proxy
-        self.read_at = 0.0  # CLOCK_MONOTONIC of the last read
+        self.read_at = 0.0  # CLOCK_MONOTONIC at the start of the last read that succeeded
         recorder.hold = self.holding
+        if tripped is not None:
+            recorder.guard = self.look
         self.check()  # a proxy started over a full spool refuses from its first connection
 
     def read(self) -> journal.Spool | None:
+        """The spool's depth; None when there is no journal or it cannot be read (then read_at
+        stays: a sibling's stamp is asked about again)."""
         at = time.monotonic()
         try:
-            self.last = journal.spool(self.recorder.conn)
+            sp = journal.spool(self.recorder.conn)
         except sqlite3.Error:
-            return self.last  # the recorder's own failure handling covers an unreadable database
-        self.read_at = at  # only a read that happened counts: a sibling's stamp is asked about again
-        return self.last
+            return None
+        if sp is not None:
+            self.last, self.read_at = sp, at
+        return sp
 
     def reason(self, n: int) -> str:
         return f"spool full: {n} records not shipped to {self.server}"
 
+    def _held(self) -> bool:
+        return self.tripped is not None and self.tripped.get() > 0
+
     def check(self) -> None:
+        if self.recorder.health.failed:
+            return
         sp = self.read()
-        if sp is not None and sp.unshipped > self.max and not self.recorder.failed:
-            if self.tripped is not None:
-                self.tripped.set(self.read_at)  # siblings look before they admit anyone else
-            self.recorder.fail(Unrecordable(self.reason(sp.unshipped)), [])
+        if sp is None:
+            if self.behind():
+                self._fail("spool full (a sibling worker found it so; this worker cannot read it to see for itself)")
+            return
+        if sp.unshipped > self.max or (self._held() and sp.unshipped >= self.low and sp.unshipped > 0):
+            self._fail(self.reason(sp.unshipped))
+
+    def _fail(self, reason: str) -> None:
+        if self.tripped is not None:
+            # after the read, so a sibling's read that began earlier is behind it; not this one's
+            self.read_at = at = time.monotonic()
+            self.tripped.set(at)
+        self.recorder.fail(Unrecordable(reason), [])
 
     def behind(self) -> bool:
         """Whether a sibling found the spool full after this worker last read it (one shared
         memory read: the cost of asking on every connection)."""
         return self.tripped is not None and self.tripped.get() > self.read_at
 
+    def look(self) -> None:
+        """Before an admission: read the spool if a sibling found it full since the last read."""
+        if self.behind():
+            self.check()
+
     def holding(self) -> str | None:
         """Why the recorder must stay failed although it can write (the spool is still full), or None."""
         sp = self.read()
-        if sp is not None and sp.unshipped >= self.low and sp.unshipped > 0:
+        if sp is None:
+            sp = self.last  # unreadable now: judge by the last depth read
+            if sp is None:
+                return None
+        elif sp.unshipped < self.low or sp.unshipped == 0:
+            if self.tripped is not None and 0 < self.tripped.get() <= self.read_at:
+                self.tripped.set(0.0)  # drained below the low-water mark: nobody holds it any more
+            return None
+        if sp.unshipped >= self.low and sp.unshipped > 0:
             return self.reason(sp.unshipped)
         return None

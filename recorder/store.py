@@ -207,6 +207,8 @@ class GroupWriter:
     def submit(self, sql: str, params: tuple, durable: bool = False, wait: bool = False,
                linger: bool = False) -> asyncio.Future | None:
         fut = self.loop.create_future() if (wait or durable) else None
+        if fut is not None and self.recorder.guard is not None:
+            self.recorder.guard()
         if self.recorder.health.failed:
             self.recorder.keep([(sql, params, durable, None)])
             self.recorder.health.refused += fut is not None
@@ -395,6 +397,8 @@ class Recorder:
         self._lock = threading.RLock()  # daemon: control threads and the watcher share the connection
         # A precondition besides writable storage (the spool bound): while it names a reason, recover() fails.
         self.hold: Callable[[], str | None] | None = None
+        # asked before every write an agent waits on (the proxy's spool bound: a sibling worker's finding)
+        self.guard: Callable[[], None] | None = None
         self.commit_hold = hold or CommitHold()  # what the checkpointer asks of every writer of this database
         self.writer = GroupWriter(self, loop, self.commit_hold) if loop is not None else None
         self.checkpointer: Checkpointer | None = None

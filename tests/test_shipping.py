@@ -244,9 +244,10 @@ def test_a_full_spool_refuses_agent_traffic_until_drained_below_the_low_water_ma
 
 def test_a_sibling_worker_reads_the_spool_before_its_next_admission_once_one_found_it_full(tmp_path, monkeypatch):
     """Workers share one spool but read its depth each on its own second. The one that finds it
-    full stamps the shared cell first, so a sibling's next connection reads it too (server.py asks
-    behind() before it admits) instead of admitting for up to a second after status said full.
-    Control: a worker without the cell is not told."""
+    full stamps the shared cell after its read, so a sibling's next connection reads it too
+    (server.py and every waited write call look()) instead of admitting for up to a second after
+    status said full; while the cell is set siblings hold to the same low-water mark, and one
+    that cannot read the spool refuses. Control: a worker without the cell is told nothing."""
     from proxy.workers import SharedStamp
 
     cell = tmp_path / "spool-tripped"
@@ -256,8 +257,15 @@ def test_a_sibling_worker_reads_the_spool_before_its_next_admission_once_one_fou
     first = Recorder(db, loop)
     journal.install(first.conn, HOST)
     sibling, alone = Recorder(db, loop, checkpoint=False), Recorder(db, loop, checkpoint=False)
+    opened = [first, sibling, alone]
+    url = "https://rec.test:8443"
+
+    def worker(shared: bool) -> tuple[Recorder, SpoolBound]:
+        r = Recorder(db, loop, checkpoint=False)
+        opened.append(r)
+        return r, SpoolBound(r, url, 10, SharedStamp(cell) if shared else None)
+
     try:
-        url = "https://rec.test:8443"
         bounds = [SpoolBound(r, url, 10, SharedStamp(cell) if r is not alone else None)
                   for r in (first, sibling, alone)]
         for i in range(11):
@@ -266,15 +274,34 @@ def test_a_sibling_worker_reads_the_spool_before_its_next_admission_once_one_fou
         bounds[0].check()
         assert first.failed and not sibling.failed and not alone.failed
         assert [b.behind() for b in bounds] == [False, True, False]
-        with monkeypatch.context() as m:  # a read that fails is no look: the next connection asks again
-            m.setattr(journal, "spool", lambda conn: (_ for _ in ()).throw(sqlite3.OperationalError("disk I/O error")))
-            bounds[1].check()
-        assert not sibling.failed and bounds[1].behind()
-        bounds[1].check()
+        with pytest.raises(RecorderDown, match="spool full: 11"):  # a write it waits on asks first
+            loop.run_until_complete(sibling.event("agent", {}, wait=True))
         assert sibling.failed == first.failed == "spool full: 11 records not shipped to https://rec.test:8443"
         assert not bounds[1].behind()  # it has looked: the next connection asks nothing more
+        loop.run_until_complete(alone.event("control", {}, wait=True))  # the control is admitted
+        # Drained to 9, the low-water mark: the holder stays failed, and so does a worker that
+        # starts now (the cell is set); the control, which holds nothing, admits.
+        ch = journal.Chainer(db, HOST, Ed25519PrivateKey.generate())
+        ch.run_once()
+        _ack(first.conn, 3)  # 12 recorded (the control's too): 9 left
+        late, _ = worker(shared=True)
+        assert late.failed == "spool full: 9 records not shipped to https://rec.test:8443"
+        fresh, _ = worker(shared=False)
+        assert not fresh.failed
+        # A sibling that cannot read the spool after a (new) trip refuses; the control does not.
+        _ack(first.conn, 7)  # 5 left: below the mark, nobody starting now holds
+        assert first.recover() and SharedStamp(cell).get() == 0  # the holder lets go and clears the cell
+        blind, blind_bound = worker(shared=True)
+        control, control_bound = worker(shared=False)
+        SharedStamp(cell).set(store.time.monotonic())
+        with monkeypatch.context() as m:
+            m.setattr(journal, "spool", lambda conn: (_ for _ in ()).throw(sqlite3.OperationalError("disk I/O error")))
+            blind_bound.look()
+            control_bound.look()
+        assert blind.failed and "cannot read it" in blind.failed and not control.failed
+        ch.conn.close()
     finally:
-        for r in (first, sibling, alone):
+        for r in opened:
             r.close()
         loop.close()
 
