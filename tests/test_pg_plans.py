@@ -172,3 +172,22 @@ def test_an_identity_token_that_expires_mid_session_refuses_a_remembered_stateme
     ident.exp = time.time() - 1
     assert session.query("SELECT balance FROM accounts WHERE id = 4").startswith(REFUSAL_PARSE)
     assert any('"rule": "identity"' in e for e in events(session, "decision"))
+
+
+def test_a_proxy_statement_log_goes_with_its_proxy():
+    """The statement log was keyed by id(proxy): a proxy created after another was freed could
+    get the old one's log, with its closed loop (a full run failed on it). Keyed by the proxy."""
+    import gc
+
+    from proxy.postgres import handler
+
+    class Proxy:
+        recorder, loop = object(), object()
+
+    first = Proxy()
+    log = handler._statement_log(first)
+    assert handler._statement_log(first) is log  # control: one per proxy
+    del first
+    gc.collect()
+    assert log not in handler._statement_logs.values()
+    assert handler._statement_log(Proxy()) is not log

@@ -29,6 +29,7 @@ import ssl
 import sys
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -123,13 +124,15 @@ class _StatementLog:
         self.recorder.events("statement", pending)
 
 
-_statement_logs: dict[int, _StatementLog] = {}
+# One per proxy, keyed by the proxy itself (weakly): an id() key outlives its object, and a new
+# proxy given the same id got the old one's log, with its closed loop and recorder.
+_statement_logs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # proxy -> _StatementLog
 
 
 def _statement_log(proxy: Any) -> _StatementLog:
-    log = _statement_logs.get(id(proxy))
+    log = _statement_logs.get(proxy)
     if log is None:
-        log = _statement_logs[id(proxy)] = _StatementLog(proxy)
+        log = _statement_logs[proxy] = _StatementLog(proxy)
     return log
 
 
@@ -366,7 +369,7 @@ class PostgresHandler(Handler):
         for e in self.tracker.queue:
             self.tracker.finish_all(e, "connection closed")
         self._record()
-        log = _statement_logs.get(id(self.conn.proxy))
+        log = _statement_logs.get(self.conn.proxy)
         if log is not None and log.pending:
             log.flush()  # the session row closes now: its statements go with it
 
