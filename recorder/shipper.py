@@ -500,15 +500,10 @@ class SpoolBound:
 
     def holding(self) -> str | None:
         """Why the recorder must stay failed although it can write (the spool is still full), or None."""
-        sp = self.read()
-        if sp is None:
-            sp = self.last  # unreadable now: judge by the last depth read
-            if sp is None:
-                return None
-        elif sp.unshipped < self.low or sp.unshipped == 0:
-            if self.tripped is not None and 0 < self.tripped.get() <= self.read_at:
-                self.tripped.set(0.0)  # drained below the low-water mark: nobody holds it any more
-            return None
-        if sp.unshipped >= self.low and sp.unshipped > 0:
+        fresh = self.read()
+        sp = fresh or self.last  # unreadable now: judge by the last depth read
+        if sp is not None and sp.unshipped >= self.low and sp.unshipped > 0:
             return self.reason(sp.unshipped)
+        if fresh is not None and self.tripped is not None and 0 < self.tripped.get() <= self.read_at:
+            self.tripped.set(0.0)  # drained below the low-water mark: nobody holds it any more
         return None
